@@ -1,0 +1,354 @@
+"""Checkpoints of a run directory with orbax: async saves, keep policy, exact resume."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers as policies
+
+from jaxmint._tree import flat_with_names
+from jaxmint.train._state import TrainState
+
+log = logging.getLogger("jaxmint")
+
+# Fields of a run's config that may change between a run and its resumption.
+RUN_CONTROL_FIELDS = frozenset(
+    {
+        "workdir",
+        "steps",
+        "eval_every",
+        "checkpoint_every",
+        "log_every",
+        "fresh",
+        "progress",
+        "smoke",
+        "keep_last",
+        "keep_best",
+    }
+)
+
+
+class CheckpointError(RuntimeError):
+    """Checkpoints exist but cannot be used; the message says what to do."""
+
+
+def _shapes(tree) -> dict[str, tuple]:
+    return {name: tuple(np.shape(x)) for name, x in flat_with_names(tree).items()}
+
+
+def _diff_config(old: dict, new: dict) -> list[str]:
+    keys = sorted(set(old) | set(new))
+    return [
+        f"{k}: {old.get(k, '<absent>')!r} -> {new.get(k, '<absent>')!r}"
+        for k in keys
+        if k not in RUN_CONTROL_FIELDS and old.get(k) != new.get(k)
+    ]
+
+
+class RunCheckpoints:
+    """The checkpoints of one run directory, under ``workdir/checkpoints/``.
+
+    Saves are asynchronous: `save` copies the state on device and returns while
+    orbax writes in the background (atomically: a save interrupted at any moment
+    leaves no half-written step behind). Keeps the last ``keep_last`` steps plus
+    the best ``keep_best`` by ``best_metric``.
+    """
+
+    def __init__(
+        self,
+        workdir: str | os.PathLike,
+        *,
+        run_config: dict | None = None,
+        keep_last: int = 2,
+        keep_best: int = 0,
+        best_metric: str = "eval/loss",
+        best_mode: str = "min",
+    ):
+        if best_mode not in ("min", "max"):
+            raise ValueError(f"best_mode must be 'min' or 'max', got {best_mode!r}")
+        if keep_last < 1:
+            raise ValueError(f"keep_last must be at least 1, got {keep_last}")
+        self.workdir = Path(workdir).absolute()
+        self.directory = self.workdir / "checkpoints"
+        self.run_config = run_config or {}
+        self.best_metric = best_metric
+        self.best_mode = best_mode
+        keep = [policies.LatestN(n=keep_last)]
+        if keep_best:
+            keep.append(
+                policies.BestN(
+                    get_metric_fn=lambda m: m[best_metric],
+                    reverse=best_mode == "min",
+                    n=keep_best,
+                    keep_checkpoints_without_metrics=False,
+                )
+            )
+        self._options = ocp.CheckpointManagerOptions(
+            preservation_policy=policies.AnyPreservationPolicy(keep),
+            enable_async_checkpointing=True,
+            create=True,
+        )
+        self._manager = None
+        self._last_record: dict = {}
+        self.stop_requested = False
+        self._signal = None
+        self._old_handlers: dict = {}
+
+    # -- lifecycle -------------------------------------------------------------
+    @property
+    def manager(self) -> ocp.CheckpointManager:
+        if self._manager is None:
+            self._manager = ocp.CheckpointManager(
+                self.directory, options=self._options, item_handlers=_handlers()
+            )
+        return self._manager
+
+    def close(self) -> None:
+        self.restore_signal_handlers()
+        if self._manager is not None:
+            self._manager.wait_until_finished()
+            self._manager.close()
+            self._manager = None
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def steps(self) -> list[int]:
+        return sorted(self.manager.all_steps())
+
+    # -- save ------------------------------------------------------------------
+    def on_log(self, step: int, state, record: dict, batch_pos: int) -> None:
+        del state, batch_pos
+        self._last_record = {"step": step, **record}
+
+    def save(self, step: int, state: TrainState, *, final: bool = False) -> None:
+        """Start an async save of ``state`` at ``step`` (a no-op if already saved)."""
+        if step in self.manager.all_steps():
+            return
+        # The next train step donates (reuses) the state's buffers, so the
+        # background writer gets its own copy: one device memcpy of the state.
+        snapshot = jax.tree_util.tree_map(jnp.copy, state._asdict())
+        metrics = None
+        if self._last_record.get("step") == step and self.best_metric in self._last_record:
+            metrics = {self.best_metric: float(self._last_record[self.best_metric])}
+        meta = {"step": step, "time": time.time(), "final": final, "data_position": step}
+        self.manager.save(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(snapshot), meta=ocp.args.JsonSave(meta)
+            ),
+            metrics=metrics,
+            force=True,
+        )
+        if final:
+            self.manager.wait_until_finished()
+
+    # -- restore ---------------------------------------------------------------
+    def restore_or_init(self, state: TrainState, *, fresh: bool = False) -> tuple[TrainState, int]:
+        """Resume from the newest intact checkpoint, or start ``state`` at step 0.
+
+        Falls back to older checkpoints when the newest cannot be read (with a
+        warning naming both steps) and refuses to start when none can.
+        """
+        if fresh:
+            self._move_aside()
+        steps = self.steps()
+        if not steps:
+            self._trim_metrics(0)
+            return state, 0
+        self._check_config(state, steps[-1])
+        target = jax.tree_util.tree_map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
+            state._asdict(),
+        )
+        failures = []
+        for step in reversed(steps):
+            try:
+                restored = self.manager.restore(
+                    step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))
+                )
+            except Exception as e:  # orbax raises many types for damaged files
+                failures.append((step, f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"))
+                continue
+            if failures:
+                log.warning(
+                    "checkpoint at step %d could not be read (%s); resuming from step %d instead",
+                    failures[0][0],
+                    failures[0][1],
+                    step,
+                )
+            self._trim_metrics(step)
+            return TrainState(**restored["state"]), step
+        detail = "; ".join(f"step {s}: {why}" for s, why in failures)
+        raise CheckpointError(
+            f"{self.directory} holds checkpoints at steps {steps} but none can be read ({detail})."
+            " Refusing to silently restart from step 0. To start over, pass --fresh (fit(..., "
+            "fresh=True)), which moves the old checkpoints aside, or use a new --workdir."
+        )
+
+    def _check_config(self, state: TrainState, step: int) -> None:
+        stored_path = self.workdir / "config.json"
+        old_cfg = {}
+        if stored_path.exists():
+            old_cfg = json.loads(stored_path.read_text()).get("config", {})
+        new_cfg = self.run_config.get("config", {})
+        differing = _diff_config(old_cfg, new_cfg)
+        try:
+            meta = self.manager.item_metadata(step)
+            stored = meta.get("state", None)
+        except Exception:  # unreadable metadata: restore will report it
+            stored = None
+        if stored is not None:
+            old_shapes = _shapes(_as_plain(stored))
+            new_shapes = _shapes(state._asdict())
+            bad = sorted(
+                k
+                for k in set(old_shapes) | set(new_shapes)
+                if old_shapes.get(k) != new_shapes.get(k)
+            )
+            if bad:
+                shown = ", ".join(
+                    f"{k}: {old_shapes.get(k, 'absent')} -> {new_shapes.get(k, 'absent')}"
+                    for k in bad[:5]
+                )
+                raise CheckpointError(
+                    f"the run dir {self.workdir} belongs to a different model: the checkpoint at "
+                    f"step {step} has different state shapes ({shown}"
+                    f"{', ...' if len(bad) > 5 else ''}). Config fields that differ: "
+                    f"{differing or 'none recorded'}. Use a new --workdir, or --fresh to move the "
+                    "old checkpoints aside."
+                )
+        if differing:
+            log.warning("resuming %s with changed config fields: %s", self.workdir, differing)
+
+    def _move_aside(self) -> None:
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        for name in ("checkpoints", "metrics.jsonl", "tb"):
+            path = self.workdir / name
+            if path.exists():
+                path.rename(self.workdir / f"{name}.old-{stamp}")
+                log.warning("moved %s aside to %s.old-%s (--fresh)", path, name, stamp)
+        self._manager = None
+
+    def _trim_metrics(self, step: int) -> None:
+        """Drop logged records past ``step``: the resumed run writes them again."""
+        path = self.workdir / "metrics.jsonl"
+        if not path.exists():
+            return
+        lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+        kept = [ln for ln in lines if ln.strip() and json.loads(ln).get("step", 0) <= step]
+        if len(kept) != len(lines):
+            tmp = path.with_suffix(".jsonl.tmp")
+            tmp.write_text("".join(kept), encoding="utf-8")
+            tmp.replace(path)
+
+    # -- preemption ------------------------------------------------------------
+    def install_signal_handlers(self) -> None:
+        """SIGTERM/SIGINT: save at the next step boundary; a second SIGINT exits at once."""
+        if threading.current_thread() is not threading.main_thread():
+            return
+
+        def handler(signum, frame):
+            del frame
+            if self.stop_requested and signum == signal.SIGINT:
+                os.write(2, b"\nsecond interrupt: exiting now without saving\n")
+                os._exit(130)
+            self.stop_requested = True
+            self._signal = signal.Signals(signum).name
+            os.write(2, f"\n{self._signal}: saving a checkpoint at the next step\n".encode())
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._old_handlers[sig] = signal.signal(sig, handler)
+
+    def restore_signal_handlers(self) -> None:
+        for sig, old in self._old_handlers.items():
+            signal.signal(sig, old)
+        self._old_handlers = {}
+
+    def exit_after_stop(self, step: int) -> None:
+        self.manager.wait_until_finished()
+        raise SystemExit(
+            f"{self._signal}: saved a checkpoint at step {step} in {self.directory}. "
+            "Run the same command again (same --workdir) to resume."
+        )
+
+
+def _handlers() -> dict:
+    return {
+        "state": ocp.StandardCheckpointHandler(),
+        "meta": ocp.JsonCheckpointHandler(),
+    }
+
+
+def _as_plain(metadata_tree):
+    """Orbax array metadata -> objects with ``.shape``/``.dtype`` for comparison."""
+    return jax.tree_util.tree_map(
+        lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype) if hasattr(m, "shape") else m,
+        dict(metadata_tree) if not isinstance(metadata_tree, dict) else metadata_tree,
+    )
+
+
+def load_params(workdir: str | os.PathLike, step: int | str | None = None) -> tuple[Any, int]:
+    """Load ``(params, step)`` of a run dir: the latest step, a given ``step``, or ``"best"``.
+
+    Used by export; needs no model code (orbax restores without a target).
+    """
+    directory = Path(workdir).absolute() / "checkpoints"
+    if not directory.is_dir():
+        raise CheckpointError(f"{workdir} has no checkpoints/ directory; is it a run dir?")
+    options = ocp.CheckpointManagerOptions(read_only=True)
+    manager = ocp.CheckpointManager(directory, options=options, item_handlers=_handlers())
+    try:
+        available = sorted(manager.all_steps())
+        if not available:
+            raise CheckpointError(f"{directory} holds no complete checkpoint")
+        if step is None:
+            chosen = available[-1]
+        elif step == "best":
+            chosen = _best_step(Path(workdir), available)
+        else:
+            if int(step) not in available:
+                raise CheckpointError(f"no checkpoint at step {step}; available: {available}")
+            chosen = int(step)
+        restored = manager.restore(
+            chosen, args=ocp.args.Composite(state=ocp.args.StandardRestore())
+        )
+        state = restored["state"]
+        return {"params": state["params"], "model_state": state["model_state"]}, chosen
+    finally:
+        manager.close()
+
+
+def _best_step(workdir: Path, available: list[int]) -> int:
+    config = (
+        json.loads((workdir / "config.json").read_text())
+        if (workdir / "config.json").exists()
+        else {}
+    )
+    ckpt = config.get("checkpoint", {})
+    metric = ckpt.get("best_metric", "eval/loss")
+    mode = ckpt.get("best_mode", "min")
+    from jaxmint.track import read_metrics
+
+    scores = {
+        int(r["step"]): r[metric]
+        for r in read_metrics(workdir)
+        if metric in r and int(r["step"]) in available
+    }
+    if not scores:
+        raise CheckpointError(
+            f"no kept checkpoint of {workdir} has a logged {metric!r}; pass a step instead"
+        )
+    pick = min if mode == "min" else max
+    return pick(scores, key=scores.get)

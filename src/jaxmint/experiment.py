@@ -1,0 +1,121 @@
+"""What every experiment script shares: the common config fields and its `main`.
+
+An experiment is a plain script with a config dataclass (inheriting `Common`),
+a ``build(config) -> Experiment`` function and a last line calling `main`::
+
+    if __name__ == "__main__":
+        jaxmint.experiment.main(build, Config, smoke=SMOKE)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import optax
+
+from jaxmint.config import field, parse, to_dict
+from jaxmint.losses import Loss
+from jaxmint.models import Model
+
+
+@dataclasses.dataclass
+class Common:
+    """Fields spelled the same in every experiment."""
+
+    workdir: str = field("runs/experiment", "run directory (resumed if it holds checkpoints)")
+    steps: int = field(1000, "optimizer steps to train for")
+    batch_size: int = field(128, "global batch size")
+    seed: int = field(0, "seed of initialization, shuffling and dropout")
+    lr: float = field(1e-3, "peak learning rate")
+    eval_every: int = field(250, "evaluate every N steps (and at the end)")
+    checkpoint_every: int = field(250, "checkpoint every N steps (and at the end)")
+    strategy: str = field("auto", "auto | single (data, fsdp and pmap need several devices)")
+    log_every: int = field(50, "log metrics every N steps")
+    grad_accum: int = field(1, "micro-batches per step (gradient accumulation)")
+    compute_dtype: str | None = field(None, "e.g. bfloat16: compute dtype, float32 master params")
+    nonfinite: str = field("raise", "raise | skip: what to do with a non-finite loss or gradient")
+    fresh: bool = field(False, "move existing checkpoints in --workdir aside and start over")
+    progress: bool = field(True, "show the live progress bar")
+
+
+class Experiment(NamedTuple):
+    """What ``build(config)`` returns: everything `fit` needs, and what export needs."""
+
+    model: Model
+    loss: Loss
+    optimizer: optax.GradientTransformation
+    train: Any
+    eval: Mapping[str, Any] | None = None
+    metrics: Mapping[str, Callable] | None = None
+    input_key: str = "x"
+
+
+def fit_experiment(exp: Experiment, config: Common, **overrides):
+    """Run `jaxmint.fit` with the common fields of ``config``."""
+    from jaxmint.train import fit
+
+    kwargs = dict(
+        steps=config.steps,
+        batch_size=config.batch_size,
+        seed=config.seed,
+        workdir=config.workdir,
+        eval_data=exp.eval,
+        eval_every=config.eval_every,
+        checkpoint_every=config.checkpoint_every,
+        strategy=config.strategy,
+        nonfinite=config.nonfinite,
+        metrics=exp.metrics,
+        input_key=exp.input_key,
+        grad_accum=config.grad_accum,
+        compute_dtype=config.compute_dtype,
+        log_every=config.log_every,
+        config={**to_dict(config), "experiment": _experiment_file()},
+        progress=config.progress,
+        fresh=config.fresh,
+    )
+    kwargs.update(overrides)
+    return fit(exp.model, exp.loss, exp.optimizer, exp.train, **kwargs)
+
+
+def _experiment_file() -> str | None:
+    main = sys.modules.get("__main__")
+    path = getattr(main, "__file__", None)
+    return str(Path(path).resolve()) if path else None
+
+
+def main(
+    build: Callable[[Any], Experiment],
+    config_cls: type,
+    argv: Sequence[str] | None = None,
+    *,
+    smoke: Mapping[str, Any] | None = None,
+):
+    """Parse the command line, build the experiment, train it and print the outcome."""
+    config = parse(config_cls, argv, smoke=smoke)
+    exp = build(config)
+    result = fit_experiment(exp, config)
+    print(f"run dir: {Path(config.workdir).resolve()}")
+    for key, value in sorted(result.final_eval.items()):
+        print(f"  {key:<24} {value:.4f}")
+    return result
+
+
+def load_module(path: str | Path):
+    """Import an experiment script by path (for export, sweeps and tests)."""
+    path = Path(path).resolve()
+    if not path.is_file():
+        raise FileNotFoundError(f"no experiment script at {path}")
+    name = f"jaxmint_experiment_{path.stem}"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    for attr in ("Config", "build"):
+        if not hasattr(module, attr):
+            raise AttributeError(f"experiment {path} defines no {attr!r}")
+    return module

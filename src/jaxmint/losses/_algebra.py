@@ -1,0 +1,406 @@
+"""The loss algebra: per-example terms combined with ``+``, ``*`` and named combinators.
+
+A loss is a small tree of nodes. Constant weights and learnable weights live in
+a *loss state* of arrays (``loss.init()``), and schedule weights are evaluated
+on the traced step, so changing a weight never changes the compiled program.
+"""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Where = str | Callable[[Mapping[str, Any]], Any] | None
+"""A mask: the name of a batch key, or ``batch -> bool array``, or None (all examples)."""
+
+_SOURCES = ("outputs", "intermediates", "params")
+_REDUCTIONS = ("mean", "sum")
+
+
+class LossError(ValueError):
+    """A loss term returned something the algebra cannot reduce, or read a missing key."""
+
+
+@dataclass(frozen=True)
+class LossInputs:
+    """Everything a loss term may read. Built by the train step; handy in tests."""
+
+    outputs: Any
+    batch: Mapping[str, Any]
+    params: Any = None
+    intermediates: Mapping[str, Any] = field(default_factory=dict)
+    step: Any = 0
+
+    @property
+    def batch_size(self) -> int:
+        leaves = jax.tree_util.tree_leaves(self.batch)
+        if not leaves:
+            raise LossError("the batch is empty: a batch is a dict of arrays with a batch axis")
+        return int(np.shape(leaves[0])[0])
+
+
+class Loss:
+    """Base of every node in the loss algebra."""
+
+    # -- algebra ---------------------------------------------------------------
+    def __add__(self, other: Loss) -> Loss:
+        if isinstance(other, numbers.Number) and other == 0:
+            return self  # lets sum() start from 0
+        if not isinstance(other, Loss):
+            return NotImplemented
+        left = self.children if isinstance(self, Sum) else (self,)
+        right = other.children if isinstance(other, Sum) else (other,)
+        return Sum(left + right)
+
+    __radd__ = __add__
+
+    def __mul__(self, weight) -> Loss:
+        if isinstance(weight, Loss):
+            raise TypeError("a loss can be scaled by a number or a schedule, not by another loss")
+        if callable(weight) or isinstance(weight, numbers.Number | np.ndarray | jax.Array):
+            return Scaled(weight, self)
+        return NotImplemented
+
+    __rmul__ = __mul__
+
+    def __neg__(self) -> Loss:
+        return Scaled(-1.0, self)
+
+    def __sub__(self, other: Loss) -> Loss:
+        return self + (-other)
+
+    # -- structure -------------------------------------------------------------
+    children: tuple[Loss, ...] = ()
+
+    def walk(self, path: str = "r") -> Iterator[tuple[str, Loss]]:
+        """Yield ``(path, node)`` for this node and its descendants, depth first."""
+        yield path, self
+        for i, child in enumerate(self.children):
+            yield from child.walk(f"{path}.{i}")
+
+    @property
+    def term_names(self) -> list[str]:
+        """The names of every `Term` in this loss, in evaluation order."""
+        return [node.name for _, node in self.walk() if isinstance(node, Term)]
+
+    def metric_names(self) -> list[str]:
+        """The ``loss/<name>`` metrics this loss logs (terms and named combinations)."""
+        names = [n.name for _, n in self.walk() if isinstance(n, Term | Named)]
+        seen = set()
+        for n in names:
+            if n in seen:
+                raise LossError(
+                    f"two loss terms or combinations are both named {n!r}; every name is "
+                    "logged as its own metric 'loss/<name>', so give each a distinct name"
+                )
+            seen.add(n)
+        return names
+
+    def init(self) -> dict:
+        """The loss state: constant weights and learnable parameters, as arrays."""
+        self.metric_names()  # fail early on clashing names
+        weights, params = {}, {}
+        for path, node in self.walk():
+            weights.update(node._init_weights(path))
+            params.update(node._init_params(path))
+        return {"weights": weights, "params": params}
+
+    def _init_weights(self, path: str) -> dict:
+        return {}
+
+    def _init_params(self, path: str) -> dict:
+        return {}
+
+    # -- evaluation ------------------------------------------------------------
+    def __call__(
+        self, inputs: LossInputs, state: Mapping | None = None, *, where=None
+    ) -> tuple[jax.Array, dict]:
+        """Evaluate to ``(total, metrics)``; ``metrics`` maps ``loss/<name>`` to scalars.
+
+        ``where`` optionally masks whole examples (shape ``(B,)``) for every term.
+        """
+        state = self.init() if state is None else state
+        metrics: dict[str, jax.Array] = {}
+        mask = None if where is None else jnp.asarray(where).astype(bool)
+        total = self._evaluate(inputs, state, "r", mask, metrics)
+        total = jnp.asarray(total)
+        if total.shape != ():
+            raise LossError(f"the total loss must be a scalar, got shape {total.shape}")
+        return total, metrics
+
+    def _evaluate(self, inputs, state, path, where, metrics) -> jax.Array:
+        raise NotImplementedError
+
+
+@dataclass(frozen=True, eq=False)
+class Term(Loss):
+    """A named loss term from ``fn``; see `term`."""
+
+    fn: Callable
+    name: str
+    on: str = "outputs"
+    reduction: str = "mean"
+    where: Where = None
+
+    def _evaluate(self, inputs, state, path, where, metrics):
+        if self.on == "params":
+            value = jnp.asarray(self.fn(inputs.params))
+            if value.shape != ():
+                raise LossError(
+                    f"loss term {self.name!r} reads params and must return a scalar, "
+                    f"got shape {value.shape}"
+                )
+        else:
+            source = inputs.outputs if self.on == "outputs" else inputs.intermediates
+            try:
+                values = jnp.asarray(self.fn(source, inputs.batch))
+            except KeyError as e:
+                raise LossError(
+                    f"loss term {self.name!r} reads key {e.args[0]!r}, which is missing; "
+                    f"{_describe_keys(self.on, source, inputs.batch)}"
+                ) from None
+            value = self._reduce(values, inputs, _and(_mask(self.where, inputs), where))
+        metrics[f"loss/{self.name}"] = value
+        return value
+
+    def _reduce(self, values, inputs, mask):
+        batch = inputs.batch_size
+        if values.ndim == 0 or values.shape[0] != batch:
+            raise LossError(
+                f"loss term {self.name!r} must return per-example values with a leading "
+                f"batch axis of size {batch}, got shape {values.shape}. Return one value per "
+                "example (do not reduce with .mean()); the term reduces them "
+                f"(reduction={self.reduction!r})."
+            )
+        values = values.astype(jnp.promote_types(values.dtype, jnp.float32))
+        if self.reduction == "sum":
+            # Sum over non-batch axes, mean over examples: stable under batch size changes.
+            if mask is not None:
+                values = values * _broadcast(mask, values)
+            return jnp.sum(values) / batch
+        if mask is None:
+            return jnp.mean(values)
+        m = jnp.broadcast_to(_broadcast(mask, values), values.shape).astype(values.dtype)
+        return jnp.sum(values * m) / jnp.maximum(jnp.sum(m), 1.0)
+
+
+@dataclass(frozen=True, eq=False)
+class Sum(Loss):
+    """The sum of several losses; what ``a + b`` builds."""
+
+    children: tuple[Loss, ...]
+
+    def _evaluate(self, inputs, state, path, where, metrics):
+        return sum(
+            c._evaluate(inputs, state, f"{path}.{i}", where, metrics)
+            for i, c in enumerate(self.children)
+        )
+
+
+@dataclass(frozen=True, eq=False)
+class Scaled(Loss):
+    """A loss times a constant or a schedule ``step -> weight``; what ``w * a`` builds."""
+
+    weight: Any
+    child: Loss
+
+    @property
+    def children(self):
+        return (self.child,)
+
+    def _init_weights(self, path):
+        if callable(self.weight):
+            return {}
+        return {path: jnp.asarray(self.weight, jnp.float32)}
+
+    def _evaluate(self, inputs, state, path, where, metrics):
+        if callable(self.weight):
+            weight = jnp.asarray(self.weight(inputs.step), jnp.float32)
+        else:
+            weight = state["weights"][path]
+        if isinstance(self.child, Term | Named):
+            metrics[f"weight/{self.child.name}"] = weight
+        return weight * self.child._evaluate(inputs, state, f"{path}.0", where, metrics)
+
+
+@dataclass(frozen=True, eq=False)
+class Named(Loss):
+    """A combination logged under its own name as ``loss/<name>``; see `named`."""
+
+    name: str
+    child: Loss
+
+    @property
+    def children(self):
+        return (self.child,)
+
+    def _evaluate(self, inputs, state, path, where, metrics):
+        value = self.child._evaluate(inputs, state, f"{path}.0", where, metrics)
+        metrics[f"loss/{self.name}"] = value
+        return value
+
+
+@dataclass(frozen=True, eq=False)
+class StopGradient(Loss):
+    """A loss whose value counts in the total but sends no gradient; see `stop_gradient`."""
+
+    child: Loss
+
+    @property
+    def children(self):
+        return (self.child,)
+
+    def _evaluate(self, inputs, state, path, where, metrics):
+        inner: dict = {}
+        value = self.child._evaluate(inputs, state, f"{path}.0", where, inner)
+        metrics.update(jax.lax.stop_gradient(inner))
+        return jax.lax.stop_gradient(value)
+
+
+@dataclass(frozen=True, eq=False)
+class Masked(Loss):
+    """A loss evaluated only where ``where`` holds; see `masked`."""
+
+    child: Loss
+    where: Where
+
+    @property
+    def children(self):
+        return (self.child,)
+
+    def _evaluate(self, inputs, state, path, where, metrics):
+        mask = _and(_mask(self.where, inputs), where)
+        return self.child._evaluate(inputs, state, f"{path}.0", mask, metrics)
+
+
+@dataclass(frozen=True, eq=False)
+class UncertaintyWeighted(Loss):
+    """Learned homoscedastic-uncertainty weighting; see `uncertainty_weighted`."""
+
+    children: tuple[Loss, ...]
+
+    def _names(self) -> list[str]:
+        return [getattr(c, "name", str(i)) for i, c in enumerate(self.children)]
+
+    def _init_params(self, path):
+        return {path: jnp.zeros((len(self.children),), jnp.float32)}
+
+    def _evaluate(self, inputs, state, path, where, metrics):
+        log_var = state["params"][path]
+        total = 0.0
+        for i, (child, name) in enumerate(zip(self.children, self._names(), strict=True)):
+            value = child._evaluate(inputs, state, f"{path}.{i}", where, metrics)
+            precision = 0.5 * jnp.exp(-log_var[i])
+            metrics[f"weight/{name}"] = precision
+            total = total + precision * value + 0.5 * log_var[i]
+        return total
+
+
+# -- constructors --------------------------------------------------------------
+
+
+def term(
+    fn: Callable,
+    *,
+    name: str,
+    on: str = "outputs",
+    reduction: str = "mean",
+    where: Where = None,
+) -> Term:
+    """Turn ``fn`` into a named loss term.
+
+    Args:
+      fn: for ``on="outputs"``, ``fn(outputs, batch) -> per-example values`` (leading
+        batch axis; extra axes such as tokens are fine); for ``on="intermediates"``,
+        ``fn(intermediates, batch)`` with the model's sown activations; for
+        ``on="params"``, ``fn(params) -> scalar`` (a regularizer).
+      name: logged as ``loss/<name>``.
+      reduction: ``"mean"`` over every unmasked value, or ``"sum"`` over non-batch
+        axes then mean over examples.
+      where: a mask — a batch key or ``batch -> bool array`` of shape ``(B,)`` or
+        the values' leading shape; masked values count neither in the numerator
+        nor the denominator of the mean.
+
+    Example::
+
+        hinge = term(lambda out, b: jnp.maximum(0, 1 - out * b["y"]).sum(-1), name="hinge")
+        loss = hinge + 0.01 * jaxmint.losses.l2()
+    """
+    if not isinstance(name, str) or not name or "/" in name:
+        raise ValueError(f"a loss term needs a non-empty name without '/', got {name!r}")
+    if on not in _SOURCES:
+        raise ValueError(f"on={on!r} is not one of {_SOURCES}")
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"reduction={reduction!r} is not one of {_REDUCTIONS}")
+    return Term(fn, name, on, reduction, where)
+
+
+def named(loss: Loss, name: str) -> Named:
+    """Log the combination ``loss`` under ``loss/<name>`` as well as its terms."""
+    if not isinstance(name, str) or not name or "/" in name:
+        raise ValueError(f"a named combination needs a name without '/', got {name!r}")
+    return Named(name, loss)
+
+
+def stop_gradient(loss: Loss) -> StopGradient:
+    """Keep ``loss`` in the total and the logs but send no gradient through it."""
+    return StopGradient(loss)
+
+
+def masked(loss: Loss, where: Where) -> Masked:
+    """Evaluate every term of ``loss`` only on examples (or tokens) where ``where`` holds."""
+    return Masked(loss, where)
+
+
+def uncertainty_weighted(*losses: Loss) -> UncertaintyWeighted:
+    """Weight losses by learned homoscedastic uncertainty (Kendall, Gal & Cipolla, 2018).
+
+    The total is ``sum_i 0.5 * exp(-s_i) * L_i + 0.5 * s_i`` with one learnable
+    log-variance ``s_i`` per loss, trained with the model by the same optimizer.
+    Each effective weight is logged as ``weight/<name>``.
+    """
+    if len(losses) < 2:
+        raise ValueError("uncertainty_weighted needs at least two losses to weigh")
+    return UncertaintyWeighted(tuple(losses))
+
+
+# -- helpers -------------------------------------------------------------------
+
+
+def _mask(where: Where, inputs: LossInputs):
+    if where is None:
+        return None
+    if isinstance(where, str):
+        if where not in inputs.batch:
+            raise LossError(
+                f"mask key {where!r} is not in the batch; batch keys are {sorted(inputs.batch)}"
+            )
+        return jnp.asarray(inputs.batch[where]).astype(bool)
+    return jnp.asarray(where(inputs.batch)).astype(bool)
+
+
+def _and(a, b):
+    if a is None:
+        return b
+    if b is None:
+        return a
+    return _broadcast(a, b) & _broadcast(b, a) if a.ndim != b.ndim else a & b
+
+
+def _broadcast(mask, values):
+    """Right-pad ``mask`` with unit axes so it broadcasts against ``values``."""
+    extra = values.ndim - mask.ndim
+    return mask.reshape(mask.shape + (1,) * extra) if extra > 0 else mask
+
+
+def _describe_keys(on, source, batch) -> str:
+    text = f"the batch has keys {sorted(batch)}"
+    if on == "intermediates":
+        text += f" and the model's intermediates have keys {sorted(source)}"
+    return text

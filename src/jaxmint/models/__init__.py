@@ -1,0 +1,10 @@
+"""Pure-function models: the `Model` contract, flax adapters and built-in models."""
+
+from jaxmint.models._flax import from_linen as from_linen
+from jaxmint.models._flax import from_nnx as from_nnx
+from jaxmint.models._model import Model as Model
+from jaxmint.models._zoo import cnn as cnn
+from jaxmint.models._zoo import mlp as mlp
+from jaxmint.models._zoo import transformer as transformer
+
+__all__ = ["Model", "cnn", "from_linen", "from_nnx", "mlp", "transformer"]

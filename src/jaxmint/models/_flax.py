@@ -1,0 +1,133 @@
+"""Adapters that turn flax modules (linen and nnx) into pure-function `Model`s."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+
+from jaxmint.models._model import Model
+
+_INTERMEDIATES = "intermediates"
+
+
+def _train_kwargs(fn: Callable, train: bool) -> dict:
+    """Keyword arguments that tell ``fn`` whether it is training, by its own spelling."""
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return {}
+    if "train" in params:
+        return {"train": train}
+    if "training" in params:
+        return {"training": train}
+    if "deterministic" in params:
+        return {"deterministic": not train}
+    return {}
+
+
+def from_linen(module, *, rng_collections: Sequence[str] = ("dropout",)) -> Model:
+    """Adapt a ``flax.linen.Module`` to a `Model`.
+
+    The module's ``__call__`` may take ``train``, ``training`` or ``deterministic``;
+    the adapter passes the right one. Collections other than ``params`` (e.g.
+    ``batch_stats``) are model state: they are mutable in training and returned
+    as updates. Values stored with ``self.sow("intermediates", ...)`` are
+    collected on every call so loss terms can use them.
+
+    Example::
+
+        model = jaxmint.models.from_linen(nn.Dense(10))
+    """
+    call_kwargs = lambda train: _train_kwargs(module.__call__, train)
+
+    def init(key: jax.Array, inputs: Any) -> dict:
+        keys = jax.random.split(key, 1 + len(rng_collections))
+        rngs = {"params": keys[0], **dict(zip(rng_collections, keys[1:], strict=True))}
+        variables = dict(module.init(rngs, inputs, **call_kwargs(False)))
+        variables.pop(_INTERMEDIATES, None)
+        return variables
+
+    def rngs_for(key):
+        if key is None:
+            return None
+        keys = jax.random.split(key, len(rng_collections))
+        return dict(zip(rng_collections, keys, strict=True))
+
+    def apply(variables, inputs, *, train: bool = False, key: jax.Array | None = None):
+        return module.apply(variables, inputs, rngs=rngs_for(key), **call_kwargs(train))
+
+    def apply_with_state(variables, inputs, *, train: bool = False, key=None):
+        mutable = [_INTERMEDIATES]
+        if train:
+            mutable += [c for c in variables if c not in ("params", _INTERMEDIATES)]
+        outputs, updates = module.apply(
+            variables, inputs, rngs=rngs_for(key), mutable=mutable, **call_kwargs(train)
+        )
+        return outputs, dict(updates)
+
+    return Model(init, apply, apply_with_state)
+
+
+def from_nnx(module_or_factory) -> Model:
+    """Adapt a ``flax.nnx`` module to a `Model` through ``nnx.split``/``nnx.merge``.
+
+    Pass either a module instance (``init`` then returns its current weights and
+    ignores the key) or a factory ``rngs -> module`` (``init`` builds a fresh
+    module from the key). Variables are plain nested dicts: ``params`` for
+    ``nnx.Param`` and ``state`` for every other variable (batch statistics, RNG
+    counters), so the train step stays a pure function of arrays. Values stored
+    with ``self.sow(nnx.Intermediate, ...)`` come back as ``intermediates``.
+
+    Example::
+
+        model = jaxmint.models.from_nnx(lambda rngs: nnx.Linear(64, 10, rngs=rngs))
+    """
+    from flax import nnx
+
+    if isinstance(module_or_factory, nnx.Module):
+        template = module_or_factory
+        factory = None
+    else:
+        factory = module_or_factory
+        template = nnx.eval_shape(lambda: factory(nnx.Rngs(0)))
+    graphdef, _, _, _ = nnx.split(template, nnx.Param, nnx.Intermediate, ...)
+
+    def _to_vars(params, intermediates, rest) -> dict:
+        del intermediates
+        return {"params": params.to_pure_dict(), "state": rest.to_pure_dict()}
+
+    def init(key: jax.Array, inputs: Any) -> dict:
+        del inputs
+        module = factory(nnx.Rngs(key)) if factory is not None else module_or_factory
+        _, params, intermediates, rest = nnx.split(module, nnx.Param, nnx.Intermediate, ...)
+        return _to_vars(params, intermediates, rest)
+
+    def _merge(variables):
+        _, params, intermediates, rest = nnx.split(template, nnx.Param, nnx.Intermediate, ...)
+        nnx.replace_by_pure_dict(params, variables["params"])
+        nnx.replace_by_pure_dict(rest, variables.get("state", {}))
+        return nnx.merge(graphdef, params, intermediates, rest)
+
+    def _run(variables, inputs, train, key):
+        module = _merge(variables)
+        if key is not None:
+            nnx.reseed(module, dropout=key)
+        module.train() if train else module.eval()
+        outputs = module(inputs)
+        _, _, intermediates, rest = nnx.split(module, nnx.Param, nnx.Intermediate, ...)
+        return outputs, intermediates, rest
+
+    def apply(variables, inputs, *, train: bool = False, key=None):
+        return _run(variables, inputs, train, key)[0]
+
+    def apply_with_state(variables, inputs, *, train: bool = False, key=None):
+        outputs, intermediates, rest = _run(variables, inputs, train, key)
+        updates = {_INTERMEDIATES: intermediates.to_pure_dict()}
+        if train:
+            updates["state"] = rest.to_pure_dict()
+        return outputs, updates
+
+    return Model(init, apply, apply_with_state)

@@ -1,0 +1,144 @@
+"""Built-in models: an MLP, a CNN with batch norm and a decoder-only transformer.
+
+Each is a flax linen module wrapped by `from_linen`, so it is a pure `Model`.
+Hidden activations are sown into ``intermediates`` so loss terms (auxiliary
+losses) and diagnostics can read them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxmint.models._flax import from_linen
+from jaxmint.models._model import Model
+
+AttentionFn = Callable[..., jax.Array]
+"""``attention(q_BxLxHxD, k_BxLxHxD, v_BxLxHxD, *, is_causal) -> out_BxLxHxD``."""
+
+
+class MLP(nn.Module):
+    features: Sequence[int]
+    num_outputs: int
+    dropout: float = 0.0
+    activation: Callable = nn.relu
+
+    @nn.compact
+    def __call__(self, x_BxF, train: bool = False):
+        h = x_BxF.reshape(x_BxF.shape[0], -1)
+        for i, width in enumerate(self.features):
+            h = self.activation(nn.Dense(width, name=f"dense{i}")(h))
+            self.sow("intermediates", f"act{i}", h)
+            if self.dropout:
+                h = nn.Dropout(self.dropout, deterministic=not train)(h)
+        return nn.Dense(self.num_outputs, name="head")(h)
+
+
+class CNN(nn.Module):
+    channels: Sequence[int]
+    num_outputs: int
+
+    @nn.compact
+    def __call__(self, x_BxHxWxC, train: bool = False):
+        h = x_BxHxWxC
+        for i, ch in enumerate(self.channels):
+            h = nn.Conv(ch, (3, 3), use_bias=False, name=f"conv{i}")(h)
+            h = nn.BatchNorm(use_running_average=not train, momentum=0.9, name=f"bn{i}")(h)
+            h = nn.relu(h)
+            self.sow("intermediates", f"act{i}", h)
+            if i < len(self.channels) - 1:
+                h = nn.max_pool(h, (2, 2), strides=(2, 2), padding="SAME")
+        h = jnp.mean(h, axis=(1, 2))
+        return nn.Dense(self.num_outputs, name="head")(h)
+
+
+class Block(nn.Module):
+    num_heads: int
+    attention: AttentionFn
+    mlp_ratio: int = 4
+
+    @nn.compact
+    def __call__(self, x_BxLxD):
+        _, _, d = x_BxLxD.shape
+        head_dim = d // self.num_heads
+        h = nn.RMSNorm(name="norm1")(x_BxLxD)
+        qkv = nn.DenseGeneral((3, self.num_heads, head_dim), use_bias=False, name="qkv")(h)
+        q_BxLxHxK, k_BxLxHxK, v_BxLxHxK = (qkv[:, :, i] for i in range(3))
+        att_BxLxHxK = self.attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, is_causal=True)
+        x_BxLxD = x_BxLxD + nn.DenseGeneral(d, axis=(-2, -1), use_bias=False, name="proj")(
+            att_BxLxHxK
+        )
+        h = nn.RMSNorm(name="norm2")(x_BxLxD)
+        h = nn.gelu(nn.Dense(self.mlp_ratio * d, name="up")(h))
+        return x_BxLxD + nn.Dense(d, name="down")(h)
+
+
+class Transformer(nn.Module):
+    vocab_size: int
+    max_len: int
+    d_model: int
+    num_layers: int
+    num_heads: int
+    attention: AttentionFn
+
+    @nn.compact
+    def __call__(self, tokens_BxL, train: bool = False):
+        del train
+        _, length = tokens_BxL.shape
+        if length > self.max_len:
+            raise ValueError(
+                f"sequence length {length} exceeds the transformer's max_len {self.max_len}"
+            )
+        embed = nn.Embed(self.vocab_size, self.d_model, name="embed")
+        pos_LxD = self.param("pos", nn.initializers.normal(0.02), (self.max_len, self.d_model))[
+            :length
+        ]
+        x_BxLxD = embed(tokens_BxL) + pos_LxD
+        for i in range(self.num_layers):
+            x_BxLxD = Block(self.num_heads, self.attention, name=f"block{i}")(x_BxLxD)
+        x_BxLxD = nn.RMSNorm(name="norm")(x_BxLxD)
+        return embed.attend(x_BxLxD)  # tied embeddings: logits_BxLxV
+
+
+def mlp(features: Sequence[int] = (256, 256), num_outputs: int = 10, *, dropout=0.0) -> Model:
+    """A ReLU multi-layer perceptron over flattened inputs.
+
+    Example::
+
+        model = jaxmint.models.mlp((128,), num_outputs=10)
+        variables = model.init(jax.random.key(0), jnp.zeros((1, 64)))
+    """
+    return from_linen(MLP(tuple(features), num_outputs, dropout))
+
+
+def cnn(channels: Sequence[int] = (32, 64), num_outputs: int = 10) -> Model:
+    """A small convolutional net with batch norm (state in ``batch_stats``) over NHWC images."""
+    return from_linen(CNN(tuple(channels), num_outputs))
+
+
+def transformer(
+    vocab_size: int,
+    *,
+    max_len: int = 256,
+    d_model: int = 128,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    attention: AttentionFn = jax.nn.dot_product_attention,
+) -> Model:
+    """A decoder-only (causal) transformer language model with tied embeddings.
+
+    ``attention`` is any function with the signature of
+    ``jax.nn.dot_product_attention(q, k, v, *, is_causal)`` on ``BxLxHxD`` arrays,
+    so a custom attention is a few lines::
+
+        def my_attention(q, k, v, *, is_causal):
+            return jax.nn.dot_product_attention(q, k, v, is_causal=is_causal)
+
+        model = jaxmint.models.transformer(256, attention=my_attention)
+    """
+    if d_model % num_heads:
+        raise ValueError(f"d_model={d_model} must be divisible by num_heads={num_heads}")
+    return from_linen(Transformer(vocab_size, max_len, d_model, num_layers, num_heads, attention))

@@ -1,0 +1,388 @@
+"""`fit`: a plain Python loop around the jitted pure step."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import logging
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+import optax
+
+from jaxmint.data import ArrayLoader, BatchSpec, DataError, eval_batches, prefetch_to_device
+from jaxmint.losses import Loss
+from jaxmint.models._model import Model
+from jaxmint.track import JsonlWriter, ProgressBar, TensorBoardWriter, read_metrics
+from jaxmint.train._hooks import Hook, as_hooks
+from jaxmint.train._state import TrainState
+from jaxmint.train._step import build_steps
+
+log = logging.getLogger("jaxmint")
+
+STRATEGIES = ("auto", "single", "data", "fsdp", "pmap")
+NONFINITE = ("raise", "skip")
+
+
+class NonFiniteError(FloatingPointError):
+    """Training produced a non-finite loss or gradient under ``nonfinite="raise"``."""
+
+
+@dataclasses.dataclass
+class FitResult:
+    """What `fit` returns.
+
+    Attributes:
+      params: the final trained parameters (on the host, as numpy).
+      state: the final `TrainState` (on device).
+      history: the logged records, the same dicts that are in ``metrics.jsonl``.
+      workdir: the run directory, or None.
+    """
+
+    params: Any
+    state: TrainState
+    history: list[dict]
+    workdir: Path | None
+
+    @property
+    def final_eval(self) -> dict:
+        """The last logged ``eval/*`` metrics."""
+        for record in reversed(self.history):
+            evals = {k: v for k, v in record.items() if k.startswith("eval/")}
+            if evals:
+                return evals
+        return {}
+
+
+def _config_dict(config: Any) -> dict:
+    if config is None:
+        return {}
+    if dataclasses.is_dataclass(config):
+        return dataclasses.asdict(config)
+    return dict(config)
+
+
+def _first_batch(data, batch_size: int, seed: int):
+    """Return ``(first_batch, batches(start_step) -> iterator, is_array_data)``."""
+    if isinstance(data, Mapping):
+        loader = ArrayLoader(data, batch_size, seed=seed)
+        return next(loader.batches(0)), loader.batches, True
+    if not isinstance(data, Iterable):
+        raise DataError(
+            f"data must be a dict of numpy arrays or an iterable of batches, got "
+            f"{type(data).__name__}"
+        )
+    iterator = iter(data)
+    try:
+        first = next(iterator)
+    except StopIteration:
+        raise DataError("data is an empty iterable: it yielded no batch") from None
+
+    def batches(start_step: int):
+        # An iterable cannot be rewound: resuming skips the batches already used.
+        rest = itertools.chain([first], iterator)
+        return itertools.islice(rest, start_step, None)
+
+    return first, batches, False
+
+
+def fit(
+    model: Model,
+    loss: Loss,
+    optimizer: optax.GradientTransformation,
+    data: Mapping[str, np.ndarray] | Iterable[Mapping[str, np.ndarray]],
+    *,
+    steps: int,
+    batch_size: int,
+    seed: int = 0,
+    workdir: str | Path | None = None,
+    eval_data: Mapping[str, np.ndarray] | None = None,
+    eval_every: int | None = None,
+    checkpoint_every: int | None = None,
+    strategy: str = "auto",
+    nonfinite: str = "raise",
+    metrics: Mapping[str, Callable] | None = None,
+    input_key: str = "x",
+    grad_accum: int = 1,
+    compute_dtype: Any = None,
+    log_every: int = 50,
+    eval_batch_size: int | None = None,
+    hooks: Sequence[Hook | Callable[[int, dict], None]] = (),
+    config: Any = None,
+    progress: bool = True,
+    prefetch: int = 2,
+    keep_last: int = 2,
+    keep_best: int = 0,
+    best_metric: str = "eval/loss",
+    best_mode: str = "min",
+    fresh: bool = False,
+) -> FitResult:
+    """Train ``model`` on ``loss`` with ``optimizer`` for ``steps`` steps.
+
+    The train step is jitted once, with the state donated; the loop around it
+    logs every ``log_every`` steps (the only host syncs), evaluates every
+    ``eval_every`` steps and at the end, and checkpoints every
+    ``checkpoint_every`` steps and at the end. Calling `fit` again with the same
+    ``workdir`` resumes from its latest checkpoint.
+
+    Args:
+      data: a dict of numpy arrays (shuffled each epoch as a pure function of
+        ``seed`` and the epoch) or an iterable of batches of ``batch_size``.
+      strategy: ``auto`` or ``single`` here; see the parallel-training guide.
+      nonfinite: ``raise`` stops at the next log step naming the first bad step,
+        the non-finite loss terms and parameter groups (the bad update is never
+        applied); ``skip`` leaves the state unchanged on such steps and counts
+        them in ``skipped_steps``.
+      metrics: per-example metrics ``fn(outputs, batch)`` logged by name, and as
+        ``eval/<name>`` on evaluation.
+      grad_accum: micro-batches per step (``batch_size`` must divide evenly).
+      compute_dtype: e.g. ``"bfloat16"``: forward/backward in that dtype with
+        float32 master params.
+      hooks: `Hook` objects, or callables ``(step, record)`` called at each log.
+      config: the experiment's config (a dataclass or dict) saved in
+        ``config.json`` so the run can be exported and resumed.
+      fresh: ignore (and move aside) existing checkpoints in ``workdir``.
+
+    Example::
+
+        result = jaxmint.fit(model, losses.softmax_cross_entropy(), optax.adam(1e-3),
+                             train, steps=500, batch_size=64, eval_data=test)
+        print(result.final_eval["eval/accuracy"])
+    """
+    from jaxmint.checkpoint import RunCheckpoints  # deferred: orbax import is slow
+
+    _check_args(
+        steps, batch_size, strategy, nonfinite, grad_accum, log_every, eval_every, checkpoint_every
+    )
+    if strategy not in ("auto", "single"):
+        raise NotImplementedError(
+            f"strategy={strategy!r} needs several devices and arrives with parallel training;"
+            " use strategy='auto' or 'single'"
+        )
+    hooks = as_hooks(hooks)
+
+    # -- input ----------------------------------------------------------------
+    first, batches_from, is_array_data = _first_batch(data, batch_size, seed)
+    spec = BatchSpec(first)
+    spec.require([input_key], "the model's input, input_key")
+    got = np.shape(first[input_key])[0]
+    if got != batch_size:
+        raise DataError(
+            f"the first batch has {got} examples but batch_size={batch_size}; an iterable "
+            "must yield batches of batch_size"
+        )
+    if eval_data is not None:
+        _check_eval_data(eval_data, spec)
+
+    # -- state ----------------------------------------------------------------
+    steps_fns = build_steps(
+        model,
+        loss,
+        optimizer,
+        input_key=input_key,
+        metrics=metrics,
+        grad_accum=grad_accum,
+        compute_dtype=compute_dtype,
+    )
+    state = jax.jit(steps_fns.init)(jax.random.PRNGKey(seed), first)
+    # Trace once on shapes: a bad loss term or batch fails here, before compiling.
+    jax.eval_shape(steps_fns.train_step, state, first)
+
+    workdir = Path(workdir) if workdir is not None else None
+    ckpt = None
+    start_step = 0
+    if workdir is not None:
+        workdir.mkdir(parents=True, exist_ok=True)
+        run_config = {
+            "config": _config_dict(config),
+            "fit": {
+                "steps": steps,
+                "batch_size": batch_size,
+                "seed": seed,
+                "input_key": input_key,
+                "grad_accum": grad_accum,
+                "compute_dtype": None if compute_dtype is None else str(compute_dtype),
+                "strategy": strategy,
+                "nonfinite": nonfinite,
+            },
+            "checkpoint": {
+                "every": checkpoint_every,
+                "keep_last": keep_last,
+                "keep_best": keep_best,
+                "best_metric": best_metric,
+                "best_mode": best_mode,
+            },
+            "versions": {"jax": jax.__version__},
+        }
+        ckpt = RunCheckpoints(
+            workdir,
+            run_config=run_config,
+            keep_last=keep_last,
+            keep_best=keep_best,
+            best_metric=best_metric,
+            best_mode=best_mode,
+        )
+        state, start_step = ckpt.restore_or_init(state, fresh=fresh)
+        (workdir / "config.json").write_text(json.dumps(run_config, indent=2, default=str))
+
+    train_step = jax.jit(steps_fns.train_step, donate_argnums=0)
+    eval_step = jax.jit(steps_fns.eval_step)
+    eval_bs = eval_batch_size or batch_size
+
+    def run_eval(state) -> dict:
+        sums: dict[str, float] = {}
+        count = 0
+        for batch, n in eval_batches(eval_data, eval_bs):
+            out = jax.device_get(eval_step(state, batch, n))
+            for k, v in out.items():
+                sums[k] = sums.get(k, 0.0) + float(v) * n
+            count += n
+        return {f"eval/{k}": v / count for k, v in sums.items() if not k.startswith("weight/")}
+
+    # -- loop -----------------------------------------------------------------
+    writers = []
+    if workdir is not None:
+        writers = [JsonlWriter(workdir / "metrics.jsonl"), TensorBoardWriter(workdir / "tb")]
+    history: list[dict] = []
+    if workdir is not None and (workdir / "metrics.jsonl").exists():
+        history = read_metrics(workdir / "metrics.jsonl")  # trimmed to start_step on resume
+    bar = ProgressBar(steps, start_step, enabled=progress)
+    if is_array_data:
+        batches = batches_from(start_step)
+    else:
+        batches = _checked(batches_from(start_step), spec)
+    batches = prefetch_to_device(batches, prefetch)
+    for hook in hooks:
+        hook.on_fit_start(state, start_step)
+    t_last, s_last = time.perf_counter(), start_step
+    step = start_step
+    try:
+        if ckpt is not None:
+            ckpt.install_signal_handlers()
+        for step in range(start_step + 1, steps + 1):
+            try:
+                batch = next(batches)
+            except StopIteration:
+                bar.print(f"data ran out after step {step - 1}; stopping early")
+                step -= 1
+                break
+            state, out = train_step(state, batch)
+            bar.advance(step)
+            do_eval = eval_data is not None and (
+                step == steps or (eval_every is not None and step % eval_every == 0)
+            )
+            stop_requested = ckpt is not None and ckpt.stop_requested
+            if step % log_every == 0 or step == steps or do_eval or stop_requested:
+                record = {"step": step, **{k: _scalar(v) for k, v in jax.device_get(out).items()}}
+                now = time.perf_counter()
+                record["steps_per_sec"] = (step - s_last) / max(now - t_last, 1e-9)
+                t_last, s_last = now, step
+                _check_guard(state, steps_fns, nonfinite, ckpt)
+                if do_eval:
+                    record.update(run_eval(state))
+                history.append(record)
+                for w in writers:
+                    w.write(record)
+                bar.show(step, record["loss"])
+                for hook in hooks:
+                    hook.on_log(step, record)
+                if ckpt is not None:
+                    ckpt.on_log(step, state, record, batch_pos=step)
+            if ckpt is not None and (
+                (checkpoint_every and step % checkpoint_every == 0) or ckpt.stop_requested
+            ):
+                ckpt.save(step, state)
+                if ckpt.stop_requested:
+                    bar.close()
+                    ckpt.exit_after_stop(step)
+        if ckpt is not None and step > start_step:
+            ckpt.save(step, state, final=True)
+    finally:
+        bar.close()
+        for w in writers:
+            w.close()
+        if ckpt is not None:
+            ckpt.close()
+    result = FitResult(jax.device_get(state.params), state, history, workdir)
+    for hook in hooks:
+        hook.on_fit_end(result)
+    return result
+
+
+def _scalar(v):
+    v = np.asarray(v)
+    return v.item() if v.size == 1 else v.tolist()
+
+
+def _checked(batches, spec: BatchSpec):
+    for i, batch in enumerate(batches):
+        spec.check(batch, what=f"batch {i}")
+        yield batch
+
+
+def _check_eval_data(eval_data, spec: BatchSpec) -> None:
+    if not isinstance(eval_data, Mapping):
+        raise DataError(f"eval_data must be a dict of arrays, got {type(eval_data).__name__}")
+    for key, (shape, dtype) in spec.spec.items():
+        if key not in eval_data:
+            raise DataError(
+                f"eval_data has no key {key!r}; the training batches have keys {sorted(spec.spec)}"
+            )
+        got = np.asarray(eval_data[key])
+        if got.shape[1:] != shape[1:] or got.dtype != dtype:
+            raise DataError(
+                f"eval_data[{key!r}] has per-example shape {got.shape[1:]} and dtype "
+                f"{got.dtype}, but training batches have {shape[1:]} and {dtype}"
+            )
+
+
+def _check_guard(state: TrainState, steps_fns, nonfinite: str, ckpt) -> None:
+    guard = jax.device_get(state.guard)
+    if nonfinite != "raise" or int(guard["first_bad_step"]) < 0:
+        return
+    names = ["total", *steps_fns.term_names]
+    terms = [n for n, bad in zip(names, guard["bad_terms"], strict=True) if bad]
+    groups = [
+        g
+        for g, bad in zip(steps_fns.param_groups(state.params), guard["bad_groups"], strict=True)
+        if bad
+    ]
+    kept = ""
+    if ckpt is not None and ckpt.latest_step() is not None:
+        kept = f" The last good checkpoint (step {ckpt.latest_step()}) is kept."
+    raise NonFiniteError(
+        f"non-finite values at step {int(guard['first_bad_step'])}: loss terms {terms or 'none'}"
+        f", gradients of parameter groups {groups or 'none'}. That update was not applied."
+        f"{kept} Lower the learning rate, check the inputs, or pass nonfinite='skip' to skip "
+        "such steps."
+    )
+
+
+def _check_args(
+    steps, batch_size, strategy, nonfinite, grad_accum, log_every, eval_every, checkpoint_every
+) -> None:
+    for name, value in (
+        ("steps", steps),
+        ("batch_size", batch_size),
+        ("grad_accum", grad_accum),
+        ("log_every", log_every),
+    ):
+        if not isinstance(value, int | np.integer) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    for name, value in (("eval_every", eval_every), ("checkpoint_every", checkpoint_every)):
+        if value is not None and (not isinstance(value, int | np.integer) or value < 1):
+            raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy={strategy!r} is not one of {STRATEGIES}")
+    if nonfinite not in NONFINITE:
+        raise ValueError(f"nonfinite={nonfinite!r} is not one of {NONFINITE}")
+    if batch_size % grad_accum:
+        raise ValueError(
+            f"batch_size={batch_size} is not divisible by grad_accum={grad_accum}; "
+            f"choose grad_accum among {[d for d in range(1, batch_size + 1) if not batch_size % d]}"
+        )

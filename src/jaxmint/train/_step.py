@@ -1,0 +1,216 @@
+"""Pure train and eval steps built from a model, a loss and an optax optimizer.
+
+Nothing here does I/O or keeps Python state: `fit` jits these functions once
+(donating the state) and drives them from a plain Python loop.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from jaxmint.losses import Loss, LossError, LossInputs
+from jaxmint.models._model import Model, split_variables
+from jaxmint.train._state import TrainState, group_leaves, new_guard, param_groups
+
+
+class Steps(NamedTuple):
+    """The pure functions of a training run.
+
+    ``init(key, sample_batch) -> TrainState``;
+    ``train_step(state, batch) -> (state, metrics)``;
+    ``eval_step(state, batch, num_valid) -> metrics`` (means over the first
+    ``num_valid`` rows, the rest being padding).
+    """
+
+    init: Callable[..., TrainState]
+    train_step: Callable[..., tuple[TrainState, dict]]
+    eval_step: Callable[..., dict]
+    term_names: list[str]
+    param_groups: Callable[[Any], list[str]]
+
+
+def _cast_floats(tree, dtype):
+    if dtype is None:
+        return tree
+    return jax.tree_util.tree_map(
+        lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, tree
+    )
+
+
+def _masked_mean(values, valid):
+    values = jnp.asarray(values, jnp.float32)
+    if values.ndim == 0:
+        raise LossError("a metric must return per-example values, got a scalar")
+    mask = valid.reshape(valid.shape + (1,) * (values.ndim - 1))
+    mask = jnp.broadcast_to(mask, values.shape).astype(jnp.float32)
+    return jnp.sum(values * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+
+
+def _all_finite(leaves) -> jax.Array:
+    if not leaves:
+        return jnp.asarray(True)
+    return jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in leaves]).all()
+
+
+def build_steps(
+    model: Model,
+    loss: Loss,
+    optimizer: optax.GradientTransformation,
+    *,
+    input_key: str = "x",
+    metrics: Mapping[str, Callable] | None = None,
+    grad_accum: int = 1,
+    compute_dtype: Any = None,
+) -> Steps:
+    """Build the pure `Steps` of a run.
+
+    Args:
+      input_key: the batch key fed to the model.
+      metrics: extra per-example metrics ``fn(outputs, batch)``, logged by name.
+      grad_accum: split each batch into this many micro-batches, scanned one after
+        another (``lax.scan``), and average their gradients: the same update with
+        less activation memory. Batch statistics are threaded through micro-batches.
+      compute_dtype: e.g. ``jnp.bfloat16`` to run the forward and backward pass in
+        that dtype while params, gradients and optimizer state stay float32.
+    """
+    metrics = dict(metrics or {})
+    term_names = loss.term_names
+    loss.metric_names()  # raise on clashing names before anything is traced
+    compute_dtype = None if compute_dtype is None else jnp.dtype(compute_dtype)
+
+    def init(key: jax.Array, sample_batch: Mapping[str, Any]) -> TrainState:
+        init_key, rng = jax.random.split(key)
+        variables = model.init(init_key, sample_batch[input_key])
+        params, model_state = split_variables(variables)
+        loss_state = loss.init()
+        loss_state["opt_state"] = optimizer.init(loss_state["params"])
+        return TrainState(
+            step=jnp.asarray(0, jnp.int32),
+            params=params,
+            model_state=model_state,
+            opt_state=optimizer.init(params),
+            loss_state=loss_state,
+            rng=rng,
+            guard=new_guard(len(term_names), len(param_groups(params))),
+        )
+
+    def forward(params, model_state, batch, *, train, key):
+        variables = {"params": _cast_floats(params, compute_dtype), **model_state}
+        inputs = _cast_floats(batch[input_key], compute_dtype)
+        outputs, updates = model.forward(variables, inputs, train=train, key=key)
+        updates = dict(updates)
+        intermediates = _cast_floats(updates.pop("intermediates", {}), jnp.float32)
+        new_model_state = {k: updates.get(k, v) for k, v in model_state.items()}
+        return _cast_floats(outputs, jnp.float32), intermediates, new_model_state
+
+    def loss_fn(trainable, model_state, batch, step, loss_weights, key):
+        params, loss_params = trainable
+        outputs, intermediates, model_state = forward(
+            params, model_state, batch, train=True, key=key
+        )
+        inputs = LossInputs(outputs, batch, params, intermediates, step)
+        total, logged = loss(inputs, {"weights": loss_weights, "params": loss_params})
+        valid = jnp.ones((inputs.batch_size,), bool)
+        for name, fn in metrics.items():
+            logged[name] = jax.lax.stop_gradient(_masked_mean(fn(outputs, batch), valid))
+        return total, (logged, model_state)
+
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def gradients(state: TrainState, batch, key):
+        trainable = (state.params, state.loss_state["params"])
+        weights = state.loss_state["weights"]
+        if grad_accum == 1:
+            (total, (logged, model_state)), grads = grad_fn(
+                trainable, state.model_state, batch, state.step, weights, key
+            )
+            return total, logged, model_state, grads
+
+        def split(a):
+            return a.reshape(grad_accum, a.shape[0] // grad_accum, *a.shape[1:])
+
+        micro = jax.tree_util.tree_map(split, batch)
+
+        def body(carry, xs):
+            acc, model_state = carry
+            i, mb = xs
+            (total, (logged, model_state)), g = grad_fn(
+                trainable, model_state, mb, state.step, weights, jax.random.fold_in(key, i)
+            )
+            return (jax.tree_util.tree_map(jnp.add, acc, g), model_state), (total, logged)
+
+        zeros = jax.tree_util.tree_map(jnp.zeros_like, trainable)
+        (grads, model_state), (totals, logged) = jax.lax.scan(
+            body, (zeros, state.model_state), (jnp.arange(grad_accum), micro)
+        )
+        grads = jax.tree_util.tree_map(lambda g: g / grad_accum, grads)
+        logged = jax.tree_util.tree_map(jnp.mean, logged)
+        return jnp.mean(totals), logged, model_state, grads
+
+    def train_step(state: TrainState, batch) -> tuple[TrainState, dict]:
+        key = jax.random.fold_in(state.rng, state.step)
+        total, logged, model_state, (grads, loss_grads) = gradients(state, batch, key)
+
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        loss_state = state.loss_state
+        if jax.tree_util.tree_leaves(loss_state["params"]):
+            l_updates, l_opt = optimizer.update(
+                loss_grads, loss_state["opt_state"], loss_state["params"]
+            )
+            loss_state = {
+                **loss_state,
+                "params": optax.apply_updates(loss_state["params"], l_updates),
+                "opt_state": l_opt,
+            }
+
+        # Non-finite guard: a few reductions over values already computed.
+        terms_ok = jnp.stack(
+            [jnp.isfinite(total)] + [jnp.isfinite(logged[f"loss/{n}"]) for n in term_names]
+        )
+        groups = param_groups(state.params)
+        groups_ok = jnp.stack([_all_finite(g) for g in group_leaves(grads, groups)])
+        ok = terms_ok.all() & groups_ok.all() & _all_finite(jax.tree_util.tree_leaves(loss_grads))
+
+        def keep_if_bad(new, old):
+            return jax.tree_util.tree_map(lambda n, o: jnp.where(ok, n, o), new, old)
+
+        guard = state.guard
+        first = (guard["first_bad_step"] < 0) & ~ok
+        guard = {
+            "first_bad_step": jnp.where(first, state.step + 1, guard["first_bad_step"]),
+            "bad_terms": jnp.where(first, ~terms_ok, guard["bad_terms"]),
+            "bad_groups": jnp.where(first, ~groups_ok, guard["bad_groups"]),
+            "skipped": guard["skipped"] + (~ok).astype(jnp.int32),
+        }
+        new_state = TrainState(
+            step=state.step + 1,
+            params=keep_if_bad(params, state.params),
+            model_state=keep_if_bad(model_state, state.model_state),
+            opt_state=keep_if_bad(opt_state, state.opt_state),
+            loss_state=keep_if_bad(loss_state, state.loss_state),
+            rng=state.rng,
+            guard=guard,
+        )
+        out = {"loss": total, **logged, "grad_norm": optax.global_norm(grads)}
+        out["skipped_steps"] = guard["skipped"]
+        return new_state, out
+
+    def eval_step(state: TrainState, batch, num_valid) -> dict:
+        size = jax.tree_util.tree_leaves(batch)[0].shape[0]
+        valid = jnp.arange(size) < num_valid
+        outputs, intermediates, _ = forward(
+            state.params, state.model_state, batch, train=False, key=None
+        )
+        inputs = LossInputs(outputs, batch, state.params, intermediates, state.step)
+        total, logged = loss(inputs, state.loss_state, where=valid)
+        for name, fn in metrics.items():
+            logged[name] = _masked_mean(fn(outputs, batch), valid)
+        return {"loss": total, **logged}
+
+    return Steps(init, train_step, eval_step, term_names, param_groups)
