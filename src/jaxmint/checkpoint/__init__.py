@@ -1,7 +1,8 @@
 """Checkpoints with orbax: async saving, keep-last/keep-best, exact resume, preemption."""
 
 from jaxmint.checkpoint._manager import CheckpointError as CheckpointError
+from jaxmint.checkpoint._manager import Preempted as Preempted
 from jaxmint.checkpoint._manager import RunCheckpoints as RunCheckpoints
 from jaxmint.checkpoint._manager import load_params as load_params
 
-__all__ = ["CheckpointError", "RunCheckpoints", "load_params"]
+__all__ = ["CheckpointError", "Preempted", "RunCheckpoints", "load_params"]

@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import signal
+import sys
 import threading
 import time
 from pathlib import Path
@@ -41,6 +42,10 @@ RUN_CONTROL_FIELDS = frozenset(
 
 class CheckpointError(RuntimeError):
     """Checkpoints exist but cannot be used; the message says what to do."""
+
+
+class Preempted(SystemExit):
+    """Raised after a SIGTERM/SIGINT once the checkpoint is saved; exit code 128 + signal."""
 
 
 def _shapes(tree) -> dict[str, tuple]:
@@ -278,10 +283,14 @@ class RunCheckpoints:
 
     def exit_after_stop(self, step: int) -> None:
         self.manager.wait_until_finished()
-        raise SystemExit(
+        code = 128 + signal.Signals[self._signal].value  # 143 for SIGTERM, 130 for SIGINT
+        print(
             f"{self._signal}: saved a checkpoint at step {step} in {self.directory}. "
-            "Run the same command again (same --workdir) to resume."
+            "Run the same command again (same --workdir) to resume.",
+            file=sys.stderr,
+            flush=True,
         )
+        raise Preempted(code)
 
 
 def _handlers() -> dict:

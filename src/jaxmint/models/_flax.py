@@ -95,9 +95,13 @@ def from_nnx(module_or_factory) -> Model:
         template = nnx.eval_shape(lambda: factory(nnx.Rngs(0)))
     graphdef, _, _, _ = nnx.split(template, nnx.Param, nnx.Intermediate, ...)
 
+    def pure(state) -> dict:
+        to_pure = getattr(nnx, "to_pure_dict", None)  # newer flax; older: a State method
+        return to_pure(state) if to_pure is not None else state.to_pure_dict()
+
     def _to_vars(params, intermediates, rest) -> dict:
         del intermediates
-        return {"params": params.to_pure_dict(), "state": rest.to_pure_dict()}
+        return {"params": pure(params), "state": pure(rest)}
 
     def init(key: jax.Array, inputs: Any) -> dict:
         del inputs
@@ -125,9 +129,9 @@ def from_nnx(module_or_factory) -> Model:
 
     def apply_with_state(variables, inputs, *, train: bool = False, key=None):
         outputs, intermediates, rest = _run(variables, inputs, train, key)
-        updates = {_INTERMEDIATES: intermediates.to_pure_dict()}
+        updates = {_INTERMEDIATES: pure(intermediates)}
         if train:
-            updates["state"] = rest.to_pure_dict()
+            updates["state"] = pure(rest)
         return outputs, updates
 
     return Model(init, apply, apply_with_state)

@@ -51,6 +51,11 @@ def _masked_mean(values, valid):
     return jnp.sum(values * mask) / jnp.maximum(jnp.sum(mask), 1.0)
 
 
+def _global_norm(tree) -> jax.Array:
+    norm = getattr(getattr(optax, "tree", None), "norm", None)  # optax >= 0.2.5
+    return norm(tree) if norm is not None else optax.global_norm(tree)
+
+
 def _all_finite(leaves) -> jax.Array:
     if not leaves:
         return jnp.asarray(True)
@@ -197,7 +202,7 @@ def build_steps(
             rng=state.rng,
             guard=guard,
         )
-        out = {"loss": total, **logged, "grad_norm": optax.global_norm(grads)}
+        out = {"loss": total, **logged, "grad_norm": _global_norm(grads)}
         out["skipped_steps"] = guard["skipped"]
         return new_state, out
 

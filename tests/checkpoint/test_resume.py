@@ -1,0 +1,216 @@
+"""Exact resume after SIGKILL, clean exit on SIGTERM, damaged checkpoints, keep policy."""
+
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import jaxmint
+from jaxmint import losses
+from jaxmint.checkpoint import CheckpointError, load_params
+from jaxmint.train import NonFiniteError
+
+TRAINER = Path(__file__).with_name("trainer.py")
+STEPS, EVERY = 40, 4
+
+
+def start(workdir, every=EVERY, pause=0.0):
+    return subprocess.Popen(
+        [sys.executable, str(TRAINER), str(workdir), str(STEPS), str(every), str(pause)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+    )
+
+
+def wait_for_step(proc, step, timeout=120):
+    deadline = time.monotonic() + timeout
+    for line in proc.stdout:
+        if line.startswith("step ") and int(line.split()[1]) >= step:
+            return
+        assert time.monotonic() < deadline, "trainer too slow"
+    raise AssertionError(f"trainer ended before step {step}: {proc.stderr.read()[-2000:]}")
+
+
+def finish(proc, timeout=180):
+    out, err = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, err[-3000:]
+    return out, err
+
+
+def final_params(workdir):
+    with np.load(Path(workdir) / "final.npz") as f:
+        return {k: f[k] for k in f.files}
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("reference")
+    finish(start(workdir))
+    return final_params(workdir)
+
+
+@pytest.mark.slow
+def test_sigkill_at_several_points_then_resume_is_bit_identical(tmp_path, reference):
+    workdir = tmp_path / "run"
+    # 1: before the first checkpoint exists; 2: between checkpoints;
+    # 3: saving every step with a pause, killed right after a save started.
+    for kill_at, every, pause in ((2, EVERY, 0.0), (14, EVERY, 0.0), (25, 1, 0.05)):
+        proc = start(workdir, every=every, pause=pause)
+        wait_for_step(proc, kill_at)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finish(start(workdir))
+    got = final_params(workdir)
+    assert got.keys() == reference.keys()
+    for k in reference:
+        assert np.array_equal(got[k], reference[k]), k
+    steps = [r["step"] for r in jaxmint.track.read_metrics(workdir)]
+    assert steps == sorted(set(steps)) and steps[-1] == STEPS
+
+
+@pytest.mark.slow
+def test_sigterm_saves_at_step_boundary_and_exits_cleanly(tmp_path, reference):
+    workdir = tmp_path / "run"
+    proc = start(workdir, pause=0.05)
+    wait_for_step(proc, 6)
+    proc.send_signal(signal.SIGTERM)
+    _out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM
+    assert "Traceback" not in err
+    assert "Run the same command again" in err
+    saved = load_params(workdir)[1]
+    assert 6 <= saved < STEPS  # the step boundary after the signal, not a scheduled one
+    finish(start(workdir))
+    got = final_params(workdir)
+    assert all(np.array_equal(got[k], reference[k]) for k in reference)
+
+
+# -- in-process cases --------------------------------------------------------------
+
+
+def _fit(data, workdir, **kw):
+    kw.setdefault("progress", False)
+    model = kw.pop("model", jaxmint.models.mlp((16,), num_outputs=3))
+    loss = kw.pop("loss", losses.softmax_cross_entropy())
+    return jaxmint.fit(model, loss, optax.adam(1e-2), data, workdir=workdir, **kw)
+
+
+def _corrupt(step_dir: Path):
+    for f in (step_dir / "state").rglob("*"):
+        if f.is_file():
+            f.write_bytes(b"\x00garbage")
+
+
+def test_corrupt_latest_falls_back_with_warning(tmp_path, toy, caplog):
+    workdir = tmp_path / "run"
+    _fit(toy, workdir, steps=20, batch_size=32, checkpoint_every=10, keep_last=3, log_every=1)
+    _corrupt(workdir / "checkpoints/20")
+    with caplog.at_level(logging.WARNING, logger="jaxmint"):
+        result = _fit(
+            toy, workdir, steps=25, batch_size=32, checkpoint_every=10, keep_last=3, log_every=1
+        )
+    assert "checkpoint at step 20 could not be read" in caplog.text
+    assert "resuming from step 10" in caplog.text
+    assert result.history[-1]["step"] == 25
+    assert [r["step"] for r in result.history] == list(range(1, 26))  # none duplicated
+
+
+def test_all_unreadable_refuses_then_fresh_moves_aside(tmp_path, toy):
+    workdir = tmp_path / "run"
+    _fit(toy, workdir, steps=20, batch_size=32, checkpoint_every=10, keep_last=3)
+    for d in (workdir / "checkpoints").iterdir():
+        if d.name.isdigit():
+            _corrupt(d)
+    with pytest.raises(CheckpointError, match=r"steps \[10, 20\] but none can be read.*--fresh"):
+        _fit(toy, workdir, steps=30, batch_size=32)
+    result = _fit(toy, workdir, steps=5, batch_size=32, fresh=True, log_every=5)
+    assert result.history[0]["step"] == 5
+    aside = [p.name for p in workdir.iterdir() if p.name.startswith("checkpoints.old-")]
+    assert len(aside) == 1
+    assert (workdir / aside[0] / "20").is_dir()  # nothing saved is lost
+
+
+def test_different_model_in_same_run_dir_names_fields(tmp_path, toy):
+    workdir = tmp_path / "run"
+    _fit(toy, workdir, steps=4, batch_size=32, config={"hidden": [16], "lr": 0.01})
+    with pytest.raises(
+        CheckpointError,
+        match=r"different model.*\(5, 16\) -> \(5, 32\).*"
+        r"hidden: \[16\] -> \[32\]",
+    ):
+        _fit(
+            toy,
+            workdir,
+            steps=8,
+            batch_size=32,
+            config={"hidden": [32], "lr": 0.01},
+            model=jaxmint.models.mlp((32,), num_outputs=3),
+        )
+
+
+def test_keep_last_plus_best_and_load_params(tmp_path, toy):
+    workdir = tmp_path / "run"
+    # "max" of eval/loss keeps the worst (earliest) checkpoint: easy to tell apart.
+    _fit(
+        toy,
+        workdir,
+        steps=40,
+        batch_size=32,
+        checkpoint_every=10,
+        eval_every=10,
+        eval_data=toy,
+        keep_last=1,
+        keep_best=1,
+        best_mode="max",
+    )
+    kept = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+    assert kept == [10, 40]
+    _params, step = load_params(workdir, "best")
+    assert step == 10
+    latest, step = load_params(workdir)
+    assert step == 40
+    assert set(latest["params"]) == {"dense0", "head"}
+    with pytest.raises(CheckpointError, match=r"no checkpoint at step 20; available: \[10, 40\]"):
+        load_params(workdir, 20)
+
+
+def test_nonfinite_raise_keeps_last_good_checkpoint(tmp_path, toy):
+    def poison(out, batch):
+        return jnp.where(batch["step_marker"][:, 0] > 0, jnp.nan, 0.0) + 0 * out[:, 0]
+
+    data = dict(toy)
+    data["step_marker"] = np.zeros((96, 1), np.float32)
+    loss = losses.softmax_cross_entropy() + losses.term(poison, name="poison")
+    _fit(data, tmp_path / "run", steps=6, batch_size=32, checkpoint_every=3, loss=loss)
+    data["step_marker"][:] = 1.0
+    with pytest.raises(NonFiniteError, match=r"step 7.*'poison'.*checkpoint \(step 6\) is kept"):
+        _fit(
+            data,
+            tmp_path / "run",
+            steps=12,
+            batch_size=32,
+            checkpoint_every=3,
+            loss=loss,
+            log_every=1,
+        )
+    params, step = load_params(tmp_path / "run")
+    assert step == 6
+    assert all(np.all(np.isfinite(p)) for p in jax.tree.leaves(params))
+
+
+def test_load_params_errors(tmp_path):
+    with pytest.raises(CheckpointError, match="no checkpoints/ directory"):
+        load_params(tmp_path)
+    shutil.rmtree(tmp_path)

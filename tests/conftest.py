@@ -1,0 +1,27 @@
+"""Test configuration: CPU only, tiny shared fixtures."""
+
+import os
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import numpy as np
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="session")
+def digits():
+    import jaxmint
+
+    return jaxmint.data.digits()
+
+
+@pytest.fixture
+def toy():
+    """A linearly separable 3-class problem, 96 examples of 5 features."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(96, 5)).astype(np.float32)
+    w = rng.normal(size=(5, 3)).astype(np.float32)
+    y = np.argmax(x @ w, axis=1).astype(np.int32)
+    return {"x": x, "y": y}

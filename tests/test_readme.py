@@ -1,0 +1,44 @@
+"""The README's promises: its tour runs, and its first command trains the default experiment."""
+
+import os
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+README = (REPO / "README.md").read_text()
+
+
+def test_readme_names_the_two_commands_and_ci_runs_the_test_one():
+    bash_blocks = re.findall(r"```bash\n(.*?)```", README, re.S)
+    assert [b.strip() for b in bash_blocks[:2]] == ["bash scripts/demo.sh", "bash scripts/test.sh"]
+    assert "scripts/test.sh" in (REPO / ".ci/run").read_text()
+
+
+def test_readme_tour_runs(tmp_path, monkeypatch):
+    (code,) = re.findall(r"```python\n(.*?)```", README, re.S)
+    monkeypatch.chdir(tmp_path)
+    code = code.replace("steps=1000", "steps=200")
+    namespace: dict = {}
+    exec(compile(code.replace("print(", "_ = ("), "README.md", "exec"), namespace)
+    assert namespace["result"].final_eval["eval/accuracy"] > 0.9
+    assert (tmp_path / "runs/tour/metrics.jsonl").exists()
+
+
+@pytest.mark.slow
+def test_first_command_trains_default_experiment(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    out = subprocess.run(
+        ["bash", "scripts/demo.sh", "--workdir", str(tmp_path / "run"), "--no-progress"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert f"run dir: {tmp_path / 'run'}" in out.stdout
+    accuracy = float(re.search(r"eval/accuracy\s+([0-9.]+)", out.stdout).group(1))
+    assert accuracy >= 0.97
