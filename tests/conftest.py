@@ -1,8 +1,11 @@
 """Test configuration: CPU only, tiny shared fixtures."""
 
 import os
+import tempfile
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Loading an artifact turns on JAX's persistent compilation cache; keep it out of $HOME.
+os.environ.setdefault("JAXMINT_CACHE_DIR", tempfile.mkdtemp(prefix="jaxmint-test-cache-"))
 
 import numpy as np
 import pytest

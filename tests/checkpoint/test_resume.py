@@ -214,3 +214,27 @@ def test_load_params_errors(tmp_path):
     with pytest.raises(CheckpointError, match="no checkpoints/ directory"):
         load_params(tmp_path)
     shutil.rmtree(tmp_path)
+
+
+@pytest.mark.slow
+def test_second_sigint_exits_at_once(tmp_path):
+    proc = start(tmp_path / "run", pause=3.0)  # each step then sleeps 3 s in a hook
+    wait_for_step(proc, 1)
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.3)
+    t0 = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    _out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 130
+    assert time.monotonic() - t0 < 2.5  # did not wait for the step to end
+    assert "second interrupt: exiting now without saving" in err
+
+
+def test_checkpoint_records_data_position(tmp_path, toy):
+    import orbax.checkpoint as ocp
+
+    _fit(toy, tmp_path / "run", steps=7, batch_size=32, checkpoint_every=7)
+    meta = ocp.CheckpointManager(
+        tmp_path / "run/checkpoints", item_handlers={"meta": ocp.JsonCheckpointHandler()}
+    ).restore(7, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    assert meta["data_position"] == {"epoch": 2, "index": 1}  # 3 batches per epoch

@@ -137,8 +137,20 @@ class RunCheckpoints:
         del state, batch_pos
         self._last_record = {"step": step, **record}
 
-    def save(self, step: int, state: TrainState, *, final: bool = False) -> None:
-        """Start an async save of ``state`` at ``step`` (a no-op if already saved)."""
+    def save(
+        self,
+        step: int,
+        state: TrainState,
+        *,
+        data_position: dict | None = None,
+        final: bool = False,
+    ) -> None:
+        """Start an async save of ``state`` at ``step`` (a no-op if already saved).
+
+        ``data_position`` (e.g. epoch and index) is stored beside the state; the
+        loader's order is a pure function of (seed, epoch), so this and the step
+        are all that is needed to continue on the same batch.
+        """
         if step in self.manager.all_steps():
             return
         # The next train step donates (reuses) the state's buffers, so the
@@ -147,7 +159,12 @@ class RunCheckpoints:
         metrics = None
         if self._last_record.get("step") == step and self.best_metric in self._last_record:
             metrics = {self.best_metric: float(self._last_record[self.best_metric])}
-        meta = {"step": step, "time": time.time(), "final": final, "data_position": step}
+        meta = {
+            "step": step,
+            "time": time.time(),
+            "final": final,
+            "data_position": data_position or {},
+        }
         self.manager.save(
             step,
             args=ocp.args.Composite(
@@ -316,7 +333,7 @@ def load_params(workdir: str | os.PathLike, step: int | str | None = None) -> tu
     directory = Path(workdir).absolute() / "checkpoints"
     if not directory.is_dir():
         raise CheckpointError(f"{workdir} has no checkpoints/ directory; is it a run dir?")
-    options = ocp.CheckpointManagerOptions(read_only=True)
+    options = ocp.CheckpointManagerOptions(create=False)
     manager = ocp.CheckpointManager(directory, options=options, item_handlers=_handlers())
     try:
         available = sorted(manager.all_steps())

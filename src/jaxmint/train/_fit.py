@@ -68,10 +68,15 @@ def _config_dict(config: Any) -> dict:
 
 
 def _first_batch(data, batch_size: int, seed: int):
-    """Return ``(first_batch, batches(start_step) -> iterator, is_array_data)``."""
+    """Return ``(first_batch, batches(start_step) -> iterator, position(step) -> dict)``."""
     if isinstance(data, Mapping):
         loader = ArrayLoader(data, batch_size, seed=seed)
-        return next(loader.batches(0)), loader.batches, True
+
+        def position(step: int) -> dict:
+            epoch, index = loader.position(step)
+            return {"epoch": epoch, "index": index}
+
+        return next(loader.batches(0)), loader.batches, position
     if not isinstance(data, Iterable):
         raise DataError(
             f"data must be a dict of numpy arrays or an iterable of batches, got "
@@ -88,7 +93,7 @@ def _first_batch(data, batch_size: int, seed: int):
         rest = itertools.chain([first], iterator)
         return itertools.islice(rest, start_step, None)
 
-    return first, batches, False
+    return first, batches, lambda step: {"batches_consumed": step}
 
 
 def fit(
@@ -167,7 +172,7 @@ def fit(
     hooks = as_hooks(hooks)
 
     # -- input ----------------------------------------------------------------
-    first, batches_from, is_array_data = _first_batch(data, batch_size, seed)
+    first, batches_from, position = _first_batch(data, batch_size, seed)
     spec = BatchSpec(first)
     spec.require([input_key], "the model's input, input_key")
     got = np.shape(first[input_key])[0]
@@ -252,7 +257,7 @@ def fit(
     if workdir is not None and (workdir / "metrics.jsonl").exists():
         history = read_metrics(workdir / "metrics.jsonl")  # trimmed to start_step on resume
     bar = ProgressBar(steps, start_step, enabled=progress)
-    if is_array_data:
+    if isinstance(data, Mapping):
         batches = batches_from(start_step)
     else:
         batches = _checked(batches_from(start_step), spec)
@@ -296,12 +301,12 @@ def fit(
             if ckpt is not None and (
                 (checkpoint_every and step % checkpoint_every == 0) or ckpt.stop_requested
             ):
-                ckpt.save(step, state)
+                ckpt.save(step, state, data_position=position(step))
                 if ckpt.stop_requested:
                     bar.close()
                     ckpt.exit_after_stop(step)
         if ckpt is not None and step > start_step:
-            ckpt.save(step, state, final=True)
+            ckpt.save(step, state, data_position=position(step), final=True)
     finally:
         bar.close()
         for w in writers:

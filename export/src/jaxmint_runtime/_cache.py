@@ -1,0 +1,89 @@
+"""Precompiled executables as XLA compilation-cache entries.
+
+Export compiles the portable module for each declared batch size in a clean
+process whose persistent compilation cache is empty, and ships the entries it
+wrote. At load, the entries that match this platform and jaxlib are copied into
+the process's cache directory; JAX's own cache lookup then finds them, so no XLA
+compilation happens. The cache key covers the module, the compile options, the
+device kind and the jaxlib version: an entry that does not match is never used.
+
+Cost: loading turns JAX's persistent compilation cache on for the process (in
+``$JAXMINT_CACHE_DIR``, default ``~/.cache/jaxmint-runtime/xla``) unless the
+process already set ``jax_compilation_cache_dir``, and sets
+``jax_persistent_cache_enable_xla_caches`` to ``none`` so that cache keys do not
+depend on the directory's path.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import threading
+from collections import Counter
+from pathlib import Path
+
+import jax
+
+_EVENTS: Counter = Counter()
+_LOCK = threading.Lock()
+_LISTENING = False
+
+
+def _listen(event: str, **kwargs) -> None:
+    if event.startswith("/jax/compilation_cache/"):
+        with _LOCK:
+            _EVENTS[event.rsplit("/", 1)[-1]] += 1
+
+
+def cache_events() -> dict[str, int]:
+    """Counts of compilation-cache events (``cache_hits``, ``cache_misses``) so far."""
+    with _LOCK:
+        return dict(_EVENTS)
+
+
+def configure(directory: str | os.PathLike | None = None) -> Path:
+    """Turn the persistent compilation cache on (if not already) and return its directory."""
+    global _LISTENING
+    if not _LISTENING:
+        jax.monitoring.register_event_listener(_listen)
+        _LISTENING = True
+    current = jax.config.jax_compilation_cache_dir
+    if current:
+        path = Path(current)
+    else:
+        path = Path(
+            directory
+            or os.environ.get("JAXMINT_CACHE_DIR")
+            or Path.home() / ".cache" / "jaxmint-runtime" / "xla"
+        )
+        path.mkdir(parents=True, exist_ok=True)
+        jax.config.update("jax_compilation_cache_dir", str(path))
+    jax.config.update("jax_persistent_cache_enable_xla_caches", "none")
+    return path
+
+
+def install(entries: list[Path], cache_dir: Path) -> int:
+    """Copy cache entries into ``cache_dir`` (atomically); return how many were new."""
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    new = 0
+    for src in entries:
+        dst = cache_dir / src.name
+        if dst.exists():
+            continue
+        tmp = cache_dir / f".{src.name}.{os.getpid()}.tmp"
+        shutil.copyfile(src, tmp)
+        os.replace(tmp, dst)
+        new += 1
+    return new
+
+
+def platform_key() -> dict:
+    """What a precompiled executable must match: platform, device kind and jaxlib."""
+    import jaxlib
+
+    device = jax.devices()[0]
+    return {
+        "platform": device.platform,
+        "device_kind": device.device_kind,
+        "jaxlib": jaxlib.__version__,
+    }

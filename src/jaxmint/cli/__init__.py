@@ -1,0 +1,184 @@
+"""The ``jaxmint`` command: parses arguments and calls library functions, nothing more."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+
+def _info(args) -> int:
+    import jax
+
+    import jaxmint
+
+    print(f"jaxmint {jaxmint.__version__}, jax {jax.__version__}, backend {jax.default_backend()}")
+    for d in jax.devices():
+        print(f"  {d.id}: {d.device_kind} ({d.platform})")
+    return 0
+
+
+def _show(args) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from jaxmint.track import read_metrics
+
+    run = Path(args.run_dir)
+    if not (run / "metrics.jsonl").exists():
+        print(f"error: {run} is not a run dir (no metrics.jsonl)", file=sys.stderr)
+        return 2
+    config = json.loads((run / "config.json").read_text()) if (run / "config.json").exists() else {}
+    records = read_metrics(run)
+    ckpts = sorted(
+        int(p.name) for p in (run / "checkpoints").glob("*") if p.is_dir() and p.name.isdigit()
+    )
+    console = Console()
+    experiment = config.get("config", {}).get("experiment", "?")
+    console.print(f"[bold]{run}[/]  experiment: {experiment}")
+    console.print(f"checkpoints at steps: {ckpts or 'none'}")
+    keys = ["step", "loss", *sorted(k for r in records for k in r if k.startswith("eval/"))]
+    keys = list(dict.fromkeys(keys))
+    table = Table(*keys)
+    for r in records[-args.last :]:
+        table.add_row(
+            *[f"{r[k]:.4g}" if isinstance(r.get(k), float) else str(r.get(k, "")) for k in keys]
+        )
+    console.print(table)
+    return 0
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers, got {text!r}"
+        ) from None
+
+
+def _export(args) -> int:
+    from jaxmint.export import ExportError, export_run
+
+    step = "best" if args.best else args.step
+    try:
+        out = export_run(
+            args.run_dir,
+            args.out,
+            step=step,
+            platforms=args.platforms.split(","),
+            batch_sizes=args.batch_sizes,
+            fixed_batch=args.fixed_batch,
+            precompile=not args.no_precompile,
+            force=args.force,
+        )
+    except (ExportError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    manifest = json.loads((out / "manifest.json").read_text())
+    step = manifest["experiment"].get("step")
+    print(f"exported {manifest['name']} (step {step}) to {out}")
+    print(
+        f"  platforms {manifest['platforms']}, batch sizes {manifest['batch_sizes']}, "
+        f"precompiled for {[p['platform'] for p in manifest['precompiled']] or 'none'}"
+    )
+    for key, err in manifest["parity"].get("max_abs_error", {}).items():
+        print(f"  parity: {key} max abs error {err:.3g}")
+    return 0
+
+
+def _inspect(args) -> int:
+    from jaxmint_runtime import ArtifactError, inspect_artifact
+
+    try:
+        report = inspect_artifact(args.artifact, analyze=not args.no_analysis)
+    except ArtifactError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    c = Console()
+    c.print(
+        f"[bold]{report['name']}[/]  format v{report['format_version']}  "
+        f"exported {report['created']} with jax {report['versions']['jax']}"
+    )
+    c.print(
+        f"expires {report['expires']} ({report['days_left']} days left)  "
+        f"platforms {report['platforms']}  precompiled "
+        f"{[p['platform'] + '/' + p['jaxlib'] for p in report['precompiled']] or 'none'}"
+    )
+    sig = Table("", "name", "dtype", "shape", title="signature")
+    for kind in ("inputs", "outputs"):
+        for t in report[kind]:
+            sig.add_row(kind[:-1], t["name"], t["dtype"], str(tuple(t["shape"])))
+    c.print(sig)
+    files = Table("file", "bytes", title="files")
+    for name, size in report["files"].items():
+        files.add_row(name, f"{size:,}")
+    c.print(files)
+    if "analysis" in report:
+        cost = Table(
+            "batch", "GFLOPs", "MB accessed", "peak MB", title="XLA analysis (this platform)"
+        )
+        for b, a in report["analysis"].items():
+            cost.add_row(
+                str(b),
+                f"{a['flops'] / 1e9:.4g}",
+                f"{a['bytes_accessed'] / 1e6:.4g}",
+                f"{a.get('peak_memory_bytes', float('nan')) / 1e6:.4g}",
+            )
+        c.print(cost)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="jaxmint", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("info", help="versions and devices")
+    p.set_defaults(fn=_info)
+    p = sub.add_parser("show", help="summarize a run dir: checkpoints and the last logged steps")
+    p.add_argument("run_dir")
+    p.add_argument("--last", type=int, default=10, help="how many logged steps to show")
+    p.set_defaults(fn=_show)
+    p = sub.add_parser("export", help="lower a run's model into an artifact directory")
+    p.add_argument("run_dir")
+    p.add_argument("--out", required=True, help="artifact directory to write")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--step", type=int, help="checkpoint step (default: latest)")
+    which.add_argument("--best", action="store_true", help="the best kept checkpoint")
+    p.add_argument("--platforms", default="cpu", help="comma-separated: cpu,cuda,rocm,tpu")
+    p.add_argument(
+        "--batch-sizes",
+        type=_ints,
+        default=[1, 8, 32],
+        help="declared batch sizes, comma-separated (default: 1,8,32)",
+    )
+    p.add_argument(
+        "--fixed-batch",
+        action="store_true",
+        help="one module per declared batch size instead of a symbolic batch",
+    )
+    p.add_argument(
+        "--no-precompile",
+        action="store_true",
+        help="ship no precompiled executables (smaller, slower first call)",
+    )
+    p.add_argument("--force", action="store_true", help="replace an existing artifact")
+    p.set_defaults(fn=_export)
+    p = sub.add_parser("inspect", help="signature, files, versions, expiry and cost of an artifact")
+    p.add_argument("artifact")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--no-analysis", action="store_true", help="skip XLA's cost analysis")
+    p.set_defaults(fn=_inspect)
+    args = parser.parse_args(argv)
+    return args.fn(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,104 @@
+"""Lower a model's predict function with `jax.export`, weights as arguments."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from jax import export as jax_export
+
+from jaxmint._tree import flat_with_names
+
+PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
+
+
+class ExportError(ValueError):
+    """The model cannot be exported as asked; the message says why and what to do."""
+
+
+@contextlib.contextmanager
+def _no_source_paths():
+    """Strip the exporting machine's file paths from the module's locations."""
+    key = "jax_hlo_source_file_canonicalization_regex"
+    old = getattr(jax.config, key)
+    jax.config.update(key, ".*")
+    try:
+        yield
+    finally:
+        jax.config.update(key, old)
+
+
+def predict_function(model, variables, input_key: str) -> tuple[Callable, list[str], list]:
+    """``predict(weights, inputs)`` calling ``model.apply`` in inference mode.
+
+    Returns the function, the weight names (``params/dense0/kernel``...) in
+    argument order, and the weight arrays.
+    """
+    named = flat_with_names(variables)
+    names = list(named)
+    arrays = [named[n] for n in names]
+    treedef = jax.tree_util.tree_structure(variables)
+
+    def predict(weights, inputs):
+        v = jax.tree_util.tree_unflatten(treedef, weights)
+        return model.apply(v, inputs[input_key], train=False)
+
+    return predict, names, arrays
+
+
+def lower(
+    predict: Callable,
+    weights: Sequence[Any],
+    sample: np.ndarray,
+    input_key: str,
+    *,
+    platforms: Sequence[str],
+    batch_size: int | None,
+) -> jax_export.Exported:
+    """Export ``predict`` for a symbolic batch (``batch_size=None``) or a fixed one."""
+    bad = [p for p in platforms if p not in PLATFORMS]
+    if bad or not platforms:
+        raise ExportError(f"unknown platforms {bad or platforms}; choose from {PLATFORMS}")
+    batch = jax_export.symbolic_shape("batch")[0] if batch_size is None else batch_size
+    x_spec = jax.ShapeDtypeStruct((batch, *sample.shape[1:]), sample.dtype)
+    w_specs = [jax.ShapeDtypeStruct(np.shape(w), np.asarray(w).dtype) for w in weights]
+    with _no_source_paths():
+        try:
+            return jax_export.export(jax.jit(predict), platforms=tuple(platforms))(
+                w_specs, {input_key: x_spec}
+            )
+        except Exception as e:
+            kind = "a symbolic batch" if batch_size is None else f"batch size {batch_size}"
+            raise ExportError(
+                f"lowering the predict function for {kind} on {list(platforms)} failed: "
+                f"{type(e).__name__}: {e}. If the model needs a static batch size, pass "
+                "fixed batch sizes (--batch-sizes 1,8 --fixed-batch)."
+            ) from e
+
+
+def output_specs(exported: jax_export.Exported) -> tuple[list[dict], bool]:
+    """Output names/dtypes/shapes from the exported avals; ``single`` for one array."""
+    tree = exported.out_tree
+    avals = exported.out_avals
+    leaves_tree = jax.tree_util.tree_unflatten(tree, list(range(len(avals))))
+    if isinstance(leaves_tree, int):
+        named, single = {"output": leaves_tree}, True
+    elif isinstance(leaves_tree, dict) and all(isinstance(v, int) for v in leaves_tree.values()):
+        named, single = leaves_tree, False
+    else:
+        raise ExportError(
+            "the model must return one array or a flat dict of arrays to be exported, got "
+            f"outputs structured as {tree}"
+        )
+    specs = [
+        {
+            "name": str(name),
+            "dtype": str(avals[i].dtype),
+            "shape": [d if isinstance(d, int) else str(d) for d in avals[i].shape],
+        }
+        for name, i in named.items()
+    ]
+    return specs, single
