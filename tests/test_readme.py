@@ -30,6 +30,7 @@ def test_readme_tour_runs(tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_first_command_trains_default_experiment(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["JAXMINT_ARTIFACT"] = str(tmp_path / "artifact")
     out = subprocess.run(
         ["bash", "scripts/demo.sh", "--workdir", str(tmp_path / "run"), "--no-progress"],
         cwd=REPO,
@@ -42,3 +43,6 @@ def test_first_command_trains_default_experiment(tmp_path):
     assert f"run dir: {tmp_path / 'run'}" in out.stdout
     accuracy = float(re.search(r"eval/accuracy\s+([0-9.]+)", out.stdout).group(1))
     assert accuracy >= 0.97
+    assert f"exported digits_mlp (step 2000) to {tmp_path / 'artifact'}" in out.stdout
+    correct, shown = map(int, re.search(r"(\d+)/(\d+) correct", out.stdout).groups())
+    assert shown == 12 and correct >= 11

@@ -175,8 +175,8 @@ class Predictor:
         fn = self._modules[batch_size] if batch_size in self._modules else self._modules[None]
         out = fn(self._weights, arrays)
         if self.single_output:
-            out = {self.outputs[0].name: out}
-        return {k: np.asarray(v) for k, v in jax.device_get(out).items()}
+            return {self.outputs[0].name: np.asarray(out)}
+        return {k: np.asarray(v) for k, v in out.items()}
 
     def warmup(self) -> dict[int, str]:
         """Run each declared batch size once; return how each executable was obtained:
