@@ -34,13 +34,16 @@ class Common:
     lr: float = field(1e-3, "peak learning rate")
     eval_every: int = field(250, "evaluate every N steps (and at the end)")
     checkpoint_every: int = field(250, "checkpoint every N steps (and at the end)")
-    strategy: str = field("auto", "auto | single (data, fsdp and pmap need several devices)")
+    strategy: str = field("auto", "auto | single | data | fsdp | pmap (auto: data on >1 device)")
     log_every: int = field(50, "log metrics every N steps")
     grad_accum: int = field(1, "micro-batches per step (gradient accumulation)")
     compute_dtype: str | None = field(None, "e.g. bfloat16: compute dtype, float32 master params")
     nonfinite: str = field("raise", "raise | skip: what to do with a non-finite loss or gradient")
     fresh: bool = field(False, "move existing checkpoints in --workdir aside and start over")
     progress: bool = field(True, "show the live progress bar")
+    coordinator: str | None = field(None, "multi-host: host:port of process 0 (else detected)")
+    num_processes: int | None = field(None, "multi-host: number of processes")
+    process_id: int | None = field(None, "multi-host: this process's index")
 
 
 class Experiment(NamedTuple):
@@ -97,11 +100,17 @@ def main(
 ):
     """Parse the command line, build the experiment, train it and print the outcome."""
     config = parse(config_cls, argv, smoke=smoke)
+    from jaxmint.train import initialize_distributed
+
+    initialize_distributed(config.coordinator, config.num_processes, config.process_id)
     exp = build(config)
     result = fit_experiment(exp, config)
-    print(f"run dir: {Path(config.workdir).resolve()}")
-    for key, value in sorted(result.final_eval.items()):
-        print(f"  {key:<24} {value:.4f}")
+    import jax
+
+    if jax.process_index() == 0:
+        print(f"run dir: {Path(config.workdir).resolve()}")
+        for key, value in sorted(result.final_eval.items()):
+            print(f"  {key:<24} {value:.4f}")
     return result
 
 

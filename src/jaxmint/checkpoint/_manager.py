@@ -36,6 +36,10 @@ RUN_CONTROL_FIELDS = frozenset(
         "smoke",
         "keep_last",
         "keep_best",
+        "strategy",
+        "coordinator",
+        "num_processes",
+        "process_id",
     }
 )
 

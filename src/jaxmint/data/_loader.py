@@ -37,7 +37,9 @@ class ArrayLoader:
 
     The order of epoch ``e`` is a pure function of ``(seed, e)``, so the position
     in the data is just the step number: ``batches(start_step)`` continues exactly
-    where a run stopped. The last partial batch of each epoch is dropped.
+    where a run stopped. The last partial batch of each epoch is dropped. With
+    ``shard=(i, n)``, only the rows of process ``i`` (a contiguous block of each
+    global batch) are gathered.
 
     Example::
 
@@ -46,7 +48,13 @@ class ArrayLoader:
     """
 
     def __init__(
-        self, arrays: Mapping[str, Any], batch_size: int, *, seed: int = 0, shuffle: bool = True
+        self,
+        arrays: Mapping[str, Any],
+        batch_size: int,
+        *,
+        seed: int = 0,
+        shuffle: bool = True,
+        shard: tuple[int, int] = (0, 1),
     ):
         self.num_examples = check_arrays(arrays)
         if batch_size < 1:
@@ -61,6 +69,11 @@ class ArrayLoader:
         self.seed = seed
         self.shuffle = shuffle
         self.steps_per_epoch = self.num_examples // batch_size
+        self.shard_index, self.shard_count = shard
+        if batch_size % self.shard_count:
+            raise DataError(
+                f"batch_size {batch_size} is not divisible by {self.shard_count} processes"
+            )
 
     def order(self, epoch: int) -> np.ndarray:
         """The example order of ``epoch``: a pure function of (seed, epoch)."""
@@ -79,6 +92,9 @@ class ArrayLoader:
             order = self.order(epoch)
             for i in range(index, self.steps_per_epoch):
                 idx = np.sort(order[i * self.batch_size : (i + 1) * self.batch_size])
+                if self.shard_count > 1:  # this process's contiguous block of the batch
+                    per = self.batch_size // self.shard_count
+                    idx = idx[self.shard_index * per : (self.shard_index + 1) * per]
                 yield {k: v[idx] for k, v in self.arrays.items()}
             epoch, index = epoch + 1, 0
 
@@ -130,10 +146,14 @@ class BatchSpec:
                 raise DataError(f"the batch has no key {key!r} ({why}); keys: {sorted(self.spec)}")
 
 
-def prefetch_to_device(batches: Iterator[Batch], size: int = 2, sharding=None) -> Iterator[Batch]:
-    """Move batches to the device in a background thread, ``size`` ahead of the consumer."""
+def prefetch_to_device(batches: Iterator[Batch], size: int = 2, put=None) -> Iterator[Batch]:
+    """Move batches to the device in a background thread, ``size`` ahead of the consumer.
+
+    ``put`` places one batch (default: ``jax.device_put``), e.g. sharded over a mesh.
+    """
+    put_batch = put or jax.device_put
     if size <= 0:
-        yield from batches
+        yield from (put_batch(b) for b in batches)
         return
     q: queue.Queue = queue.Queue(maxsize=size)
     stop = threading.Event()
@@ -151,7 +171,7 @@ def prefetch_to_device(batches: Iterator[Batch], size: int = 2, sharding=None) -
     def work():
         try:
             for batch in batches:
-                if not put(jax.device_put(batch, sharding)):
+                if not put(put_batch(batch)):
                     return
             put(_END)
         except BaseException as e:  # surfaced in the consumer thread

@@ -40,13 +40,19 @@ class MLP(nn.Module):
 class CNN(nn.Module):
     channels: Sequence[int]
     num_outputs: int
+    axis_name: str | None = None
 
     @nn.compact
     def __call__(self, x_BxHxWxC, train: bool = False):
         h = x_BxHxWxC
         for i, ch in enumerate(self.channels):
             h = nn.Conv(ch, (3, 3), use_bias=False, name=f"conv{i}")(h)
-            h = nn.BatchNorm(use_running_average=not train, momentum=0.9, name=f"bn{i}")(h)
+            h = nn.BatchNorm(
+                use_running_average=not train,
+                momentum=0.9,
+                axis_name=self.axis_name if train else None,
+                name=f"bn{i}",
+            )(h)
             h = nn.relu(h)
             self.sow("intermediates", f"act{i}", h)
             if i < len(self.channels) - 1:
@@ -114,9 +120,15 @@ def mlp(features: Sequence[int] = (256, 256), num_outputs: int = 10, *, dropout=
     return from_linen(MLP(tuple(features), num_outputs, dropout))
 
 
-def cnn(channels: Sequence[int] = (32, 64), num_outputs: int = 10) -> Model:
-    """A small convolutional net with batch norm (state in ``batch_stats``) over NHWC images."""
-    return from_linen(CNN(tuple(channels), num_outputs))
+def cnn(
+    channels: Sequence[int] = (32, 64), num_outputs: int = 10, *, axis_name: str | None = None
+) -> Model:
+    """A small convolutional net with batch norm (state in ``batch_stats``) over NHWC images.
+
+    ``axis_name="data"`` makes batch norm cross-replica under the ``pmap`` strategy
+    (statistics averaged over devices, as on one device with the whole batch).
+    """
+    return from_linen(CNN(tuple(channels), num_outputs, axis_name))
 
 
 def transformer(

@@ -19,6 +19,7 @@ from jaxmint.data import ArrayLoader, BatchSpec, DataError, eval_batches, prefet
 from jaxmint.losses import Loss
 from jaxmint.models._model import Model
 from jaxmint.track import JsonlWriter, ProgressBar, TensorBoardWriter, read_metrics
+from jaxmint.train import _parallel as parallel
 from jaxmint.train._hooks import Hook, as_hooks
 from jaxmint.train._state import TrainState
 from jaxmint.train._step import build_steps
@@ -67,10 +68,14 @@ def _config_dict(config: Any) -> dict:
     return dict(config)
 
 
-def _first_batch(data, batch_size: int, seed: int):
-    """Return ``(first_batch, batches(start_step) -> iterator, position(step) -> dict)``."""
+def _first_batch(data, batch_size: int, seed: int, shard=(0, 1)):
+    """Return ``(first_batch, batches(start_step) -> iterator, position(step) -> dict)``.
+
+    With several processes, array data yields this process's rows of each global
+    batch; an iterable must itself yield this process's share.
+    """
     if isinstance(data, Mapping):
-        loader = ArrayLoader(data, batch_size, seed=seed)
+        loader = ArrayLoader(data, batch_size, seed=seed, shard=shard)
 
         def position(step: int) -> dict:
             epoch, index = loader.position(step)
@@ -138,7 +143,8 @@ def fit(
     Args:
       data: a dict of numpy arrays (shuffled each epoch as a pure function of
         ``seed`` and the epoch) or an iterable of batches of ``batch_size``.
-      strategy: ``auto`` or ``single`` here; see the parallel-training guide.
+      strategy: ``auto`` (``single`` on one device, else ``data``), ``single``,
+        ``data``, ``fsdp`` or ``pmap``; see the parallel-training guide.
       nonfinite: ``raise`` stops at the next log step naming the first bad step,
         the non-finite loss terms and parameter groups (the bad update is never
         applied); ``skip`` leaves the state unchanged on such steps and counts
@@ -164,22 +170,24 @@ def fit(
     _check_args(
         steps, batch_size, strategy, nonfinite, grad_accum, log_every, eval_every, checkpoint_every
     )
-    if strategy not in ("auto", "single"):
-        raise NotImplementedError(
-            f"strategy={strategy!r} needs several devices and arrives with parallel training;"
-            " use strategy='auto' or 'single'"
-        )
     hooks = as_hooks(hooks)
+    strategy = parallel.resolve(strategy)
+    parallel.check_batch(batch_size, grad_accum, strategy)
+    mesh = None if strategy == "single" else parallel.make_mesh()
+    n_proc, proc = jax.process_count(), jax.process_index()
+    lead = proc == 0  # only the first process writes files and draws the progress bar
+    local_batch = batch_size // n_proc
 
     # -- input ----------------------------------------------------------------
-    first, batches_from, position = _first_batch(data, batch_size, seed)
+    first, batches_from, position = _first_batch(data, batch_size, seed, shard=(proc, n_proc))
     spec = BatchSpec(first)
     spec.require([input_key], "the model's input, input_key")
     got = np.shape(first[input_key])[0]
-    if got != batch_size:
+    if got != local_batch:
         raise DataError(
-            f"the first batch has {got} examples but batch_size={batch_size}; an iterable "
-            "must yield batches of batch_size"
+            f"the first batch has {got} examples but batch_size={batch_size}"
+            + (f" over {n_proc} processes ({local_batch} each)" if n_proc > 1 else "")
+            + "; an iterable must yield batches of that size"
         )
     if eval_data is not None:
         _check_eval_data(eval_data, spec)
@@ -193,10 +201,28 @@ def fit(
         metrics=metrics,
         grad_accum=grad_accum,
         compute_dtype=compute_dtype,
+        axis_name=parallel.AXIS if strategy == "pmap" else None,
     )
-    state = jax.jit(steps_fns.init)(jax.random.PRNGKey(seed), first)
+    key = jax.random.PRNGKey(seed)
+    # Every process initializes from the same (data-independent) sample, so params agree.
+    sample = first if n_proc == 1 else {k: np.zeros_like(v[:1]) for k, v in first.items()}
+    if strategy == "single":
+        state = jax.jit(steps_fns.init)(key, sample)
+        shardings, data_sharding = None, None
+    else:
+        abstract = jax.eval_shape(steps_fns.init, key, sample)
+        shardings = parallel.state_shardings(abstract, mesh, strategy)
+        state = jax.jit(steps_fns.init, out_shardings=shardings)(key, sample)
+        data_sharding = parallel.batch_sharding(mesh)
+    train_step, eval_step = parallel.compile_steps(steps_fns, strategy, mesh, shardings)
     # Trace once on shapes: a bad loss term or batch fails here, before compiling.
-    jax.eval_shape(steps_fns.train_step, state, first)
+    global_first = {
+        k: jax.ShapeDtypeStruct(
+            (batch_size, *np.shape(v)[1:]), np.asarray(v).dtype, sharding=data_sharding
+        )
+        for k, v in first.items()
+    }
+    jax.eval_shape(train_step, state, global_first)
 
     workdir = Path(workdir) if workdir is not None else None
     ckpt = None
@@ -235,15 +261,21 @@ def fit(
         state, start_step = ckpt.restore_or_init(state, fresh=fresh)
         (workdir / "config.json").write_text(json.dumps(run_config, indent=2, default=str))
 
-    train_step = jax.jit(steps_fns.train_step, donate_argnums=0)
-    eval_step = jax.jit(steps_fns.eval_step)
     eval_bs = eval_batch_size or batch_size
+    eval_bs = -(-eval_bs // jax.device_count()) * jax.device_count()  # divisible by devices
+
+    def put(batch):
+        if data_sharding is None:
+            return jax.device_put(batch)
+        return parallel.to_global(batch, data_sharding)
 
     def run_eval(state) -> dict:
         sums: dict[str, float] = {}
         count = 0
+        per = eval_bs // n_proc
         for batch, n in eval_batches(eval_data, eval_bs):
-            out = jax.device_get(eval_step(state, batch, n))
+            local = {k: v[proc * per : (proc + 1) * per] for k, v in batch.items()}
+            out = parallel.to_host(eval_step(state, put(local), np.int32(n)))
             for k, v in out.items():
                 sums[k] = sums.get(k, 0.0) + float(v) * n
             count += n
@@ -251,17 +283,17 @@ def fit(
 
     # -- loop -----------------------------------------------------------------
     writers = []
-    if workdir is not None:
+    if workdir is not None and lead:
         writers = [JsonlWriter(workdir / "metrics.jsonl"), TensorBoardWriter(workdir / "tb")]
     history: list[dict] = []
     if workdir is not None and (workdir / "metrics.jsonl").exists():
         history = read_metrics(workdir / "metrics.jsonl")  # trimmed to start_step on resume
-    bar = ProgressBar(steps, start_step, enabled=progress)
+    bar = ProgressBar(steps, start_step, enabled=progress and lead)
     if isinstance(data, Mapping):
         batches = batches_from(start_step)
     else:
         batches = _checked(batches_from(start_step), spec)
-    batches = prefetch_to_device(batches, prefetch)
+    batches = prefetch_to_device(batches, prefetch, put=put)
     for hook in hooks:
         hook.on_fit_start(state, start_step)
     t_last, s_last = time.perf_counter(), start_step
@@ -283,7 +315,8 @@ def fit(
             )
             stop_requested = ckpt is not None and ckpt.stop_requested
             if step % log_every == 0 or step == steps or do_eval or stop_requested:
-                record = {"step": step, **{k: _scalar(v) for k, v in jax.device_get(out).items()}}
+                fetched = parallel.to_host(out)
+                record = {"step": step, **{k: _scalar(v) for k, v in fetched.items()}}
                 now = time.perf_counter()
                 record["steps_per_sec"] = (step - s_last) / max(now - t_last, 1e-9)
                 t_last, s_last = now, step
@@ -313,7 +346,7 @@ def fit(
             w.close()
         if ckpt is not None:
             ckpt.close()
-    result = FitResult(jax.device_get(state.params), state, history, workdir)
+    result = FitResult(parallel.to_host(state.params), state, history, workdir)
     for hook in hooks:
         hook.on_fit_end(result)
     return result
@@ -347,7 +380,7 @@ def _check_eval_data(eval_data, spec: BatchSpec) -> None:
 
 
 def _check_guard(state: TrainState, steps_fns, nonfinite: str, ckpt) -> None:
-    guard = jax.device_get(state.guard)
+    guard = parallel.to_host(state.guard)
     if nonfinite != "raise" or int(guard["first_bad_step"]) < 0:
         return
     names = ["total", *steps_fns.term_names]

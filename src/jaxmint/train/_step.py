@@ -71,6 +71,7 @@ def build_steps(
     metrics: Mapping[str, Callable] | None = None,
     grad_accum: int = 1,
     compute_dtype: Any = None,
+    axis_name: str | None = None,
 ) -> Steps:
     """Build the pure `Steps` of a run.
 
@@ -82,6 +83,10 @@ def build_steps(
         less activation memory. Batch statistics are threaded through micro-batches.
       compute_dtype: e.g. ``jnp.bfloat16`` to run the forward and backward pass in
         that dtype while params, gradients and optimizer state stay float32.
+      axis_name: set when the steps run per device under ``shard_map`` (the
+        ``pmap`` strategy): gradients, metrics and batch statistics are averaged
+        over that axis with ``pmean``, and evaluation weighs devices by their
+        number of real (unpadded) rows.
     """
     metrics = dict(metrics or {})
     term_names = loss.term_names
@@ -137,7 +142,9 @@ def build_steps(
             return total, logged, model_state, grads
 
         def split(a):
-            return a.reshape(grad_accum, a.shape[0] // grad_accum, *a.shape[1:])
+            # Micro-batch i takes rows i, i+k, i+2k...: under data sharding every
+            # device then holds an equal share of each micro-batch (no reshuffle).
+            return a.reshape(a.shape[0] // grad_accum, grad_accum, *a.shape[1:]).swapaxes(0, 1)
 
         micro = jax.tree_util.tree_map(split, batch)
 
@@ -159,7 +166,19 @@ def build_steps(
 
     def train_step(state: TrainState, batch) -> tuple[TrainState, dict]:
         key = jax.random.fold_in(state.rng, state.step)
+        if axis_name is not None:  # a different dropout mask on each device
+            key = jax.random.fold_in(key, jax.lax.axis_index(axis_name))
         total, logged, model_state, (grads, loss_grads) = gradients(state, batch, key)
+        if axis_name is not None:
+            total, logged, grads, loss_grads = jax.lax.pmean(
+                (total, logged, grads, loss_grads), axis_name
+            )
+            model_state = jax.tree_util.tree_map(
+                lambda x: (
+                    jax.lax.pmean(x, axis_name) if jnp.issubdtype(x.dtype, jnp.floating) else x
+                ),
+                model_state,
+            )
 
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
@@ -208,7 +227,10 @@ def build_steps(
 
     def eval_step(state: TrainState, batch, num_valid) -> dict:
         size = jax.tree_util.tree_leaves(batch)[0].shape[0]
-        valid = jnp.arange(size) < num_valid
+        rows = jnp.arange(size)
+        if axis_name is not None:
+            rows = rows + jax.lax.axis_index(axis_name) * size
+        valid = rows < num_valid
         outputs, intermediates, _ = forward(
             state.params, state.model_state, batch, train=False, key=None
         )
@@ -216,6 +238,14 @@ def build_steps(
         total, logged = loss(inputs, state.loss_state, where=valid)
         for name, fn in metrics.items():
             logged[name] = _masked_mean(fn(outputs, batch), valid)
-        return {"loss": total, **logged}
+        out = {"loss": total, **logged}
+        if axis_name is not None:
+            count = jnp.sum(valid).astype(jnp.float32)
+            total_count = jax.lax.psum(count, axis_name)
+            out = jax.tree_util.tree_map(
+                lambda v: jax.lax.psum(v * count, axis_name) / jnp.maximum(total_count, 1.0),
+                out,
+            )
+        return out
 
     return Steps(init, train_step, eval_step, term_names, param_groups)

@@ -1,0 +1,77 @@
+"""Run one training configuration and print its loss curve as JSON (for test_parallel.py).
+
+    XLA_FLAGS=--xla_force_host_platform_device_count=8 \
+        python parallel_check.py CASE STRATEGY[,STRATEGY...] [WORKDIR|-] [STEPS]
+
+Run in a subprocess so that the number of fake CPU devices can be chosen per run.
+"""
+
+import json
+import os
+import sys
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax
+import numpy as np
+import optax
+
+import jaxmint
+from jaxmint import losses
+
+
+def setup(case: str, strategy: str):
+    train, _ = jaxmint.data.digits()
+    if case == "cnn":
+        train = {"x": train["x"].reshape(-1, 8, 8, 1), "y": train["y"]}
+        axis = "data" if strategy == "pmap" else None
+        return jaxmint.models.cnn((8,), 10, axis_name=axis), train, {}
+    model = jaxmint.models.mlp((64, 64), 10)
+    extra = {"grad_accum": 2} if case == "accum" else {}
+    return model, train, extra
+
+
+def main():
+    case, strategies = sys.argv[1], sys.argv[2].split(",")
+    workdir = sys.argv[3] if len(sys.argv) > 3 and sys.argv[3] != "-" else None
+    steps = int(sys.argv[4]) if len(sys.argv) > 4 else 6
+    results = {s: run(case, s, workdir, steps) for s in strategies}
+    print("RESULT " + json.dumps(results))
+
+
+def run(case, strategy, workdir, steps):
+    model, train, extra = setup(case, strategy)
+    result = jaxmint.fit(
+        model,
+        losses.softmax_cross_entropy(),
+        optax.sgd(0.1, momentum=0.9),
+        train,
+        steps=steps,
+        batch_size=64,
+        strategy=strategy,
+        log_every=1,
+        progress=False,
+        workdir=workdir,
+        checkpoint_every=None,
+        **extra,
+    )
+    state = result.state
+    stats = jax.device_get(state.model_state)
+    return {
+        "devices": jax.device_count(),
+        "loss": [r["loss"] for r in result.history],
+        "params": [float(np.sum(np.abs(p))) for p in jax.tree.leaves(result.params)],
+        "stats": [float(np.sum(np.abs(s))) for s in jax.tree.leaves(stats)],
+        # Each leaf's PartitionSpec as a list, e.g. [] (replicated) or [null, "data"].
+        "sharded": sorted(
+            {
+                json.dumps(list(p.sharding.spec))
+                for p in jax.tree.leaves(state.params)
+                if hasattr(p.sharding, "spec")
+            }
+        ),
+    }
+
+
+if __name__ == "__main__":
+    main()

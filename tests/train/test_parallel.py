@@ -1,0 +1,129 @@
+"""Strategies agree with a single device; multi-process runs; errors; restore elsewhere.
+
+Each case runs in a subprocess with its own number of fake CPU devices.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+HERE = Path(__file__).parent
+STRATEGIES = "single,data,fsdp,pmap"
+
+
+def run(args, devices=8, timeout=300):
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    out = subprocess.run(
+        [sys.executable, str(HERE / "parallel_check.py"), *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=timeout,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    line = next(x for x in out.stdout.splitlines() if x.startswith("RESULT "))
+    return json.loads(line[len("RESULT ") :])
+
+
+def assert_same_curve(a, b, rtol=2e-5):
+    np.testing.assert_allclose(a["loss"], b["loss"], rtol=rtol)
+    np.testing.assert_allclose(a["params"], b["params"], rtol=rtol)
+    np.testing.assert_allclose(a["stats"], b["stats"], rtol=rtol)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["mlp", "cnn", "accum"])
+def test_every_strategy_matches_single_device(case):
+    results = run([case, STRATEGIES])
+    assert results["data"]["devices"] == 8
+    for strategy in ("data", "fsdp", "pmap"):
+        assert_same_curve(results[strategy], results["single"])
+    if case == "cnn":
+        assert results["single"]["stats"] and all(s > 0 for s in results["single"]["stats"])
+    if case == "mlp":
+        assert '[null, "data"]' in results["fsdp"]["sharded"]  # kernels split by column
+        assert results["data"]["sharded"] == ["[]"]
+
+
+def test_batch_not_divisible_by_devices_fails_before_compiling():
+    env = {
+        **os.environ,
+        "JAX_PLATFORMS": "cpu",
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+    }
+    code = (
+        "import jaxmint, optax; from jaxmint import losses\n"
+        "train, _ = jaxmint.data.digits()\n"
+        "jaxmint.fit(jaxmint.models.mlp((8,), 10), losses.softmax_cross_entropy(),"
+        " optax.sgd(0.1), train, steps=1, batch_size=12, strategy='data', progress=False)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert out.returncode != 0
+    assert "batch_size=12" in out.stderr and "not divisible by 8" in out.stderr
+    assert "[8, 16, 24" in out.stderr
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_process_with_as_many_devices(tmp_path):
+    port = _free_port()
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                str(HERE / "multihost_worker.py"),
+                str(port),
+                "2",
+                str(i),
+                str(tmp_path / "run"),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        for i in range(2)
+    ]
+    outs = [p.communicate(timeout=300) for p in procs]
+    for p, (_, err) in zip(procs, outs, strict=True):
+        assert p.returncode == 0, err[-3000:]
+    line = next(x for x in outs[0][0].splitlines() if x.startswith("RESULT "))
+    multi = json.loads(line[len("RESULT ") :])
+    single = run(["mlp", "data"], devices=4)["data"]
+    np.testing.assert_allclose(multi["loss"], single["loss"], rtol=2e-5)
+    np.testing.assert_allclose(multi["params"], single["params"], rtol=2e-5)
+    # Written once: one metrics line per step, and the checkpoints of both saves.
+    lines = (tmp_path / "run/metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["step"] for x in lines] == [1, 2, 3, 4, 5, 6]
+    assert {p.name for p in (tmp_path / "run/checkpoints").iterdir() if p.name.isdigit()} == {
+        "3",
+        "6",
+    }
+    assert multi["eval"]["eval/accuracy"] > 0.1
+
+
+@pytest.mark.slow
+def test_checkpoint_written_on_8_devices_restores_on_1(tmp_path):
+    workdir = tmp_path / "run"
+    first = run(["mlp", "fsdp", workdir, 3], devices=8)["fsdp"]
+    assert len(first["loss"]) == 3
+    resumed = run(["mlp", "single", workdir, 6], devices=1)["single"]
+    straight = run(["mlp", "single", "-", 6], devices=1)["single"]
+    assert len(resumed["loss"]) == 6  # history read back, then continued
+    np.testing.assert_allclose(resumed["loss"], straight["loss"], rtol=2e-5)
+    np.testing.assert_allclose(resumed["params"], straight["params"], rtol=2e-5)
