@@ -67,7 +67,7 @@ def build(config: Config) -> Experiment:
     ramp = optax.linear_schedule(0.0, config.z_loss_weight, max(config.steps // 4, 1))
     loss = losses.softmax_cross_entropy() + ramp * losses.z_loss()
     schedule = optax.warmup_cosine_decay_schedule(
-        0.0, config.lr, min(config.warmup, config.steps), config.steps
+        0.0, config.lr, min(config.warmup, config.steps - 1), config.steps
     )
     optimizer = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, 0.1))
     return Experiment(

@@ -43,7 +43,7 @@ def build(config: Config) -> Experiment:
     loss = losses.softmax_cross_entropy(label_smoothing=config.label_smoothing)
     loss = loss + config.weight_decay * losses.l2()
     schedule = optax.warmup_cosine_decay_schedule(
-        0.0, config.lr, min(config.warmup, config.steps), config.steps
+        0.0, config.lr, min(config.warmup, config.steps - 1), config.steps
     )
     return Experiment(
         model=model,

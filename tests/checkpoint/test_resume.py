@@ -238,3 +238,77 @@ def test_checkpoint_records_data_position(tmp_path, toy):
         tmp_path / "run/checkpoints", item_handlers={"meta": ocp.JsonCheckpointHandler()}
     ).restore(7, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
     assert meta["data_position"] == {"epoch": 2, "index": 1}  # 3 batches per epoch
+
+
+def test_keep_best_survives_a_restart(tmp_path, toy):
+    kw = dict(
+        batch_size=32,
+        checkpoint_every=10,
+        eval_every=10,
+        eval_data=toy,
+        keep_last=1,
+        keep_best=1,
+        best_mode="max",
+    )
+    _fit(toy, tmp_path / "run", steps=30, **kw)
+    _fit(toy, tmp_path / "run", steps=50, **kw)
+    kept = sorted(int(p.name) for p in (tmp_path / "run/checkpoints").iterdir() if p.name.isdigit())
+    assert kept == [10, 50]
+
+
+def test_damaged_step_is_set_aside_and_written_again(tmp_path, toy):
+    workdir = tmp_path / "run"
+    _fit(toy, workdir, steps=20, batch_size=32, checkpoint_every=10, keep_last=2)
+    _corrupt(workdir / "checkpoints/20")
+    _fit(toy, workdir, steps=20, batch_size=32, checkpoint_every=10, keep_last=2)
+    assert [p.name.split("-")[0] for p in (workdir / "checkpoints.damaged").iterdir()] == ["20"]
+    params, step = load_params(workdir)
+    assert step == 20 and all(np.all(np.isfinite(p)) for p in jax.tree.leaves(params))
+
+
+def test_nnx_model_with_dropout_resumes(tmp_path, toy):
+    from flax import nnx
+
+    class Net(nnx.Module):
+        def __init__(self, rngs):
+            self.lin = nnx.Linear(5, 16, rngs=rngs)
+            self.drop = nnx.Dropout(0.2, rngs=rngs)
+            self.out = nnx.Linear(16, 3, rngs=rngs)
+
+        def __call__(self, x):
+            return self.out(self.drop(nnx.relu(self.lin(x))))
+
+    model = jaxmint.models.from_nnx(Net)
+    _fit(toy, tmp_path / "run", model=model, steps=4, batch_size=32)
+    result = _fit(toy, tmp_path / "run", model=model, steps=8, batch_size=32, log_every=1)
+    assert [r["step"] for r in result.history][-4:] == [5, 6, 7, 8]
+
+
+def test_nonfinite_between_log_and_checkpoint_is_not_saved(tmp_path, toy):
+    def poison(out, batch):
+        return jnp.where(batch["flag"][:, 0] > 0, jnp.nan, 0.0) + 0 * out[:, 0]
+
+    loss = losses.softmax_cross_entropy() + losses.term(poison, name="poison")
+    data = {**toy, "flag": np.zeros((96, 1), np.float32)}
+    data["flag"][40:72] = 1.0  # some batches of epoch 2 onwards are poisoned
+    with pytest.raises(NonFiniteError):
+        _fit(
+            data,
+            tmp_path / "run",
+            loss=loss,
+            steps=30,
+            batch_size=32,
+            checkpoint_every=2,
+            log_every=25,
+        )
+    clean = {**toy, "flag": np.zeros((96, 1), np.float32)}
+    result = _fit(
+        clean,
+        tmp_path / "run",
+        loss=loss,
+        steps=30,
+        batch_size=32,
+        checkpoint_every=2,
+        log_every=25,
+    )
+    assert result.history[-1]["step"] == 30

@@ -173,8 +173,10 @@ def test_input_validation_names_the_problem(artifact):
         predictor(np.zeros((2, 63), np.float32))
     with pytest.raises(InputError, match=r"missing \['x'\], unexpected \['image'\]"):
         predictor({"image": np.zeros((2, 64), np.float32)})
+    assert np.isnan(predictor(np.full((2, 64), np.nan, np.float32))).all()  # allowed
+    strict = jaxmint_runtime.load(artifact, warmup=False, check_finite=True)
     with pytest.raises(InputError, match="NaN"):
-        predictor(np.full((2, 64), np.nan, np.float32))
+        strict(np.full((2, 64), np.nan, np.float32))
     with pytest.raises(InputError, match="at least one example"):
         predictor(np.zeros((0, 64), np.float32))
 

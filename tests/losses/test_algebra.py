@@ -209,3 +209,15 @@ def test_sum_flattens_and_python_sum_works():
     terms = [losses.term(lambda o, b: o, name=f"t{i}") for i in range(3)]
     total = sum(terms)
     assert total.term_names == ["t0", "t1", "t2"]
+
+
+def test_sum_reduction_with_mask_averages_over_unmasked_examples():
+    values = jnp.arange(6.0).reshape(3, 2)
+    batch = {"x": np.zeros((3, 1), np.float32), "keep": np.array([True, False, True])}
+    t = losses.term(lambda out, b: out, name="s", reduction="sum", where="keep")
+    np.testing.assert_allclose(t(LossInputs(values, batch))[0], (1 + 9) / 2)
+
+
+def test_uncertainty_weighting_names_scaled_children():
+    loss = losses.uncertainty_weighted(0.5 * losses.z_loss(), losses.softmax_cross_entropy())
+    assert loss._names() == ["z_loss", "ce"]

@@ -214,3 +214,22 @@ def test_learnable_loss_weights_are_trained(toy):
     (log_var,) = jax.device_get(result.state.loss_state["params"]).values()
     assert np.all(log_var != 0.0)
     assert "weight/ce" in result.history[-1]
+
+
+def test_iterable_that_runs_out_still_logs_and_evaluates(toy):
+    batches = ({k: v[:32] for k, v in toy.items()} for _ in range(7))
+    result = _fit(
+        batches,
+        steps=50,
+        batch_size=32,
+        log_every=5,
+        eval_data=toy,
+        metrics={"accuracy": jaxmint.metrics.accuracy()},
+    )
+    assert result.history[-1]["step"] == 7
+    assert "eval/accuracy" in result.final_eval
+
+
+def test_single_array_as_data_is_explained(toy):
+    with pytest.raises(DataError, match=r"single array of shape \(96, 5\); pass a dict"):
+        _fit(toy["x"], steps=1, batch_size=8)

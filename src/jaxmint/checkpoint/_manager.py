@@ -16,7 +16,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
-from orbax.checkpoint import checkpoint_managers as policies
 
 from jaxmint._tree import flat_with_names
 from jaxmint.train._state import TrainState
@@ -93,23 +92,12 @@ class RunCheckpoints:
         self.run_config = run_config or {}
         self.best_metric = best_metric
         self.best_mode = best_mode
-        keep = [policies.LatestN(n=keep_last)]
-        if keep_best:
-            keep.append(
-                policies.BestN(
-                    get_metric_fn=lambda m: m[best_metric],
-                    reverse=best_mode == "min",
-                    n=keep_best,
-                    keep_checkpoints_without_metrics=False,
-                )
-            )
-        self._options = ocp.CheckpointManagerOptions(
-            preservation_policy=policies.AnyPreservationPolicy(keep),
-            enable_async_checkpointing=True,
-            create=True,
-        )
+        self.keep_last, self.keep_best = keep_last, keep_best
+        # The keep policy is applied here (see _prune), not by orbax: it must survive a
+        # restart, so the scores come from metrics.jsonl, which outlives the process.
+        self._options = ocp.CheckpointManagerOptions(enable_async_checkpointing=True, create=True)
         self._manager = None
-        self._last_record: dict = {}
+        self._scores: dict[int, float] = {}
         self.stop_requested = False
         self._signal = None
         self._old_handlers: dict = {}
@@ -139,7 +127,23 @@ class RunCheckpoints:
     # -- save ------------------------------------------------------------------
     def on_log(self, step: int, state, record: dict, batch_pos: int) -> None:
         del state, batch_pos
-        self._last_record = {"step": step, **record}
+        if isinstance(record.get(self.best_metric), int | float):
+            self._scores[step] = float(record[self.best_metric])
+
+    def kept_steps(self, steps: list[int]) -> set[int]:
+        """The last ``keep_last`` steps plus the best ``keep_best`` by ``best_metric``."""
+        keep = set(sorted(steps)[-self.keep_last :])
+        scored = [s for s in steps if s in self._scores]
+        ranked = sorted(scored, key=self._scores.get, reverse=self.best_mode == "max")
+        return keep | set(ranked[: self.keep_best])
+
+    def _prune(self, upcoming: int | None = None) -> None:
+        self.manager.wait_until_finished()  # never delete under a save in flight
+        steps = self.steps()
+        keep = self.kept_steps(steps + ([upcoming] if upcoming is not None else []))
+        for step in steps:
+            if step not in keep:
+                self.manager.delete(step)
 
     def save(
         self,
@@ -160,9 +164,7 @@ class RunCheckpoints:
         # The next train step donates (reuses) the state's buffers, so the
         # background writer gets its own copy: one device memcpy of the state.
         snapshot = jax.tree_util.tree_map(jnp.copy, state._asdict())
-        metrics = None
-        if self._last_record.get("step") == step and self.best_metric in self._last_record:
-            metrics = {self.best_metric: float(self._last_record[self.best_metric])}
+        self._prune(upcoming=step)
         meta = {
             "step": step,
             "time": time.time(),
@@ -174,11 +176,11 @@ class RunCheckpoints:
             args=ocp.args.Composite(
                 state=ocp.args.StandardSave(snapshot), meta=ocp.args.JsonSave(meta)
             ),
-            metrics=metrics,
             force=True,
         )
         if final:
             self.manager.wait_until_finished()
+            self._prune()
 
     # -- restore ---------------------------------------------------------------
     def restore_or_init(self, state: TrainState, *, fresh: bool = False) -> tuple[TrainState, int]:
@@ -214,7 +216,9 @@ class RunCheckpoints:
                     failures[0][1],
                     step,
                 )
+                self._set_aside([s for s, _ in failures])
             self._trim_metrics(step)
+            self._load_scores()
             return TrainState(**restored["state"]), step
         detail = "; ".join(f"step {s}: {why}" for s, why in failures)
         raise CheckpointError(
@@ -257,6 +261,29 @@ class RunCheckpoints:
                 )
         if differing:
             log.warning("resuming %s with changed config fields: %s", self.workdir, differing)
+
+    def _set_aside(self, steps: list[int]) -> None:
+        """Move unreadable steps to ``checkpoints.damaged/`` (kept for inspection, not used)."""
+        self.manager.wait_until_finished()
+        target = self.workdir / "checkpoints.damaged"
+        target.mkdir(exist_ok=True)
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        for step in steps:
+            src = self.directory / str(step)
+            if src.exists():
+                src.rename(target / f"{step}-{stamp}")
+                log.warning("moved the unreadable checkpoint %s to %s", src, target)
+        self._manager.close()
+        self._manager = None  # re-list the steps
+
+    def _load_scores(self) -> None:
+        from jaxmint.track import read_metrics
+
+        path = self.workdir / "metrics.jsonl"
+        if path.exists():
+            for record in read_metrics(path):
+                if isinstance(record.get(self.best_metric), int | float):
+                    self._scores[int(record["step"])] = float(record[self.best_metric])
 
     def _move_aside(self) -> None:
         stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -330,9 +357,10 @@ def _as_plain(metadata_tree):
 
 
 def load_params(workdir: str | os.PathLike, step: int | str | None = None) -> tuple[Any, int]:
-    """Load ``(params, step)`` of a run dir: the latest step, a given ``step``, or ``"best"``.
+    """Load the weights of a run dir: the latest step, a given ``step``, or ``"best"``.
 
-    Used by export; needs no model code (orbax restores without a target).
+    Returns ``({"params": ..., "model_state": ...}, step)`` as numpy arrays. Used by
+    export; needs no model code (orbax restores without a target).
     """
     directory = Path(workdir).absolute() / "checkpoints"
     if not directory.is_dir():
@@ -351,9 +379,16 @@ def load_params(workdir: str | os.PathLike, step: int | str | None = None) -> tu
             if int(step) not in available:
                 raise CheckpointError(f"no checkpoint at step {step}; available: {available}")
             chosen = int(step)
-        restored = manager.restore(
-            chosen, args=ocp.args.Composite(state=ocp.args.StandardRestore())
-        )
+        try:
+            restored = manager.restore(
+                chosen, args=ocp.args.Composite(state=ocp.args.StandardRestore())
+            )
+        except Exception as e:  # orbax raises many types for damaged files
+            raise CheckpointError(
+                f"the checkpoint at step {chosen} in {directory} cannot be read "
+                f"({type(e).__name__}: {str(e).splitlines()[0][:200]}); pick another step "
+                f"from {available}"
+            ) from None
         state = restored["state"]
         return {"params": state["params"], "model_state": state["model_state"]}, chosen
     finally:

@@ -181,9 +181,12 @@ class Term(Loss):
         values = values.astype(jnp.promote_types(values.dtype, jnp.float32))
         if self.reduction == "sum":
             # Sum over non-batch axes, mean over examples: stable under batch size changes.
-            if mask is not None:
-                values = values * _broadcast(mask, values)
-            return jnp.sum(values) / batch
+            if mask is None:
+                return jnp.sum(values) / batch
+            m = jnp.broadcast_to(_broadcast(mask, values), values.shape).astype(values.dtype)
+            # An example counts when any of its values is unmasked.
+            examples = jnp.sum(jnp.max(m.reshape(batch, -1), axis=1))
+            return jnp.sum(values * m) / jnp.maximum(examples, 1.0)
         if mask is None:
             return jnp.mean(values)
         m = jnp.broadcast_to(_broadcast(mask, values), values.shape).astype(values.dtype)
@@ -286,7 +289,12 @@ class UncertaintyWeighted(Loss):
     children: tuple[Loss, ...]
 
     def _names(self) -> list[str]:
-        return [getattr(c, "name", str(i)) for i, c in enumerate(self.children)]
+        def name(node, i):
+            while isinstance(node, Scaled | Masked | StopGradient):
+                node = node.children[0]
+            return getattr(node, "name", str(i))
+
+        return [name(c, i) for i, c in enumerate(self.children)]
 
     def _init_params(self, path):
         return {path: jnp.zeros((len(self.children),), jnp.float32)}

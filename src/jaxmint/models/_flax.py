@@ -13,6 +13,11 @@ from jaxmint.models._model import Model
 _INTERMEDIATES = "intermediates"
 
 
+def _is_key(x) -> bool:
+    dtype = getattr(x, "dtype", None)
+    return dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
+
+
 def _train_kwargs(fn: Callable, train: bool) -> dict:
     """Keyword arguments that tell ``fn`` whether it is training, by its own spelling."""
     try:
@@ -97,7 +102,15 @@ def from_nnx(module_or_factory) -> Model:
 
     def pure(state) -> dict:
         to_pure = getattr(nnx, "to_pure_dict", None)  # newer flax; older: a State method
-        return to_pure(state) if to_pure is not None else state.to_pure_dict()
+        tree = to_pure(state) if to_pure is not None else state.to_pure_dict()
+        # Typed PRNG keys (nnx.Rngs) travel as their raw uint32 data, which
+        # checkpoints and exports can hold; _merge wraps them back.
+        return jax.tree_util.tree_map(lambda x: jax.random.key_data(x) if _is_key(x) else x, tree)
+
+    def typed_keys(template: dict, values: dict) -> dict:
+        return jax.tree_util.tree_map(
+            lambda t, v: jax.random.wrap_key_data(v) if _is_key(t) else v, template, values
+        )
 
     def _to_vars(params, intermediates, rest) -> dict:
         del intermediates
@@ -109,10 +122,17 @@ def from_nnx(module_or_factory) -> Model:
         _, params, intermediates, rest = nnx.split(module, nnx.Param, nnx.Intermediate, ...)
         return _to_vars(params, intermediates, rest)
 
+    _, _, _, rest_template = nnx.split(template, nnx.Param, nnx.Intermediate, ...)
+    to_pure = getattr(nnx, "to_pure_dict", None)
+    rest_abstract = to_pure(rest_template) if to_pure else rest_template.to_pure_dict()
+
     def _merge(variables):
         _, params, intermediates, rest = nnx.split(template, nnx.Param, nnx.Intermediate, ...)
         nnx.replace_by_pure_dict(params, variables["params"])
-        nnx.replace_by_pure_dict(rest, variables.get("state", {}))
+        state = variables.get("state", {})
+        if state:
+            state = typed_keys(rest_abstract, state)
+        nnx.replace_by_pure_dict(rest, state)
         return nnx.merge(graphdef, params, intermediates, rest)
 
     def _run(variables, inputs, train, key):

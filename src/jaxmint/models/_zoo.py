@@ -105,6 +105,7 @@ class Transformer(nn.Module):
         x_BxLxD = embed(tokens_BxL) + pos_LxD
         for i in range(self.num_layers):
             x_BxLxD = Block(self.num_heads, self.attention, name=f"block{i}")(x_BxLxD)
+            self.sow("intermediates", f"block{i}_out", x_BxLxD)
         x_BxLxD = nn.RMSNorm(name="norm")(x_BxLxD)
         return embed.attend(x_BxLxD)  # tied embeddings: logits_BxLxV
 

@@ -74,6 +74,11 @@ def _first_batch(data, batch_size: int, seed: int, shard=(0, 1)):
     With several processes, array data yields this process's rows of each global
     batch; an iterable must itself yield this process's share.
     """
+    if isinstance(data, np.ndarray | jax.Array):
+        raise DataError(
+            f"data is a single array of shape {np.shape(data)}; pass a dict of arrays such as "
+            "{'x': inputs, 'y': labels} (or an iterable of such dicts)"
+        )
     if isinstance(data, Mapping):
         loader = ArrayLoader(data, batch_size, seed=seed, shard=shard)
 
@@ -264,9 +269,14 @@ def fit(
     eval_bs = eval_batch_size or batch_size
     eval_bs = -(-eval_bs // jax.device_count()) * jax.device_count()  # divisible by devices
 
+    on_cpu = jax.devices()[0].platform == "cpu"
+
     def put(batch):
         if data_sharding is None:
-            return jax.device_put(batch)
+            # On a CPU the jitted step takes numpy as is: an explicit device_put (and a
+            # prefetch thread to hide it) would only add host work. Accelerators
+            # prefetch: the host-to-device copy overlaps the running step.
+            return batch if on_cpu else jax.device_put(batch)
         return parallel.to_global(batch, data_sharding)
 
     def run_eval(state) -> dict:
@@ -293,52 +303,69 @@ def fit(
         batches = batches_from(start_step)
     else:
         batches = _checked(batches_from(start_step), spec)
+    if on_cpu and data_sharding is None:
+        prefetch = 0
     batches = prefetch_to_device(batches, prefetch, put=put)
     for hook in hooks:
         hook.on_fit_start(state, start_step)
+    # XLA's CPU client can deadlock in a collective when several steps are in flight on
+    # many fake devices sharing few cores; there, wait for each step (GPUs/TPUs never do).
+    sync_each_step = strategy != "single" and jax.devices()[0].platform == "cpu"
     t_last, s_last = time.perf_counter(), start_step
     step = start_step
     try:
         if ckpt is not None:
             ckpt.install_signal_handlers()
+        out, logged_step = None, start_step
+
+        def log(step, out, do_eval):
+            nonlocal t_last, s_last, logged_step
+            fetched = parallel.to_host(out)
+            record = {"step": step, **{k: _scalar(v) for k, v in fetched.items()}}
+            now = time.perf_counter()
+            record["steps_per_sec"] = (step - s_last) / max(now - t_last, 1e-9)
+            t_last, s_last, logged_step = now, step, step
+            _check_guard(state, steps_fns, nonfinite, ckpt)
+            if do_eval:
+                record.update(run_eval(state))
+            history.append(record)
+            for w in writers:
+                w.write(record)
+            bar.show(step, record["loss"])
+            for hook in hooks:
+                hook.on_log(step, record)
+            if ckpt is not None:
+                ckpt.on_log(step, state, record, batch_pos=step)
+
         for step in range(start_step + 1, steps + 1):
             try:
                 batch = next(batches)
             except StopIteration:
-                bar.print(f"data ran out after step {step - 1}; stopping early")
                 step -= 1
+                bar.print(f"data ran out after step {step}; stopping early")
                 break
             state, out = train_step(state, batch)
+            if sync_each_step:
+                jax.block_until_ready(out["loss"])
             bar.advance(step)
             do_eval = eval_data is not None and (
                 step == steps or (eval_every is not None and step % eval_every == 0)
             )
             stop_requested = ckpt is not None and ckpt.stop_requested
             if step % log_every == 0 or step == steps or do_eval or stop_requested:
-                fetched = parallel.to_host(out)
-                record = {"step": step, **{k: _scalar(v) for k, v in fetched.items()}}
-                now = time.perf_counter()
-                record["steps_per_sec"] = (step - s_last) / max(now - t_last, 1e-9)
-                t_last, s_last = now, step
-                _check_guard(state, steps_fns, nonfinite, ckpt)
-                if do_eval:
-                    record.update(run_eval(state))
-                history.append(record)
-                for w in writers:
-                    w.write(record)
-                bar.show(step, record["loss"])
-                for hook in hooks:
-                    hook.on_log(step, record)
-                if ckpt is not None:
-                    ckpt.on_log(step, state, record, batch_pos=step)
+                log(step, out, do_eval)
             if ckpt is not None and (
                 (checkpoint_every and step % checkpoint_every == 0) or ckpt.stop_requested
             ):
+                _check_guard(state, steps_fns, nonfinite, ckpt)  # never save a poisoned run
                 ckpt.save(step, state, data_position=position(step))
                 if ckpt.stop_requested:
                     bar.close()
                     ckpt.exit_after_stop(step)
+        if out is not None and logged_step != step:  # the data ran out between log steps
+            log(step, out, eval_data is not None)
         if ckpt is not None and step > start_step:
+            _check_guard(state, steps_fns, nonfinite, ckpt)
             ckpt.save(step, state, data_position=position(step), final=True)
     finally:
         bar.close()

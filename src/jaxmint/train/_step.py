@@ -51,15 +51,10 @@ def _masked_mean(values, valid):
     return jnp.sum(values * mask) / jnp.maximum(jnp.sum(mask), 1.0)
 
 
-def _global_norm(tree) -> jax.Array:
-    norm = getattr(getattr(optax, "tree", None), "norm", None)  # optax >= 0.2.5
-    return norm(tree) if norm is not None else optax.global_norm(tree)
-
-
-def _all_finite(leaves) -> jax.Array:
+def _sum_squares(leaves) -> jax.Array:
     if not leaves:
-        return jnp.asarray(True)
-    return jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in leaves]).all()
+        return jnp.zeros((), jnp.float32)
+    return sum(jnp.sum(jnp.square(leaf.astype(jnp.float32))) for leaf in leaves)
 
 
 def build_steps(
@@ -180,29 +175,39 @@ def build_steps(
                 model_state,
             )
 
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        loss_state = state.loss_state
-        if jax.tree_util.tree_leaves(loss_state["params"]):
-            l_updates, l_opt = optimizer.update(
-                loss_grads, loss_state["opt_state"], loss_state["params"]
-            )
-            loss_state = {
-                **loss_state,
-                "params": optax.apply_updates(loss_state["params"], l_updates),
-                "opt_state": l_opt,
-            }
-
-        # Non-finite guard: a few reductions over values already computed.
+        # Non-finite guard, from one sum of squares per parameter group (which also
+        # gives the logged gradient norm): any NaN or inf in a group makes its sum
+        # non-finite. (So does a finite gradient above ~1e19 whose square overflows.)
+        groups = param_groups(state.params)
+        group_sq = jnp.stack([_sum_squares(g) for g in group_leaves(grads, groups)])
+        groups_ok = jnp.isfinite(group_sq)
         terms_ok = jnp.stack(
             [jnp.isfinite(total)] + [jnp.isfinite(logged[f"loss/{n}"]) for n in term_names]
         )
-        groups = param_groups(state.params)
-        groups_ok = jnp.stack([_all_finite(g) for g in group_leaves(grads, groups)])
-        ok = terms_ok.all() & groups_ok.all() & _all_finite(jax.tree_util.tree_leaves(loss_grads))
+        loss_ok = jnp.isfinite(_sum_squares(jax.tree_util.tree_leaves(loss_grads)))
+        ok = terms_ok.all() & groups_ok.all() & loss_ok
 
-        def keep_if_bad(new, old):
-            return jax.tree_util.tree_map(lambda n, o: jnp.where(ok, n, o), new, old)
+        def update(_):
+            updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+            params = optax.apply_updates(state.params, updates)
+            loss_state = state.loss_state
+            if jax.tree_util.tree_leaves(loss_state["params"]):
+                l_updates, l_opt = optimizer.update(
+                    loss_grads, loss_state["opt_state"], loss_state["params"]
+                )
+                loss_state = {
+                    **loss_state,
+                    "params": optax.apply_updates(loss_state["params"], l_updates),
+                    "opt_state": l_opt,
+                }
+            return params, opt_state, loss_state, model_state
+
+        def skip(_):
+            return state.params, state.opt_state, state.loss_state, state.model_state
+
+        # A conditional, not a select: on a good step only the update runs, and the
+        # new state can reuse the donated buffers (a select would materialize both).
+        params, opt_state, loss_state, new_model_state = jax.lax.cond(ok, update, skip, None)
 
         guard = state.guard
         first = (guard["first_bad_step"] < 0) & ~ok
@@ -214,14 +219,14 @@ def build_steps(
         }
         new_state = TrainState(
             step=state.step + 1,
-            params=keep_if_bad(params, state.params),
-            model_state=keep_if_bad(model_state, state.model_state),
-            opt_state=keep_if_bad(opt_state, state.opt_state),
-            loss_state=keep_if_bad(loss_state, state.loss_state),
+            params=params,
+            model_state=new_model_state,
+            opt_state=opt_state,
+            loss_state=loss_state,
             rng=state.rng,
             guard=guard,
         )
-        out = {"loss": total, **logged, "grad_norm": _global_norm(grads)}
+        out = {"loss": total, **logged, "grad_norm": jnp.sqrt(jnp.sum(group_sq))}
         out["skipped_steps"] = guard["skipped"]
         return new_state, out
 

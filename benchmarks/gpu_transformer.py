@@ -1,0 +1,107 @@
+"""Model FLOPs utilization (MFU) of the transformer at a size that fills an H200.
+
+    python benchmarks/gpu_transformer.py                 # on a GPU: the H200 size
+    python benchmarks/gpu_transformer.py --size tiny     # anywhere: a smoke run (CPU test)
+
+Trains `jaxmint.models.transformer` with bf16 compute (float32 master params),
+sequence 2048 and cuDNN attention where available, through `jaxmint.fit`, and
+reports MFU = model FLOPs per second / the chip's dense bf16 peak. Model FLOPs
+per token: 6 * params (matmuls, forward and backward) + 12 * layers * seq * d_model
+(attention scores and values). Target on an H200: >= 45%.
+Writes benchmarks/results/gpu_transformer.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import optax
+
+import jaxmint
+
+PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12}  # dense, no sparsity
+SIZES = {
+    # ~400M params: fills an H200 with batch 16 x 2048 tokens at bf16.
+    "h200": dict(d_model=1536, num_layers=14, num_heads=12, seq_len=2048, batch=16, steps=60),
+    "tiny": dict(d_model=32, num_layers=1, num_heads=2, seq_len=64, batch=4, steps=6),
+}
+
+
+def peak_flops() -> float | None:
+    kind = jax.devices()[0].device_kind
+    return next((v for k, v in PEAK_BF16.items() if k in kind), None)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--size",
+        choices=sorted(SIZES),
+        default=None,
+        help="h200 on a GPU, tiny elsewhere (default by platform)",
+    )
+    parser.add_argument("--steps", type=int, default=None)
+    args = parser.parse_args()
+    on_gpu = jax.devices()[0].platform == "gpu"
+    size = dict(SIZES[args.size or ("h200" if on_gpu else "tiny")])
+    steps = args.steps or size.pop("steps")
+    size.pop("steps", None)
+    seq, batch = size.pop("seq_len"), size.pop("batch")
+    vocab = 256
+
+    attention = jax.nn.dot_product_attention
+    if on_gpu:
+        attention = functools.partial(jax.nn.dot_product_attention, implementation="cudnn")
+    model = jaxmint.models.transformer(vocab, max_len=seq, attention=attention, **size)
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, vocab, size=(batch * 8, seq + 1), dtype=np.int32)
+    data = {"x": tokens[:, :-1], "y": tokens[:, 1:]}
+
+    times: list[float] = []
+
+    def clock(step, record):
+        times.append(time.perf_counter())
+
+    result = jaxmint.fit(
+        model,
+        jaxmint.losses.softmax_cross_entropy(),
+        optax.adamw(3e-4),
+        data,
+        steps=steps,
+        batch_size=batch,
+        compute_dtype="bfloat16",
+        log_every=1,
+        progress=False,
+        hooks=[clock],
+    )
+    n_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(result.params))
+    d, layers = size["d_model"], size["num_layers"]
+    flops_per_token = 6 * n_params + 12 * layers * seq * d
+    warm = max(2, steps // 5)  # skip compile and warm-up steps
+    per_step = (times[-1] - times[warm]) / (len(times) - 1 - warm)
+    achieved = flops_per_token * batch * seq / per_step
+    peak = peak_flops()
+    results = {
+        "device": jax.devices()[0].device_kind,
+        "params": n_params,
+        "tokens_per_step": batch * seq,
+        "seconds_per_step": per_step,
+        "model_tflops_per_sec": achieved / 1e12,
+        "mfu": achieved / peak if peak else None,
+        "target_mfu": 0.45,
+        "final_loss": result.history[-1]["loss"],
+    }
+    print(json.dumps(results, indent=2))
+    out = Path(__file__).resolve().parent / "results"
+    out.mkdir(exist_ok=True)
+    (out / "gpu_transformer.json").write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()

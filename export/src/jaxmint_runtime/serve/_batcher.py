@@ -1,0 +1,194 @@
+"""Dynamic batching: merge concurrent requests for one model into one `Predictor.run`.
+
+One worker thread per model takes the oldest waiting request, then gathers the
+requests queued behind it whose non-batch shapes and dtypes match, until the
+batch holds ``max_batch_size`` examples or the oldest request has waited
+``max_delay_s``. It runs the merged batch once and splits the outputs back. While
+a batch runs, new requests queue up, so under load batches fill without waiting.
+
+The queue is bounded (``max_queue`` requests): `submit` raises `QueueFull` at once
+rather than letting memory grow, and the caller answers 503. Every submitted
+request is answered exactly once through ``deliver``, with its outputs or with
+the exception the batch raised; `close` answers what is still queued before the
+worker exits.
+
+Cost: a merged batch whose size was not declared at export is padded up to the
+next declared size by the predictor (no compile); a batch larger than every
+declared size compiles once per new size for a symbolic module, which is why the
+server's default ``max_batch_size`` is the largest declared size.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from jaxmint_runtime._predictor import Predictor
+
+log = logging.getLogger("jaxmint_runtime.serve")
+
+
+class QueueFull(RuntimeError):
+    """The model's queue holds ``max_queue`` requests already."""
+
+
+@dataclass(eq=False)
+class _Item:
+    arrays: dict[str, np.ndarray]
+    n: int
+    key: tuple
+    token: Any
+    arrival: float = field(default_factory=time.monotonic)
+
+
+# deliver(list of (token, outputs or None, error or None)), called once per batch.
+Deliver = Callable[[list[tuple[Any, dict | None, BaseException | None]]], None]
+
+
+class Batcher:
+    """A bounded request queue and the worker thread that serves it."""
+
+    def __init__(
+        self,
+        predictor: Predictor,
+        deliver: Deliver,
+        *,
+        max_batch_size: int,
+        max_delay_s: float,
+        max_queue: int,
+        on_batch: Callable[[int], None] | None = None,
+    ):
+        if max_batch_size < 1 or max_queue < 1 or max_delay_s < 0:
+            raise ValueError(
+                f"need max_batch_size >= 1, max_queue >= 1 and max_delay_s >= 0; got "
+                f"{max_batch_size}, {max_queue}, {max_delay_s}"
+            )
+        self.predictor = predictor
+        self.max_batch_size = max_batch_size
+        self.max_delay_s = max_delay_s
+        self.max_queue = max_queue
+        self._deliver = deliver
+        self._on_batch = on_batch
+        self._queue: deque[_Item] = deque()
+        self._cond = threading.Condition()
+        self._closing = False
+        self._no_wait = False
+        self._queued = 0  # examples waiting
+        self._thread = threading.Thread(
+            target=self._work, name=f"jaxmint-batcher-{predictor.name}", daemon=True
+        )
+        self._thread.start()
+
+    @property
+    def depth(self) -> int:
+        """Requests waiting (not counting the batch being run)."""
+        return len(self._queue)
+
+    def submit(self, arrays: dict[str, np.ndarray], n: int, token: Any) -> None:
+        """Queue validated ``arrays`` of ``n`` examples; ``token`` comes back in deliver."""
+        key = tuple((k, a.dtype.str, a.shape[1:]) for k, a in sorted(arrays.items()))
+        item = _Item(arrays, n, key, token)
+        with self._cond:
+            if self._closing:
+                raise QueueFull("the server is shutting down")
+            if len(self._queue) >= self.max_queue:
+                raise QueueFull(
+                    f"model {self.predictor.name!r} has {len(self._queue)} requests waiting "
+                    f"(--max-queue {self.max_queue}); retry later"
+                )
+            self._queue.append(item)
+            self._queued += n
+            # Wake the worker only when it can act: it waits for a first request or
+            # for enough examples (a wake-up per request costs a GIL hand-off each).
+            if len(self._queue) == 1 or self._queued >= self.max_batch_size:
+                self._cond.notify()
+
+    def flush(self) -> None:
+        """Stop waiting for batches to fill: run what is queued now (used while draining)."""
+        with self._cond:
+            self._no_wait = True
+            self._cond.notify()
+
+    def close(self, timeout: float | None = None) -> bool:
+        """Answer everything queued, stop the worker; False if it did not stop in time."""
+        with self._cond:
+            self._closing = True
+            self._cond.notify()
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+    # -- worker -------------------------------------------------------------------------
+    def _work(self) -> None:
+        while True:
+            batch = self._next_batch()
+            if batch is None:
+                return
+            self._run(batch)
+
+    def _next_batch(self) -> list[_Item] | None:
+        with self._cond:
+            while not self._queue:
+                if self._closing:
+                    return None
+                self._cond.wait()
+            deadline = self._queue[0].arrival + self.max_delay_s
+            while True:
+                chosen, total = self._select()
+                remaining = deadline - time.monotonic()
+                if total >= self.max_batch_size or self._closing or self._no_wait or remaining <= 0:
+                    break
+                self._cond.wait(remaining)
+            if all(a is b for a, b in zip(chosen, self._queue, strict=False)):
+                for _ in chosen:
+                    self._queue.popleft()
+            else:
+                taken = {id(item) for item in chosen}
+                self._queue = deque(it for it in self._queue if id(it) not in taken)
+            self._queued -= total
+            return chosen
+
+    def _select(self) -> tuple[list[_Item], int]:
+        """The oldest request and the compatible ones behind it that still fit, in order."""
+        first = self._queue[0]
+        chosen, total = [first], first.n
+        for item in itertools.islice(self._queue, 1, None):
+            if total >= self.max_batch_size:
+                break
+            if item.key != first.key:
+                continue
+            if total + item.n > self.max_batch_size:
+                break
+            chosen.append(item)
+            total += item.n
+        return chosen, total
+
+    def _run(self, batch: list[_Item]) -> None:
+        total = sum(item.n for item in batch)
+        try:
+            if len(batch) == 1:
+                arrays = batch[0].arrays
+            else:
+                arrays = {
+                    k: np.concatenate([it.arrays[k] for it in batch]) for k in batch[0].arrays
+                }
+            outputs = self.predictor.run(arrays)
+        except Exception as e:  # answer every request of the batch, keep serving
+            log.exception("model %r failed on a batch of %d", self.predictor.name, total)
+            results = [(item.token, None, e) for item in batch]
+        else:
+            results, start = [], 0
+            for item in batch:
+                stop = start + item.n
+                results.append((item.token, {k: v[start:stop] for k, v in outputs.items()}, None))
+                start = stop
+        if self._on_batch is not None:
+            self._on_batch(total)
+        self._deliver(results)

@@ -1,0 +1,161 @@
+"""The ``jaxmint-serve`` command: parse flags, load artifacts, serve until SIGTERM."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from jaxmint_runtime._format import ArtifactError
+from jaxmint_runtime.serve._server import TOKEN_ENV, ServeConfig, Server
+
+_D = ServeConfig()
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="jaxmint-serve",
+        description="Serve jaxmint artifacts over the Open Inference Protocol v2 (KServe v2) "
+        "REST API, with Triton's binary tensor extension and dynamic batching.",
+    )
+    p.add_argument("artifacts", nargs="+", metavar="ARTIFACT_DIR", help="artifact directories")
+    p.add_argument("--host", default=_D.host, help="address to bind (default %(default)s)")
+    p.add_argument(
+        "--port", type=int, default=_D.port, help="port; 0 picks a free one (default %(default)s)"
+    )
+    p.add_argument(
+        "--max-batch-size",
+        type=int,
+        default=None,
+        help="most examples per merged batch (default: the model's largest declared "
+        "batch size, or 32)",
+    )
+    p.add_argument(
+        "--max-delay-ms",
+        type=float,
+        default=_D.max_delay_ms,
+        help="longest wait for a batch to fill (default %(default)s)",
+    )
+    p.add_argument(
+        "--no-batching", dest="batching", action="store_false", help="run every request on its own"
+    )
+    p.add_argument(
+        "--max-queue",
+        type=int,
+        default=_D.max_queue,
+        help="requests waiting per model before answering 503 (default %(default)s)",
+    )
+    p.add_argument(
+        "--max-body-bytes",
+        type=int,
+        default=_D.max_body_bytes,
+        help="largest request body, 413 above (default %(default)s)",
+    )
+    p.add_argument(
+        "--max-elements",
+        type=int,
+        default=_D.max_elements,
+        help="most elements one input tensor may declare (default %(default)s)",
+    )
+    p.add_argument(
+        "--token",
+        default=None,
+        help=f"require 'Authorization: Bearer TOKEN' (default: ${TOKEN_ENV} if set; "
+        "prefer the variable: flags show in the process list)",
+    )
+    p.add_argument(
+        "--request-timeout",
+        type=float,
+        default=_D.request_timeout_s,
+        help="seconds before an unanswered infer gets 504 (default %(default)s)",
+    )
+    p.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=_D.drain_timeout_s,
+        help="seconds to finish in-flight requests after SIGTERM (default %(default)s)",
+    )
+    p.add_argument(
+        "--idle-timeout",
+        type=float,
+        default=_D.idle_timeout_s,
+        help="seconds before an idle keep-alive connection is closed (default %(default)s)",
+    )
+    p.add_argument(
+        "--max-connections",
+        type=int,
+        default=_D.max_connections,
+        help="open connections before new ones get 503 (default %(default)s)",
+    )
+    p.add_argument(
+        "--allow-expired",
+        action="store_true",
+        help="load artifacts past their jax.export compatibility window",
+    )
+    p.add_argument("--log-level", default="INFO", help="logging level (default %(default)s)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(message)s"
+    )
+    for name, value in [
+        ("--max-queue", args.max_queue),
+        ("--max-body-bytes", args.max_body_bytes),
+        ("--max-elements", args.max_elements),
+        ("--max-connections", args.max_connections),
+        ("--max-batch-size", args.max_batch_size or 1),
+    ]:
+        if value < 1:
+            print(f"jaxmint-serve: {name} must be at least 1, got {value}", file=sys.stderr)
+            return 2
+    from jaxmint_runtime._predictor import load
+
+    try:
+        models = [load(path, allow_expired=args.allow_expired) for path in args.artifacts]
+    except (ArtifactError, OSError) as e:
+        print(f"jaxmint-serve: {e}", file=sys.stderr)
+        return 2
+    config = ServeConfig(
+        host=args.host,
+        port=args.port,
+        batching=args.batching,
+        max_batch_size=args.max_batch_size,
+        max_delay_ms=args.max_delay_ms,
+        max_queue=args.max_queue,
+        max_body_bytes=args.max_body_bytes,
+        max_elements=args.max_elements,
+        token=args.token or os.environ.get(TOKEN_ENV) or None,
+        request_timeout_s=args.request_timeout,
+        drain_timeout_s=args.drain_timeout,
+        idle_timeout_s=args.idle_timeout,
+        max_connections=args.max_connections,
+    )
+    try:
+        server = Server(models, config)
+    except ValueError as e:
+        print(f"jaxmint-serve: {e}", file=sys.stderr)
+        return 2
+
+    def ready(s: Server) -> None:
+        for name, predictor in s.models.items():
+            how = (
+                f"batches up to {s.max_batch_size(predictor)} examples, "
+                f"{config.max_delay_ms:g} ms delay"
+                if config.batching
+                else "no batching"
+            )
+            logging.info("model %r: %s", name, how)
+        # One parseable line on stdout: scripts started with --port 0 read the port from it.
+        print(f"jaxmint-serve: listening on {s.url}", flush=True)
+
+    try:
+        drained = server.serve_forever(on_ready=ready)
+    except OSError as e:  # the address is taken, or not ours to bind
+        print(f"jaxmint-serve: cannot listen on {config.host}:{config.port} ({e})", file=sys.stderr)
+        return 2
+    logging.info("stopped (%s)", "all requests answered" if drained else "drain timed out")
+    return 0 if drained else 1

@@ -1,0 +1,58 @@
+"""Every benchmark script still runs: its quick mode, end to end (timings are not checked)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run(*args, timeout=600):
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    env.pop("XLA_FLAGS", None)
+    out = subprocess.run(
+        [sys.executable, *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=timeout,
+        cwd=REPO,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout
+
+
+@pytest.mark.slow
+def test_overhead_quick(tmp_path):
+    run("benchmarks/overhead.py", "--quick", "--out", tmp_path / "o.json")
+    result = json.loads((tmp_path / "o.json").read_text())
+    assert result  # the JSON is written and non-empty
+
+
+@pytest.mark.slow
+def test_checkpoint_quick(tmp_path):
+    run("benchmarks/checkpoint.py", "--quick", "--out", tmp_path / "c.json")
+    assert json.loads((tmp_path / "c.json").read_text())
+
+
+@pytest.mark.slow
+def test_cold_start_quick():
+    out = run("benchmarks/cold_start.py", "--quick")
+    assert "ratio a/b" in out
+
+
+@pytest.mark.slow
+def test_scaling_quick():
+    out = run("benchmarks/scaling.py", "--quick", "--devices", "4")
+    assert "pmap" in out and "fsdp" in out
+
+
+@pytest.mark.slow
+def test_gpu_transformer_tiny_on_cpu():
+    out = run("benchmarks/gpu_transformer.py", "--size", "tiny")
+    result = json.loads(out[out.index("{") :])
+    assert result["params"] > 0 and result["mfu"] is None  # no peak known for a CPU
