@@ -36,9 +36,7 @@ import contextlib
 import itertools
 import json
 import os
-import platform
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -49,6 +47,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import optax
+from _common import environment, interval_rates, med, steady_rate, table
 from jax.experimental.compilation_cache import compilation_cache
 
 import jaxmint
@@ -102,43 +101,6 @@ CHILD = textwrap.dedent(
 
 
 # -- helpers ---------------------------------------------------------------------------
-def interval_rates(history) -> list[float]:
-    """Steps/s of each logged interval of a run but the first (which holds the compile)."""
-    if len(history) < 2:
-        raise ValueError("need at least two logged intervals to exclude the first")
-    return [r["steps_per_sec"] for r in history[1:]]
-
-
-def steady_rate(history) -> float:
-    """Steps/s over all the logged intervals of a run but the first."""
-    pairs = list(itertools.pairwise(history))
-    steps = sum(r["step"] - p["step"] for p, r in pairs)
-    seconds = sum((r["step"] - p["step"]) / r["steps_per_sec"] for p, r in pairs)
-    return steps / seconds
-
-
-def med(values) -> float:
-    return float(statistics.median(values))
-
-
-def table(title, header, rows) -> str:
-    widths = [max(len(str(c)) for c in col) for col in zip(header, *rows, strict=True)]
-    line = lambda cells: "  ".join(str(c).rjust(w) for c, w in zip(cells, widths, strict=True))
-    out = [title, line(header), line(["-" * w for w in widths])]
-    out += [line(r) for r in rows]
-    return "\n".join(out)
-
-
-def environment() -> dict:
-    return {
-        "python": platform.python_version(),
-        "jax": jax.__version__,
-        "jaxmint": jaxmint.__version__,
-        "devices": [str(d) for d in jax.devices()],
-        "cpu_count": os.cpu_count(),
-        "platform": platform.platform(),
-        "load_average_1_5_15min": os.getloadavg(),
-    }
 
 
 def dir_megabytes(path: Path) -> float:

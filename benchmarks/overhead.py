@@ -31,11 +31,8 @@ Results are printed as a table and written to ``benchmarks/results/overhead.json
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import os
-import platform
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -44,6 +41,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from _common import environment, flops_of, interval_rates, med, steady_rate, table
 
 import jaxmint
 from jaxmint.models._zoo import MLP
@@ -112,56 +110,6 @@ def hand_fit(module, optimizer, data, *, steps, batch_size, log_every, seed=0):
             if step == steps:
                 break
     return jax.device_get(params), history
-
-
-# -- helpers ---------------------------------------------------------------------------
-def flops_of(compiled) -> float:
-    """FLOPs from XLA's cost analysis: a dict in newer jax, a list of dicts in older jax."""
-    cost = compiled.cost_analysis()
-    if isinstance(cost, list | tuple):
-        cost = cost[0] if cost else {}
-    if not cost or "flops" not in cost:
-        raise RuntimeError(f"XLA cost analysis has no 'flops' entry: {cost!r}")
-    return float(cost["flops"])
-
-
-def interval_rates(history) -> list[float]:
-    """Steps/s of each logged interval of a run but the first (which holds the compile)."""
-    if len(history) < 2:
-        raise ValueError("need at least two logged intervals to exclude the first")
-    return [r["steps_per_sec"] for r in history[1:]]
-
-
-def steady_rate(history) -> float:
-    """Steps/s over all the logged intervals of a run but the first."""
-    pairs = list(itertools.pairwise(history))
-    steps = sum(r["step"] - p["step"] for p, r in pairs)
-    seconds = sum((r["step"] - p["step"]) / r["steps_per_sec"] for p, r in pairs)
-    return steps / seconds
-
-
-def med(values) -> float:
-    return float(statistics.median(values))
-
-
-def table(title, header, rows) -> str:
-    widths = [max(len(str(c)) for c in col) for col in zip(header, *rows, strict=True)]
-    line = lambda cells: "  ".join(str(c).rjust(w) for c, w in zip(cells, widths, strict=True))
-    out = [title, line(header), line(["-" * w for w in widths])]
-    out += [line(r) for r in rows]
-    return "\n".join(out)
-
-
-def environment() -> dict:
-    return {
-        "python": platform.python_version(),
-        "jax": jax.__version__,
-        "jaxmint": jaxmint.__version__,
-        "devices": [str(d) for d in jax.devices()],
-        "cpu_count": os.cpu_count(),
-        "platform": platform.platform(),
-        "load_average_1_5_15min": os.getloadavg(),
-    }
 
 
 # -- the benchmark ---------------------------------------------------------------------
