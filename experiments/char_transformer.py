@@ -6,6 +6,7 @@ ramps up on a schedule evaluated inside the compiled step.
     python experiments/char_transformer.py                  # minutes on a 2-core CPU
     python experiments/char_transformer.py --d-model 256 --num-layers 4 --seq-len 256
     python experiments/char_transformer.py --smoke --workdir /tmp/smoke
+    jaxmint sweep experiments/char_transformer.py --sweep-dir runs/sweep_char   # sweep()
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import jaxmint
 from jaxmint import losses
 from jaxmint.config import field
 from jaxmint.experiment import Common, Experiment
+from jaxmint.sweep import Categorical, Int, LogUniform, Spec
 
 
 @dataclasses.dataclass
@@ -77,6 +79,23 @@ def build(config: Config) -> Experiment:
         train=train,
         eval=test,
         metrics={"accuracy": jaxmint.metrics.accuracy()},
+    )
+
+
+def sweep() -> Spec:
+    """What `jaxmint sweep` searches; the z-loss weight is a loss-term weight like any field."""
+    return Spec(
+        space={
+            "lr": LogUniform(3e-4, 1e-2),
+            "d_model": Categorical([64, 128, 256]),
+            "num_layers": Int(1, 4),
+            "z_loss_weight": LogUniform(1e-5, 1e-2),
+        },
+        objective="eval/loss",
+        direction="minimize",
+        trials=24,
+        sampler="tpe",
+        pruner="asha",
     )
 
 

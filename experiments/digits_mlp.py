@@ -3,6 +3,7 @@
 python experiments/digits_mlp.py                       # about 2,000 steps, seconds on a CPU
 python experiments/digits_mlp.py --lr 3e-3 --hidden 512 256 --workdir runs/wide
 python experiments/digits_mlp.py --smoke --workdir /tmp/smoke   # the tests' tiny run
+jaxmint sweep experiments/digits_mlp.py --sweep-dir runs/sweep_digits --workers 2   # sweep()
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import jaxmint
 from jaxmint import losses
 from jaxmint.config import field
 from jaxmint.experiment import Common, Experiment
+from jaxmint.sweep import Categorical, LogUniform, Spec, Uniform
 
 
 @dataclasses.dataclass
@@ -52,6 +54,24 @@ def build(config: Config) -> Experiment:
         train=train,
         eval=test,
         metrics={"accuracy": jaxmint.metrics.accuracy()},
+    )
+
+
+def sweep() -> Spec:
+    """What `jaxmint sweep` searches: any config field, the L2 weight (a loss term) included."""
+    return Spec(
+        space={
+            "lr": LogUniform(1e-4, 3e-2),
+            "hidden": Categorical([(64,), (256,), (256, 256)]),
+            "label_smoothing": Uniform(0.0, 0.2),
+            "weight_decay": LogUniform(1e-6, 1e-2),
+        },
+        objective="eval/accuracy",
+        direction="maximize",
+        trials=16,
+        sampler="tpe",
+        pruner="median",
+        pruner_options={"n_startup_trials": 4},
     )
 
 

@@ -56,3 +56,16 @@ def test_gpu_transformer_tiny_on_cpu():
     out = run("benchmarks/gpu_transformer.py", "--size", "tiny")
     result = json.loads(out[out.index("{") :])
     assert result["params"] > 0 and result["mfu"] is None  # no peak known for a CPU
+
+
+@pytest.mark.slow
+def test_sweep_overhead_quick(tmp_path):
+    run("benchmarks/sweep_overhead.py", "--quick", "--out", tmp_path / "s.json")
+    result = json.loads((tmp_path / "s.json").read_text())
+    assert result["trials"] == 4 and result["sweep_2_workers_s"] > 0
+
+
+@pytest.mark.slow
+def test_diagnose_overhead_quick():
+    out = run("benchmarks/diagnose_overhead.py", "--quick")
+    assert "ratio" in out

@@ -1,6 +1,7 @@
 """jaxmint: train pure-function JAX models flexibly, ship them as lean AOT artifacts."""
 
 from jaxmint import data as data
+from jaxmint import debug as debug
 from jaxmint import experiment as experiment
 from jaxmint import losses as losses
 from jaxmint import metrics as metrics
@@ -20,6 +21,7 @@ __all__ = [
     "TrainState",
     "__version__",
     "data",
+    "debug",
     "experiment",
     "fit",
     "losses",

@@ -44,6 +44,12 @@ class Common:
     coordinator: str | None = field(None, "multi-host: host:port of process 0 (else detected)")
     num_processes: int | None = field(None, "multi-host: number of processes")
     process_id: int | None = field(None, "multi-host: this process's index")
+    debug: bool = field(False, "run steps un-jitted so print/breakpoint show real arrays")
+    check: bool = field(False, "checkify each step: stop at the first NaN or bad index")
+    summary: bool = field(False, "print the model's layers, shapes, sizes and FLOPs; no training")
+    diagnose_every: int | None = field(
+        100, "log gradient/activation diagnostics every N steps (none: off)"
+    )
 
 
 class Experiment(NamedTuple):
@@ -80,6 +86,9 @@ def fit_experiment(exp: Experiment, config: Common, **overrides):
         config={**to_dict(config), "experiment": _experiment_file()},
         progress=config.progress,
         fresh=config.fresh,
+        debug=config.debug,
+        check=config.check,
+        diagnose_every=config.diagnose_every,
     )
     kwargs.update(overrides)
     return fit(exp.model, exp.loss, exp.optimizer, exp.train, **kwargs)
@@ -102,15 +111,46 @@ def main(
     config = parse(config_cls, argv, smoke=smoke)
     from jaxmint.train import initialize_distributed
 
+    if config.summary:
+        return _print_summary(build(config), config)
     initialize_distributed(config.coordinator, config.num_processes, config.process_id)
     exp = build(config)
-    result = fit_experiment(exp, config)
+    from jaxmint.checkpoint import CheckpointError
+    from jaxmint.data import DataError
+    from jaxmint.debug import CheckError
+    from jaxmint.losses import LossError
+    from jaxmint.train import NonFiniteError
+
+    try:
+        result = fit_experiment(exp, config)
+    except (NonFiniteError, CheckpointError, DataError, LossError) as e:
+        # Errors about the user's run or data: the message says what to do; no traceback.
+        raise SystemExit(f"error: {e}") from e
+    except CheckError as e:
+        from jaxmint.debug._modes import rerun_command
+
+        argv = list(sys.argv[1:] if argv is None else argv)
+        command = rerun_command([f"python {sys.argv[0]}", *argv], e.step, config.workdir)
+        raise SystemExit(f"error: {e}\nRerun it in debug mode with:\n  {command}") from e
     import jax
 
     if jax.process_index() == 0:
         print(f"run dir: {Path(config.workdir).resolve()}")
         for key, value in sorted(result.final_eval.items()):
             print(f"  {key:<24} {value:.4f}")
+    return result
+
+
+def _print_summary(exp: Experiment, config: Common):
+    """Print the model summary on one batch of the training data (``--summary``)."""
+    from jaxmint.models import summary
+
+    if isinstance(exp.train, Mapping):
+        sample = {k: v[: config.batch_size] for k, v in exp.train.items()}
+    else:
+        sample = next(iter(exp.train))
+    result = summary(exp.model, sample, input_key=exp.input_key, show=False)
+    print(result)
     return result
 
 

@@ -39,6 +39,8 @@ RUN_CONTROL_FIELDS = frozenset(
         "coordinator",
         "num_processes",
         "process_id",
+        "diagnose_every",
+        "summary",
     }
 )
 

@@ -176,6 +176,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--no-analysis", action="store_true", help="skip XLA's cost analysis")
     p.set_defaults(fn=_inspect)
+    from jaxmint.cli._debug import add_parsers as add_debug_parsers
+
+    add_debug_parsers(sub)
+    from jaxmint.cli._sweep import add_parsers as add_sweep_parsers
+
+    add_sweep_parsers(sub)
+    from jaxmint.cli._diagnose import add_commands as add_diagnose_parsers
+
+    add_diagnose_parsers(sub)
     args = parser.parse_args(argv)
     return args.fn(args)
 

@@ -3,8 +3,21 @@
 from jaxmint.models._flax import from_linen as from_linen
 from jaxmint.models._flax import from_nnx as from_nnx
 from jaxmint.models._model import Model as Model
+from jaxmint.models._summary import LayerSummary as LayerSummary
+from jaxmint.models._summary import ModelSummary as ModelSummary
+from jaxmint.models._summary import summary as summary
 from jaxmint.models._zoo import cnn as cnn
 from jaxmint.models._zoo import mlp as mlp
 from jaxmint.models._zoo import transformer as transformer
 
-__all__ = ["Model", "cnn", "from_linen", "from_nnx", "mlp", "transformer"]
+__all__ = [
+    "LayerSummary",
+    "Model",
+    "ModelSummary",
+    "cnn",
+    "from_linen",
+    "from_nnx",
+    "mlp",
+    "summary",
+    "transformer",
+]

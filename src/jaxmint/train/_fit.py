@@ -136,6 +136,9 @@ def fit(
     best_metric: str = "eval/loss",
     best_mode: str = "min",
     fresh: bool = False,
+    debug: bool = False,
+    check: bool = False,
+    diagnose_every: int | None = None,
 ) -> FitResult:
     """Train ``model`` on ``loss`` with ``optimizer`` for ``steps`` steps.
 
@@ -163,6 +166,19 @@ def fit(
       config: the experiment's config (a dataclass or dict) saved in
         ``config.json`` so the run can be exported and resumed.
       fresh: ignore (and move aside) existing checkpoints in ``workdir``.
+      debug: run the train and eval steps un-jitted (``jax.disable_jit()``) on one
+        device, with the configured batch size (the same batches as a normal run),
+        so ``print`` and ``breakpoint()`` in a model, loss term or hook show real
+        arrays. The run dir is marked as a debug run and never resumed by a normal
+        run (nor the other way round). See the debugging guide.
+      diagnose_every: every N steps, also log per-term gradient norms, shares and
+        cosines, per-layer parameter/gradient norms and update ratios, and
+        activation statistics (``diag/...``); a separately jitted step, so the
+        other steps pay nothing (see the diagnosis guide for its cost).
+      check: run the jitted train step through ``jax.experimental.checkify`` (NaNs,
+        division by zero, out-of-bounds indexing, ``checkify.check`` calls) on one
+        device, and raise `jaxmint.debug.CheckError` at the first failing step.
+        One host sync per step; the normal path is unchanged when off.
 
     Example::
 
@@ -175,8 +191,15 @@ def fit(
     _check_args(
         steps, batch_size, strategy, nonfinite, grad_accum, log_every, eval_every, checkpoint_every
     )
+    if diagnose_every is not None and (not isinstance(diagnose_every, int) or diagnose_every < 1):
+        raise ValueError(
+            f"diagnose_every must be a positive integer or None, got {diagnose_every!r}"
+        )
     hooks = as_hooks(hooks)
     strategy = parallel.resolve(strategy)
+    if debug or check:
+        strategy = _debug_strategy(strategy, debug, check)
+        progress, prefetch = progress and not debug, 0
     parallel.check_batch(batch_size, grad_accum, strategy)
     mesh = None if strategy == "single" else parallel.make_mesh()
     n_proc, proc = jax.process_count(), jax.process_index()
@@ -211,7 +234,11 @@ def fit(
     key = jax.random.PRNGKey(seed)
     # Every process initializes from the same (data-independent) sample, so params agree.
     sample = first if n_proc == 1 else {k: np.zeros_like(v[:1]) for k, v in first.items()}
-    if strategy == "single":
+    if debug:
+        with jax.disable_jit():
+            state = steps_fns.init(key, sample)
+        shardings, data_sharding = None, None
+    elif strategy == "single":
         state = jax.jit(steps_fns.init)(key, sample)
         shardings, data_sharding = None, None
     else:
@@ -219,15 +246,19 @@ def fit(
         shardings = parallel.state_shardings(abstract, mesh, strategy)
         state = jax.jit(steps_fns.init, out_shardings=shardings)(key, sample)
         data_sharding = parallel.batch_sharding(mesh)
-    train_step, eval_step = parallel.compile_steps(steps_fns, strategy, mesh, shardings)
-    # Trace once on shapes: a bad loss term or batch fails here, before compiling.
-    global_first = {
-        k: jax.ShapeDtypeStruct(
-            (batch_size, *np.shape(v)[1:]), np.asarray(v).dtype, sharding=data_sharding
-        )
-        for k, v in first.items()
-    }
-    jax.eval_shape(train_step, state, global_first)
+    if debug or check:
+        train_step, eval_step = _debug_steps(steps_fns, model, loss, input_key, grad_accum, debug)
+    else:
+        train_step, eval_step = parallel.compile_steps(steps_fns, strategy, mesh, shardings)
+    if not debug:  # a debug run compiles nothing; its first step shows any error itself
+        # Trace once on shapes: a bad loss term or batch fails here, before compiling.
+        global_first = {
+            k: jax.ShapeDtypeStruct(
+                (batch_size, *np.shape(v)[1:]), np.asarray(v).dtype, sharding=data_sharding
+            )
+            for k, v in first.items()
+        }
+        jax.eval_shape(steps_fns.train_step if check else train_step, state, global_first)
 
     workdir = Path(workdir) if workdir is not None else None
     ckpt = None
@@ -254,6 +285,7 @@ def fit(
                 "best_mode": best_mode,
             },
             "versions": {"jax": jax.__version__},
+            "debug": debug,
         }
         ckpt = RunCheckpoints(
             workdir,
@@ -263,10 +295,21 @@ def fit(
             best_metric=best_metric,
             best_mode=best_mode,
         )
+        if debug or (workdir / "DEBUG_RUN").exists():
+            from jaxmint.debug._modes import check_run_kind, mark_run
+
+            check_run_kind(workdir, debug, fresh=fresh, has_checkpoints=bool(ckpt.steps()))
+            mark_run(workdir, debug)
         state, start_step = ckpt.restore_or_init(state, fresh=fresh)
         (workdir / "config.json").write_text(json.dumps(run_config, indent=2, default=str))
 
     eval_bs = eval_batch_size or batch_size
+    diagnose_step = None
+    if diagnose_every and not debug:
+        from jaxmint.diagnose import build_diagnose_step
+
+        diagnose_step = jax.jit(build_diagnose_step(model, loss, optimizer, input_key=input_key))
+    watch = RecompileWatch()
     eval_bs = -(-eval_bs // jax.device_count()) * jax.device_count()  # divisible by devices
 
     on_cpu = jax.devices()[0].platform == "cpu"
@@ -318,16 +361,21 @@ def fit(
             ckpt.install_signal_handlers()
         out, logged_step = None, start_step
 
-        def log(step, out, do_eval):
+        def log(step, out, do_eval, batch, do_diag=False):
             nonlocal t_last, s_last, logged_step
             fetched = parallel.to_host(out)
             record = {"step": step, **{k: _scalar(v) for k, v in fetched.items()}}
             now = time.perf_counter()
             record["steps_per_sec"] = (step - s_last) / max(now - t_last, 1e-9)
             t_last, s_last, logged_step = now, step, step
-            _check_guard(state, steps_fns, nonfinite, ckpt)
+            _check_guard(state, steps_fns, nonfinite, ckpt, workdir)
+            watch.check(train_step, state, batch)
             if do_eval:
                 record.update(run_eval(state))
+            if do_diag:
+                # The state after this step's update, on this step's batch.
+                diag = parallel.to_host(diagnose_step(state, batch))
+                record.update({k: _scalar(v) for k, v in diag.items()})
             history.append(record)
             for w in writers:
                 w.write(record)
@@ -352,20 +400,21 @@ def fit(
                 step == steps or (eval_every is not None and step % eval_every == 0)
             )
             stop_requested = ckpt is not None and ckpt.stop_requested
-            if step % log_every == 0 or step == steps or do_eval or stop_requested:
-                log(step, out, do_eval)
+            do_diag = diagnose_step is not None and step % diagnose_every == 0
+            if step % log_every == 0 or step == steps or do_eval or stop_requested or do_diag:
+                log(step, out, do_eval, batch, do_diag)
             if ckpt is not None and (
                 (checkpoint_every and step % checkpoint_every == 0) or ckpt.stop_requested
             ):
-                _check_guard(state, steps_fns, nonfinite, ckpt)  # never save a poisoned run
+                _check_guard(state, steps_fns, nonfinite, ckpt, workdir)  # never save poison
                 ckpt.save(step, state, data_position=position(step))
                 if ckpt.stop_requested:
                     bar.close()
                     ckpt.exit_after_stop(step)
         if out is not None and logged_step != step:  # the data ran out between log steps
-            log(step, out, eval_data is not None)
+            log(step, out, eval_data is not None, batch)
         if ckpt is not None and step > start_step:
-            _check_guard(state, steps_fns, nonfinite, ckpt)
+            _check_guard(state, steps_fns, nonfinite, ckpt, workdir)
             ckpt.save(step, state, data_position=position(step), final=True)
     finally:
         bar.close()
@@ -377,6 +426,90 @@ def fit(
     for hook in hooks:
         hook.on_fit_end(result)
     return result
+
+
+def _debug_strategy(strategy: str, debug: bool, check: bool) -> str:
+    if debug and check:
+        raise ValueError(
+            "debug=True and check=True are exclusive: check first to find the failing step, "
+            "then rerun up to that step with debug=True to look at it"
+        )
+    if jax.process_count() > 1:
+        raise ValueError(
+            f"{'debug' if debug else 'check'} mode runs on one device of one process; run it "
+            "without jax.distributed (one process)"
+        )
+    if strategy != "single":
+        log.warning(
+            "%s mode runs on one device: strategy %r ignored",
+            "debug" if debug else "check",
+            strategy,
+        )
+    return "single"
+
+
+def _debug_steps(steps_fns, model, loss, input_key, grad_accum, debug):
+    """``(train_step, eval_step)`` of debug mode (eager) or check mode (checkify)."""
+    from jax.experimental import checkify
+
+    from jaxmint.debug._modes import checked_train_step, debug_steps, raise_check
+
+    if debug:
+        return debug_steps(steps_fns, model, loss, input_key=input_key, grad_accum=grad_accum)
+    checked = checked_train_step(steps_fns.train_step)
+    checked_eval = jax.jit(checkify.checkify(steps_fns.eval_step, errors=checkify.all_checks))
+
+    def train_step(state, batch):
+        error, (state, out) = checked(state, batch)
+        raise_check(error, int(state.step))  # a host sync per step, only in check mode
+        return state, out
+
+    def eval_step(state, batch, num_valid):
+        error, out = checked_eval(state, batch, num_valid)
+        raise_check(error, int(state.step), what="the evaluation after step")
+        return out
+
+    return train_step, eval_step
+
+
+class RecompileWatch:
+    """Warn when the train step compiles again, naming the argument that changed."""
+
+    def __init__(self):
+        self.size = None
+        self.signature = None
+
+    @staticmethod
+    def _signature(state, batch) -> dict:
+        from jaxmint._tree import flat_with_names
+
+        return {
+            name: (
+                tuple(np.shape(x)),
+                str(getattr(x, "dtype", type(x).__name__)),
+                bool(getattr(x, "weak_type", False)),
+            )
+            for name, x in flat_with_names({"state": state, "batch": batch}).items()
+        }
+
+    def check(self, fn, state, batch) -> None:
+        cache_size = getattr(fn, "_cache_size", None)
+        if cache_size is None or batch is None:
+            return
+        size = cache_size()
+        signature = self._signature(state, batch)
+        if self.size is not None and size > self.size:
+            changed = [
+                f"{k}: {self.signature.get(k)} -> {v}"
+                for k, v in signature.items()
+                if self.signature.get(k) != v
+            ]
+            log.warning(
+                "the train step compiled again (%d versions); changed arguments: %s",
+                size,
+                changed[:5] or "none visible (a static value or a weak type in a hook?)",
+            )
+        self.size, self.signature = size, signature
 
 
 def _scalar(v):
@@ -406,7 +539,7 @@ def _check_eval_data(eval_data, spec: BatchSpec) -> None:
             )
 
 
-def _check_guard(state: TrainState, steps_fns, nonfinite: str, ckpt) -> None:
+def _check_guard(state: TrainState, steps_fns, nonfinite: str, ckpt, workdir=None) -> None:
     guard = parallel.to_host(state.guard)
     if nonfinite != "raise" or int(guard["first_bad_step"]) < 0:
         return
@@ -420,6 +553,11 @@ def _check_guard(state: TrainState, steps_fns, nonfinite: str, ckpt) -> None:
     kept = ""
     if ckpt is not None and ckpt.latest_step() is not None:
         kept = f" The last good checkpoint (step {ckpt.latest_step()}) is kept."
+    if workdir is not None and jax.process_index() == 0:
+        # For `jaxmint diagnose RUN_DIR --nan`, which replays this step.
+        record = {"step": int(guard["first_bad_step"]), "terms": terms, "groups": groups}
+        (Path(workdir) / "nonfinite.json").write_text(json.dumps(record) + "\n")
+        kept += f" To see where it appeared: jaxmint diagnose {workdir} --nan."
     raise NonFiniteError(
         f"non-finite values at step {int(guard['first_bad_step'])}: loss terms {terms or 'none'}"
         f", gradients of parameter groups {groups or 'none'}. That update was not applied."

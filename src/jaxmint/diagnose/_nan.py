@@ -1,0 +1,125 @@
+"""Localize a non-finite step: replay it from the last good checkpoint, checked."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+
+from jaxmint.checkpoint._manager import _handlers
+from jaxmint.data import ArrayLoader
+from jaxmint.train import build_steps
+from jaxmint.train._state import TrainState
+
+NONFINITE_FILE = "nonfinite.json"
+
+
+def localize_nonfinite(run_dir: str | os.PathLike) -> str:
+    """Re-run the step recorded in ``nonfinite.json`` and say where NaN/inf first appeared.
+
+    The state of the newest checkpoint is restored read-only (nothing in the run
+    dir changes), the steps up to the failing one are replayed (they are
+    deterministic), and the failing step runs op by op with ``jax.debug_nans`` and
+    ``jax.debug_infs``, which stop at the first primitive that produced a NaN or
+    inf; its source line is reported. The sown activations (by layer) and loss
+    terms of that step are checked as well.
+    """
+    from jaxmint.export import load_experiment
+
+    run_dir = Path(run_dir)
+    record_path = run_dir / NONFINITE_FILE
+    if not record_path.exists():
+        raise FileNotFoundError(
+            f"{record_path} does not exist: the run did not stop on a non-finite value "
+            "(only nonfinite='raise' records one)"
+        )
+    record = json.loads(record_path.read_text())
+    bad_step = int(record["step"])
+    module, config, _ = load_experiment(run_dir)
+    exp = module.build(config)
+    steps = build_steps(
+        exp.model, exp.loss, exp.optimizer, input_key=exp.input_key, metrics=exp.metrics
+    )
+    loader = ArrayLoader(exp.train, config.batch_size, seed=config.seed)
+    template = jax.eval_shape(steps.init, jax.random.PRNGKey(config.seed), next(loader.batches(0)))
+    manager = ocp.CheckpointManager(
+        run_dir / "checkpoints",
+        options=ocp.CheckpointManagerOptions(create=False),
+        item_handlers=_handlers(),
+    )
+    try:
+        good = [s for s in manager.all_steps() if s < bad_step]
+        if not good:
+            start, state = (
+                0,
+                jax.jit(steps.init)(jax.random.PRNGKey(config.seed), next(loader.batches(0))),
+            )
+        else:
+            start = max(good)
+            restored = manager.restore(
+                start, args=ocp.args.Composite(state=ocp.args.StandardRestore(template._asdict()))
+            )
+            state = TrainState(**restored["state"])
+    finally:
+        manager.close()
+    step = jax.jit(steps.train_step)
+    batches = loader.batches(start)
+    for _ in range(start + 1, bad_step):  # replay up to the step before the failing one
+        state, _ = step(state, next(batches))
+    batch = next(batches)
+
+    lines = [f"replayed step {bad_step} from the checkpoint at step {start}"]
+    lines.append(_first_nonfinite_op(steps.train_step, state, batch))
+    bad_inputs = [
+        k
+        for k, v in batch.items()
+        if np.issubdtype(np.asarray(v).dtype, np.floating) and not np.isfinite(v).all()
+    ]
+    if bad_inputs:
+        lines.append(f"the batch itself holds NaN/inf in {bad_inputs}")
+    variables = {"params": state.params, **state.model_state}
+    _, updates = exp.model.forward(
+        variables, batch[exp.input_key], train=True, key=jax.random.fold_in(state.rng, state.step)
+    )
+    inter = dict(updates).get("intermediates", {})
+    from jaxmint._tree import flat_with_names
+
+    bad_acts = [
+        name for name, x in flat_with_names(inter).items() if not bool(jnp.all(jnp.isfinite(x)))
+    ]
+    if bad_acts:
+        lines.append(f"non-finite activations (layers): {bad_acts}")
+    _, out = step(state, batch)
+    terms = [
+        k for k, v in jax.device_get(out).items() if k.startswith("loss/") and not np.isfinite(v)
+    ]
+    lines.append(
+        f"non-finite loss terms: {terms or 'none'}; recorded at the time: "
+        f"terms {record.get('terms')}, parameter groups {record.get('groups')}"
+    )
+    return "\n".join(lines)
+
+
+def _first_nonfinite_op(train_step, state, batch) -> str:
+    """Run one step op by op; name the first primitive whose output is NaN or inf."""
+    import traceback
+
+    try:
+        with jax.disable_jit(), jax.debug_nans(True), jax.debug_infs(True):
+            train_step(state, batch)
+    except FloatingPointError as e:
+        frames = traceback.extract_tb(e.__traceback__)
+        outside_jax = [f for f in frames if f"{os.sep}jax{os.sep}" not in f.filename]
+        user = [f for f in outside_jax if "site-packages" not in f.filename]
+        where = []
+        for frame in outside_jax[-1:] + user[-1:]:
+            text = f"{Path(frame.filename).name}:{frame.lineno} in {frame.name}"
+            if text not in where:
+                where.append(text)
+        return f"first non-finite operation: {str(e).splitlines()[0]} at {' / '.join(where)}"
+    return "no operation produced NaN or inf on replay (the value may come from the data)"

@@ -1,0 +1,289 @@
+"""Read a run's metrics, flag known pathologies in plain sentences, and draw plots."""
+
+from __future__ import annotations
+
+import math
+import os
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from jaxmint.track import read_metrics
+
+# Thresholds of the flags; each is tested by a run that provokes it.
+DOMINANT_SHARE = 0.9  # one term's share of the total gradient
+UPDATE_RATIO_HIGH, UPDATE_RATIO_LOW = 1e-1, 1e-5  # healthy is around 1e-3
+LAYER_GRAD_SPREAD = 1e3  # largest / smallest layer gradient norm
+GRAD_GROWTH = 1e2  # last / first total gradient norm
+DEAD_FRACTION = 0.5
+SATURATED_FRACTION = 0.5
+SPIKE_FACTOR = 3.0  # loss above this times the median of the previous records
+OVERFIT_RISE = 0.1  # eval loss 10% above its minimum while train loss keeps falling
+PLATEAU_CHANGE = 0.02  # < 2% change of the mean loss from the first to the second fifth
+
+
+@dataclass
+class Flag:
+    code: str
+    sentence: str
+
+
+@dataclass
+class Report:
+    run_dir: Path
+    flags: list[Flag] = field(default_factory=list)
+    plots: list[Path] = field(default_factory=list)
+    summary: dict = field(default_factory=dict)
+
+    @property
+    def text(self) -> str:
+        lines = [f"diagnosis of {self.run_dir}"]
+        for k, v in self.summary.items():
+            lines.append(f"  {k}: {v}")
+        if not self.flags:
+            lines.append("no known pathology found")
+        for f in self.flags:
+            lines.append(f"- [{f.code}] {f.sentence}")
+        for p in self.plots:
+            lines.append(f"plot: {p}")
+        return "\n".join(lines)
+
+
+def _series(records, key):
+    return [
+        (r["step"], r[key])
+        for r in records
+        if isinstance(r.get(key), int | float) and math.isfinite(r[key])
+    ]
+
+
+def _keys(records, prefix):
+    return sorted({k for r in records for k in r if k.startswith(prefix)})
+
+
+def find_flags(records: list[dict]) -> list[Flag]:
+    """The pathologies visible in ``records`` (the rows of a metrics.jsonl)."""
+    flags: list[Flag] = []
+    late = records[len(records) // 2 :]  # judge gradient statistics on the second half
+
+    shares = {
+        k.split("/", 2)[2]: [v for _, v in _series(late, k)]
+        for k in _keys(records, "diag/grad_share/")
+    }
+    if len(shares) >= 2:
+        for name, values in shares.items():
+            if values and statistics.median(values) > DOMINANT_SHARE:
+                flags.append(
+                    Flag(
+                        "dominant-term",
+                        (
+                            f"loss term '{name}' makes {statistics.median(values):.0%} of the "
+                            "gradient; "
+                            "the other terms barely train. Lower its weight or raise the others'."
+                        ),
+                    )
+                )
+
+    for key in _keys(records, "diag/update_ratio/"):
+        values = [v for _, v in _series(late, key)]
+        if not values:
+            continue
+        layer, ratio = key.split("/", 2)[2], statistics.median(values)
+        if ratio > UPDATE_RATIO_HIGH:
+            flags.append(
+                Flag(
+                    "update-ratio-high",
+                    (
+                        f"layer '{layer}' changes by {ratio:.1e} of its norm per step (healthy: "
+                        "~1e-3); "
+                        "the learning rate is likely too high."
+                    ),
+                )
+            )
+        elif ratio < UPDATE_RATIO_LOW:
+            flags.append(
+                Flag(
+                    "update-ratio-low",
+                    (
+                        f"layer '{layer}' changes by only {ratio:.1e} of its norm per step "
+                        "(healthy: "
+                        "~1e-3); the learning rate is likely too low for it, or its gradient "
+                        "vanishes."
+                    ),
+                )
+            )
+
+    layer_norms = {}
+    for key in _keys(records, "diag/layer_grad_norm/"):
+        values = [v for _, v in _series(late, key)]
+        if values:
+            layer_norms[key.split("/", 2)[2]] = statistics.median(values)
+    if len(layer_norms) >= 2:
+        hi = max(layer_norms, key=layer_norms.get)
+        lo = min(layer_norms, key=layer_norms.get)
+        if layer_norms[hi] > LAYER_GRAD_SPREAD * max(layer_norms[lo], 1e-30):
+            flags.append(
+                Flag(
+                    "vanishing-gradient",
+                    (
+                        f"gradients differ by {layer_norms[hi] / max(layer_norms[lo], 1e-30):.0e}x "
+                        f"between layers ('{hi}' vs '{lo}'): gradients vanish or explode through "
+                        "the "
+                        "depth. Check initialization and normalization."
+                    ),
+                )
+            )
+    grad = [v for _, v in _series(records, "grad_norm")]
+    if len(grad) >= 4 and grad[0] > 0 and statistics.median(grad[-3:]) > GRAD_GROWTH * grad[0]:
+        flags.append(
+            Flag(
+                "exploding-gradient",
+                (
+                    f"the gradient norm grew from {grad[0]:.2g} to {grad[-1]:.2g}; training is "
+                    "diverging. Lower the learning rate or clip gradients "
+                    "(optax.clip_by_global_norm)."
+                ),
+            )
+        )
+
+    for key in _keys(records, "diag/dead/"):
+        values = [v for _, v in _series(late, key)]
+        if values and statistics.median(values) > DEAD_FRACTION:
+            flags.append(
+                Flag(
+                    "dead-units",
+                    (
+                        f"{statistics.median(values):.0%} of the units of "
+                        f"'{key.split('/', 2)[2]}' never "
+                        "activate (dead ReLUs). Lower the learning rate, or use a leaky activation."
+                    ),
+                )
+            )
+    for key in _keys(records, "diag/saturated/"):
+        values = [v for _, v in _series(late, key)]
+        if values and statistics.median(values) > SATURATED_FRACTION:
+            flags.append(
+                Flag(
+                    "saturated-units",
+                    (
+                        f"{statistics.median(values):.0%} of the values of "
+                        f"'{key.split('/', 2)[2]}' are "
+                        "saturated (|x| > 0.97): tanh/sigmoid units stop passing gradient. Scale "
+                        "inputs "
+                        "or initialization down."
+                    ),
+                )
+            )
+
+    loss = _series(records, "loss")
+    for i in range(5, len(loss)):
+        previous = statistics.median(v for _, v in loss[max(0, i - 10) : i])
+        if previous > 0 and loss[i][1] > SPIKE_FACTOR * previous:
+            flags.append(
+                Flag(
+                    "loss-spike",
+                    (
+                        f"the loss jumped to {loss[i][1]:.3g} at step {loss[i][0]} from about "
+                        f"{previous:.3g}. Lower the learning rate, add warmup, or clip gradients."
+                    ),
+                )
+            )
+            break
+
+    evals = _series(records, "eval/loss")
+    if len(evals) >= 3 and len(loss) >= 3:
+        best_step, best = min(evals, key=lambda sv: sv[1])
+        last_step, last = evals[-1]
+        train_then = [v for s, v in loss if s <= best_step]
+        if last > (1 + OVERFIT_RISE) * best and train_then and loss[-1][1] < train_then[-1]:
+            flags.append(
+                Flag(
+                    "overfitting",
+                    (
+                        f"eval loss rose from {best:.3g} (step {best_step}) to {last:.3g} (step "
+                        f"{last_step}) while the training loss kept falling: the model overfits. "
+                        "Stop "
+                        "earlier (export --best), regularize, or get more data."
+                    ),
+                )
+            )
+
+    fifth = len(loss) // 5
+    if fifth >= 2:
+        # Means over the first and second fifth, so that batch-to-batch noise averages out.
+        first = statistics.fmean(v for _, v in loss[:fifth])
+        second = statistics.fmean(v for _, v in loss[fifth : 2 * fifth])
+        change = abs(second - first) / max(abs(first), 1e-12)
+        head = loss[: 2 * fifth]
+        if change < PLATEAU_CHANGE:
+            flags.append(
+                Flag(
+                    "plateau-at-start",
+                    (
+                        f"the loss moved only {change:.1%} over the first {head[-1][0]} steps: the "
+                        "learning rate is likely too low (try jaxmint lr-find)."
+                    ),
+                )
+            )
+    return flags
+
+
+def plot_metrics(runs: dict[str, list[dict]], metrics: list[str], out: Path, title: str = ""):
+    """One PNG with ``metrics`` over steps for each run (several runs: one line each)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    drawn = 0
+    for label, records in runs.items():
+        for metric in metrics:
+            series = _series(records, metric)
+            if series:
+                steps, values = zip(*series, strict=True)
+                name = metric if len(runs) == 1 else f"{label}: {metric}"
+                ax.plot(steps, values, label=name)
+                drawn += 1
+    if not drawn:
+        plt.close(fig)
+        raise ValueError(f"none of the runs logged {metrics}")
+    ax.set_xlabel("step")
+    ax.set_title(title)
+    if all(v > 0 for r in runs.values() for m in metrics for _, v in _series(r, m)):
+        ax.set_yscale("log")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out)
+    plt.close(fig)
+    return out
+
+
+def diagnose_run(run_dir: str | os.PathLike, *, plots: bool = True) -> Report:
+    """Flag pathologies in a run dir's metrics and write ``diagnosis/*.png`` plots."""
+    run_dir = Path(run_dir)
+    records = read_metrics(run_dir)
+    report = Report(run_dir, find_flags(records))
+    report.summary = {
+        "logged steps": len(records),
+        "last step": records[-1]["step"] if records else None,
+    }
+    if plots and records:
+        out = run_dir / "diagnosis"
+        out.mkdir(exist_ok=True)
+        runs = {run_dir.name: records}
+        terms = ["loss", *_keys(records, "loss/"), *_keys(records, "eval/loss")]
+        report.plots.append(plot_metrics(runs, terms, out / "losses.png", "loss and its terms"))
+        for prefix, title in (
+            ("diag/grad_share/", "share of the gradient by loss term"),
+            ("diag/update_ratio/", "update / parameter norm by layer"),
+            ("diag/layer_grad_norm/", "gradient norm by layer"),
+        ):
+            keys = _keys(records, prefix)
+            if keys:
+                name = prefix.strip("/").split("/")[-1]
+                report.plots.append(plot_metrics(runs, keys, out / f"{name}.png", title))
+        text = out / "report.txt"
+        text.write_text(report.text + "\n")
+    return report

@@ -1,0 +1,187 @@
+"""`summary`: a model's layers, parameter shapes, sizes, activation shapes and FLOPs.
+
+Nothing is allocated or trained: shapes come from ``jax.eval_shape`` and FLOPs
+from XLA's cost analysis of the compiled forward pass (one compile).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import numpy as np
+
+from jaxmint.models._model import Model
+
+
+@dataclasses.dataclass
+class LayerSummary:
+    """One top-level parameter group (a flax submodule name, or ``params``)."""
+
+    name: str
+    shapes: dict[str, tuple[int, ...]]
+    params: int
+    bytes: int
+
+
+@dataclasses.dataclass
+class ModelSummary:
+    """What `summary` returns; ``str()`` of it is the printed table.
+
+    Attributes:
+      layers: one `LayerSummary` per top-level parameter group, in order.
+      activations: shapes of the model's outputs (``"outputs"``) and of every sown
+        intermediate, for the sample batch.
+      total_params, total_bytes: over every layer (``params`` only, not model state).
+      flops_per_example: XLA's count for the forward pass divided by the batch
+        size, or None when the backend reports no cost analysis.
+      batch_size: the sample's batch size.
+    """
+
+    layers: list[LayerSummary]
+    activations: dict[str, tuple[int, ...]]
+    total_params: int
+    total_bytes: int
+    flops_per_example: float | None
+    batch_size: int
+
+    def __str__(self) -> str:
+        rows = [("layer", "parameter shapes", "params", "bytes")]
+        for layer in self.layers:
+            shapes = ", ".join(f"{k} {_shape(v)}" for k, v in layer.shapes.items())
+            rows.append((layer.name, shapes, f"{layer.params:,}", _size(layer.bytes)))
+        rows.append(("total", "", f"{self.total_params:,}", _size(self.total_bytes)))
+        text = _table(rows)
+        text += "\n\n" + _table(
+            [("activation", f"shape (batch {self.batch_size})")]
+            + [(k, _shape(v)) for k, v in self.activations.items()]
+        )
+        flops = "n/a" if self.flops_per_example is None else f"{self.flops_per_example:,.0f}"
+        return text + f"\n\nforward FLOPs per example: {flops}"
+
+
+def summary(
+    model: Model,
+    sample: Any,
+    *,
+    input_key: str = "x",
+    key: jax.Array | None = None,
+    show: bool = True,
+) -> ModelSummary:
+    """Print and return a table of ``model``'s layers for a sample batch or inputs.
+
+    Args:
+      sample: a batch (a dict holding ``input_key``) or the model's inputs, with a
+        leading batch axis; only its shapes and dtypes are used.
+      show: print the table (``False`` only returns it).
+
+    Example::
+
+        s = jaxmint.models.summary(jaxmint.models.mlp([32], num_outputs=10), np.zeros((4, 64)))
+        assert s.total_params == 64 * 32 + 32 + 32 * 10 + 10
+    """
+    inputs = sample[input_key] if isinstance(sample, Mapping) and input_key in sample else sample
+    inputs = jax.tree_util.tree_map(
+        lambda a: (
+            jax.ShapeDtypeStruct(np.shape(a), np.asarray(a).dtype)
+            if not isinstance(a, jax.ShapeDtypeStruct)
+            else a
+        ),
+        inputs,
+    )
+    key = jax.random.PRNGKey(0) if key is None else key
+    variables = jax.eval_shape(model.init, key, inputs)
+    if "params" not in variables:
+        raise ValueError(
+            f"model.init returned collections {sorted(variables)} without 'params'; wrap "
+            "plain parameters as {'params': params}"
+        )
+    params = variables["params"]
+    groups = list(params) if isinstance(params, Mapping) and params else None
+    layers = []
+    for name in groups or ["params"]:
+        tree = params[name] if groups else params
+        flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+        shapes = {(_path(p) or name): tuple(leaf.shape) for p, leaf in flat}
+        count = sum(int(np.prod(leaf.shape)) for _, leaf in flat)
+        size = sum(int(np.prod(leaf.shape)) * np.dtype(leaf.dtype).itemsize for _, leaf in flat)
+        layers.append(LayerSummary(str(name), shapes, count, size))
+
+    def forward(v, x):
+        return model.forward(v, x, train=False, key=None)
+
+    outputs, updates = jax.eval_shape(forward, variables, inputs)
+    activations = {}
+    for p, leaf in jax.tree_util.tree_flatten_with_path(outputs)[0]:
+        activations["outputs" + (f"/{_path(p)}" if _path(p) else "")] = tuple(leaf.shape)
+    for p, leaf in jax.tree_util.tree_flatten_with_path(dict(updates).get("intermediates", {}))[0]:
+        activations[_path(p)] = tuple(leaf.shape)
+    batch = int(jax.tree_util.tree_leaves(inputs)[0].shape[0])
+    result = ModelSummary(
+        layers=layers,
+        activations=activations,
+        total_params=sum(layer.params for layer in layers),
+        total_bytes=sum(layer.bytes for layer in layers),
+        flops_per_example=_flops(model, variables, inputs, batch),
+        batch_size=batch,
+    )
+    if show:
+        print(result)
+    return result
+
+
+def _flops(model: Model, variables, inputs, batch: int) -> float | None:
+    # One compile of the forward pass on abstract values; nothing runs.
+    def apply(v, x):
+        return model.apply(v, x, train=False, key=None)
+
+    try:
+        cost = jax.jit(apply).lower(variables, inputs).compile().cost_analysis()
+    except Exception:  # a backend without cost analysis: report n/a, not an error
+        return None
+    if isinstance(cost, list | tuple):  # older jax: one dict per computation
+        cost = cost[0] if cost else None
+    if not cost or "flops" not in cost:
+        return None
+    return float(cost["flops"]) / max(batch, 1)
+
+
+def _path(path) -> str:
+    parts = []
+    for entry in path:
+        for attr in ("key", "name", "idx"):
+            if hasattr(entry, attr):
+                parts.append(str(getattr(entry, attr)))
+                break
+    # flax's sow stores a tuple of values: drop its trailing index 0.
+    if len(parts) > 1 and parts[-1] == "0":
+        parts = parts[:-1]
+    return "/".join(parts)
+
+
+def _shape(shape) -> str:
+    return "(" + ", ".join(map(str, shape)) + (",)" if len(shape) == 1 else ")")
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:,} {unit}" if unit == "B" else f"{n:,.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def _table(rows: list[tuple[str, ...]]) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = []
+    for j, row in enumerate(rows):
+        cells = [
+            c.ljust(w) if i < 2 else c.rjust(w)
+            for i, (c, w) in enumerate(zip(row, widths, strict=True))
+        ]
+        lines.append("  ".join(cells).rstrip())
+        if j == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)

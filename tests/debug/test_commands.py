@@ -1,0 +1,94 @@
+"""--summary and --debug on a shipped experiment, and `jaxmint inspect-step RUN_DIR`."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from jaxmint.cli import main as cli
+from jaxmint.debug._modes import rerun_command
+
+REPO = Path(__file__).resolve().parents[2]
+SCRIPT = REPO / "experiments" / "digits_mlp.py"
+
+
+def run(*args):
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    out = subprocess.run(
+        [sys.executable, str(SCRIPT), *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+        cwd=REPO,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out
+
+
+def test_summary_flag_prints_the_table_and_trains_nothing(tmp_path):
+    out = run("--summary", "--hidden", "32", "--workdir", tmp_path / "run")
+    assert "dense0" in out.stdout and "head" in out.stdout
+    assert f"{64 * 32 + 32 + 32 * 10 + 10:,}" in out.stdout  # the total parameter count
+    assert "FLOPs per example" in out.stdout
+    assert not (tmp_path / "run").exists()
+
+
+def test_debug_smoke_run_then_inspect_step(tmp_path, capsys):
+    workdir = tmp_path / "run"
+    run("--smoke", "--debug", "--steps", "3", "--no-progress", "--workdir", workdir)
+    assert (workdir / "DEBUG_RUN").exists()
+    assert json.loads((workdir / "config.json").read_text())["debug"] is True
+
+    assert cli(["inspect-step", str(workdir)]) == 0
+    printed = capsys.readouterr().out
+    assert "checkpoint at step 3, the batch of step 4" in printed
+    for text in ("ce", "l2", "total", "|update|", "|grad| dense0", "act0"):
+        assert text in printed
+
+    assert cli(["inspect-step", str(tmp_path / "nothing")]) == 2
+    assert "not a run dir" in capsys.readouterr().err
+
+
+def test_rerun_command_swaps_check_for_debug():
+    command = rerun_command(
+        ["python experiments/x.py", "--check", "--lr", "1", "--steps", "900", "--workdir", "r/a"],
+        17,
+        "r/a",
+    )
+    assert command == (
+        "python experiments/x.py --lr 1 --debug --fresh --steps 17 --workdir r/a-debug"
+    )
+
+
+def test_check_flag_stops_and_prints_the_debug_command(tmp_path, toy):
+    import dataclasses
+
+    import jax.numpy as jnp
+    import optax
+    import pytest
+
+    import jaxmint
+    from jaxmint import losses
+    from jaxmint.experiment import Common, Experiment
+
+    @dataclasses.dataclass
+    class Config(Common):
+        """A planted out-of-bounds index."""
+
+    def build(config):
+        bad = losses.term(lambda out, b: out[jnp.arange(out.shape[0]), b["y"] + 3], name="bad")
+        return Experiment(
+            jaxmint.models.mlp([4], num_outputs=3), bad, optax.sgd(0.1), toy, eval=None
+        )
+
+    workdir = str(tmp_path / "run")
+    argv = ["--check", "--steps", "3", "--batch-size", "8", "--workdir", workdir, "--no-progress"]
+    with pytest.raises(SystemExit) as e:
+        jaxmint.experiment.main(build, Config, argv)
+    message = str(e.value.code)
+    assert "checked step 1 failed: out-of-bounds" in message
+    assert f"--batch-size 8 --no-progress --debug --fresh --steps 1 --workdir {workdir}-debug" in (
+        message
+    )

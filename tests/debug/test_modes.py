@@ -1,0 +1,166 @@
+"""Debug mode (concrete values, marked run dirs) and checked steps (checkify)."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.experimental import checkify
+
+import jaxmint
+from jaxmint import losses
+from jaxmint.debug import MARKER, CheckError, DebugRunError
+
+
+def model():
+    return jaxmint.models.mlp([8], num_outputs=3)
+
+
+def test_debug_mode_runs_user_code_on_concrete_values(toy):
+    seen, hooked = [], []
+
+    def probe(outputs, batch):
+        # Every call sees either real arrays (the concrete pass) or tracers (jax.grad).
+        if jaxmint.debug.is_concrete(outputs):
+            assert not isinstance(outputs, jax.core.Tracer)
+            seen.append(np.asarray(outputs))
+            print("probe max", float(outputs.max()))
+        return jnp.zeros(outputs.shape[0])
+
+    loss = losses.softmax_cross_entropy() + losses.term(probe, name="probe")
+    result = jaxmint.fit(
+        model(),
+        loss,
+        optax.sgd(0.1),
+        toy,
+        steps=3,
+        batch_size=8,
+        log_every=1,
+        debug=True,
+        progress=False,
+        hooks=[lambda step, record: hooked.append((step, record["loss"]))],
+    )
+    assert len(seen) == 3  # once per train step, on the configured batch of 8
+    assert all(s.shape == (8, 3) for s in seen)
+    assert [s for s, _ in hooked] == [1, 2, 3]
+    assert all(isinstance(v, float) and np.isfinite(v) for _, v in hooked)
+    assert len(result.history) == 3
+
+
+def test_debug_mode_matches_the_jitted_run(toy):
+    kwargs = dict(steps=4, batch_size=16, log_every=2, progress=False)
+    loss = losses.softmax_cross_entropy()
+    plain = jaxmint.fit(model(), loss, optax.adam(1e-2), toy, **kwargs)
+    debug = jaxmint.fit(model(), loss, optax.adam(1e-2), toy, debug=True, **kwargs)
+    for a, b in zip(jax.tree.leaves(plain.params), jax.tree.leaves(debug.params), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_debug_mode_explains_python_conversions_under_grad(toy):
+    def converts(outputs, batch):
+        return jnp.zeros(outputs.shape[0]) * float(outputs.sum())
+
+    loss = losses.softmax_cross_entropy() + losses.term(converts, name="converts")
+    with pytest.raises(DebugRunError, match="is_concrete"):
+        jaxmint.fit(
+            model(), loss, optax.sgd(0.1), toy, steps=1, batch_size=8, debug=True, progress=False
+        )
+
+
+def test_debug_and_normal_runs_never_resume_each_other(toy, tmp_path):
+    kwargs = dict(steps=2, batch_size=8, progress=False, log_every=1)
+    loss = losses.softmax_cross_entropy()
+    debug_dir, normal_dir = tmp_path / "debug", tmp_path / "normal"
+    jaxmint.fit(model(), loss, optax.sgd(0.1), toy, workdir=debug_dir, debug=True, **kwargs)
+    assert (debug_dir / MARKER).exists()
+    assert json.loads((debug_dir / "config.json").read_text())["debug"] is True
+    with pytest.raises(DebugRunError, match="holds checkpoints of a debug run") as e:
+        jaxmint.fit(model(), loss, optax.sgd(0.1), toy, workdir=debug_dir, **kwargs)
+    assert "another --workdir" in str(e.value) and "--fresh" in str(e.value)
+
+    jaxmint.fit(model(), loss, optax.sgd(0.1), toy, workdir=normal_dir, **kwargs)
+    assert not (normal_dir / MARKER).exists()
+    assert json.loads((normal_dir / "config.json").read_text())["debug"] is False
+    with pytest.raises(DebugRunError, match="holds checkpoints of a normal run"):
+        jaxmint.fit(model(), loss, optax.sgd(0.1), toy, workdir=normal_dir, debug=True, **kwargs)
+
+    # --fresh moves the debug run aside; the dir is then a normal run.
+    jaxmint.fit(model(), loss, optax.sgd(0.1), toy, workdir=debug_dir, fresh=True, **kwargs)
+    assert not (debug_dir / MARKER).exists()
+    # A debug run resumes a debug run.
+    jaxmint.fit(
+        model(), loss, optax.sgd(0.1), toy, workdir=normal_dir, debug=True, fresh=True, **kwargs
+    )
+    more = dict(kwargs, steps=3)
+    result = jaxmint.fit(model(), loss, optax.sgd(0.1), toy, workdir=normal_dir, debug=True, **more)
+    assert result.history[-1]["step"] == 3
+
+
+def _fit_checked(toy, term, steps=5):
+    loss = losses.softmax_cross_entropy() + losses.term(term, name="planted")
+    return jaxmint.fit(
+        model(), loss, optax.sgd(0.1), toy, steps=steps, batch_size=8, check=True, progress=False
+    )
+
+
+def test_check_catches_a_planted_nan_with_step_and_location(toy):
+    def planted(outputs, batch):
+        # A data-dependent bug: when the first row's label is 2, log of a negative number.
+        shift = 2.0 * (batch["y"][0] == 2)
+        return jnp.log(1.0 + 0.01 * jnp.abs(outputs[:, 0]) - shift)
+
+    loader = jaxmint.data.ArrayLoader(toy, 8, seed=0)
+    first_bad = 1 + next(i for i, b in enumerate(loader.batches(0)) if b["y"][0] == 2)
+    with pytest.raises(CheckError) as e:
+        _fit_checked(toy, planted, steps=first_bad + 2)
+    assert e.value.step == first_bad
+    assert f"checked step {first_bad} failed" in str(e.value)
+    assert "nan generated by primitive: log" in str(e.value)
+    assert e.value.where and "test_modes.py" in e.value.where and "planted" in e.value.where
+    assert "debug=True" in str(e.value)
+
+
+def test_check_catches_an_out_of_bounds_index(toy):
+    def planted(outputs, batch):
+        return outputs[jnp.arange(outputs.shape[0]), batch["y"] + 3]  # only 3 classes
+
+    with pytest.raises(CheckError, match="checked step 1 failed: out-of-bounds") as e:
+        _fit_checked(toy, planted)
+    assert "planted" in e.value.where
+
+
+def test_check_runs_user_checks_and_passes_a_clean_run(toy):
+    def guarded(outputs, batch):
+        # debug_check: a no-op in normal runs, a real check under check=True.
+        checkify.debug_check(jnp.all(outputs < 1e6), "logits exploded: max {m}", m=outputs.max())
+        return jnp.zeros(outputs.shape[0])
+
+    loss = losses.softmax_cross_entropy() + losses.term(guarded, name="guarded")
+    kwargs = dict(steps=2, batch_size=8, progress=False, eval_data=toy)
+    checked = jaxmint.fit(model(), loss, optax.adam(1e-2), toy, check=True, **kwargs)
+    plain = jaxmint.fit(model(), loss, optax.adam(1e-2), toy, **kwargs)
+    for a, b in zip(jax.tree.leaves(plain.params), jax.tree.leaves(checked.params), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-6)
+
+    def failing(outputs, batch):
+        checkify.check(jnp.all(outputs > 1e6), "logits too small: max {m}", m=outputs.max())
+        return jnp.zeros(outputs.shape[0])
+
+    with pytest.raises(CheckError, match="checked step 1 failed: logits too small"):
+        _fit_checked(toy, failing)
+
+
+def test_debug_and_check_are_exclusive(toy):
+    with pytest.raises(ValueError, match="exclusive"):
+        jaxmint.fit(
+            model(),
+            losses.softmax_cross_entropy(),
+            optax.sgd(0.1),
+            toy,
+            steps=1,
+            batch_size=8,
+            debug=True,
+            check=True,
+        )
