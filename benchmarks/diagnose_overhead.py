@@ -23,9 +23,10 @@ DEFAULT_INTERVAL = 100
 
 
 def rate(history) -> float:
-    """Steps/s over every logged interval but the first two: the train step compiles in
-    the first, the diagnostic step (first run at step 100) in the second."""
-    rest = history[2:]
+    """Steps/s over every logged interval but the first three: the train step compiles
+    in the first; the diagnostic step first runs (and compiles) right after the record
+    of step 100, so inside the third."""
+    rest = history[3:]
     return len(rest) * 50 / sum(50 / r["steps_per_sec"] for r in rest)
 
 

@@ -301,3 +301,25 @@ def test_nan_localization_replays_the_failing_step(tmp_path):
     assert f"replayed step {record['step']}" in text
     assert "first non-finite operation:" in text
     assert "checkify found no" not in text
+
+
+def test_recompile_watch_names_the_changed_argument(caplog):
+    import logging
+
+    from jaxmint.train._fit import RecompileWatch
+
+    f = jax.jit(lambda state, batch: state["w"] * batch["x"].sum())
+    state = {"w": jnp.ones(3)}
+    watch = RecompileWatch()
+    batch = {"x": np.ones((4, 3), np.float32)}
+    f(state, batch)
+    watch.check(f, state, batch)
+    f(state, batch)
+    with caplog.at_level(logging.WARNING, logger="jaxmint"):
+        watch.check(f, state, batch)
+        assert "compiled again" not in caplog.text
+        wider = {"x": np.ones((4, 5), np.float32)}
+        f(state, wider)
+        watch.check(f, state, wider)
+    assert "compiled again (2 versions)" in caplog.text
+    assert "batch/x: ((4, 3), 'float32', False) -> ((4, 5), 'float32', False)" in caplog.text
