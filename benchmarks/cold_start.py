@@ -89,8 +89,7 @@ def train_and_export(tmp: Path, quick: bool) -> tuple[Path, Path]:
         eval_every=10**6,
         checkpoint_every=10**6,
     )
-    sys.modules["__main__"].__file__ = str(script)  # the run dir records its experiment
-    fit_experiment(module.build(config), config)
+    fit_experiment(module.build(config), config, script=script)
     art = export_run(tmp / "run", tmp / "artifact", batch_sizes=(1, 8, 64))
     return tmp / "run", art
 

@@ -64,8 +64,14 @@ class Experiment(NamedTuple):
     input_key: str = "x"
 
 
-def fit_experiment(exp: Experiment, config: Common, **overrides):
-    """Run `jaxmint.fit` with the common fields of ``config``."""
+def fit_experiment(
+    exp: Experiment, config: Common, *, script: str | Path | None = None, **overrides
+):
+    """Run `jaxmint.fit` with the common fields of ``config``.
+
+    ``script`` is the experiment file recorded in the run dir (for export and
+    resume); by default the running program's main file.
+    """
     from jaxmint.train import fit
 
     kwargs = dict(
@@ -83,7 +89,10 @@ def fit_experiment(exp: Experiment, config: Common, **overrides):
         grad_accum=config.grad_accum,
         compute_dtype=config.compute_dtype,
         log_every=config.log_every,
-        config={**to_dict(config), "experiment": _experiment_file()},
+        config={
+            **to_dict(config),
+            "experiment": str(Path(script).resolve()) if script else _experiment_file(),
+        },
         progress=config.progress,
         fresh=config.fresh,
         debug=config.debug,

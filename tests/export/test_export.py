@@ -56,10 +56,7 @@ def test_every_shipped_experiment_round_trips(script, tmp_path):
     config = module.Config(**{**module.SMOKE, "workdir": str(tmp_path / "run"), "progress": False})
     config = dataclasses.replace(config, eval_every=config.steps)
     exp = module.build(config)
-    import sys
-
-    sys.modules["__main__"].__file__ = str(REPO / f"experiments/{script}.py")
-    result = fit_experiment(exp, config)
+    result = fit_experiment(exp, config, script=REPO / f"experiments/{script}.py")
     out = export_run(tmp_path / "run", tmp_path / "art", batch_sizes=(1, 4))
     predictor = jaxmint_runtime.load(out)
     x = np.asarray(exp.eval[exp.input_key][:6])
@@ -291,10 +288,7 @@ def test_cli_export_and_inspect(tmp_path, capsys):
 
     module = load_module(REPO / "experiments/digits_mlp.py")
     config = module.Config(**{**module.SMOKE, "workdir": str(tmp_path / "run"), "progress": False})
-    import sys
-
-    sys.modules["__main__"].__file__ = str(REPO / "experiments/digits_mlp.py")
-    fit_experiment(module.build(config), config)
+    fit_experiment(module.build(config), config, script=REPO / "experiments/digits_mlp.py")
     assert (
         main(
             [

@@ -1,6 +1,7 @@
 """Workers run in this process: failures, continuing a study, the report, specs, SLURM."""
 
 import csv
+import json
 import os
 import pickle
 import re
@@ -41,6 +42,15 @@ def test_failed_trial_keeps_traceback_and_sweep_goes_on_then_continues(tiny, tmp
     text = (sweep_dir / "trials" / str(boom.user_attrs["slot"]) / "traceback.txt").read_text()
     assert "Traceback" in text and "RuntimeError: boom" in text
     assert all(t.state.name == "COMPLETE" for t in trials if t is not boom)
+    # a trial's run dir records the experiment script, so it exports like any run
+    (ok,) = [t for t in trials if t.params["mode"] == "ok"]
+    run_dir = sweep_dir / "trials" / str(ok.user_attrs["slot"])
+    assert json.loads((run_dir / "config.json").read_text())["config"]["experiment"] == str(
+        script.resolve()
+    )
+    from jaxmint.export import export_run
+
+    assert (export_run(run_dir, tmp_path / "art", batch_sizes=(1,)) / "manifest.json").exists()
     # a third run with the budget spent does nothing
     assert sum(sweep.run_worker(sweep_dir, max_wait_s=30).values()) == 0
 

@@ -75,7 +75,9 @@ def run_trial(trial, module, spec: Spec, base, sweep_dir: Path) -> float:
         json.dumps({"trial": trial.number, "slot": slot, "params": params}, indent=2)
     )
     exp = module.build(config)
-    result = fit_experiment(exp, config, hooks=[ReportHook(trial, spec.objective)])
+    result = fit_experiment(
+        exp, config, script=module.__file__, hooks=[ReportHook(trial, spec.objective)]
+    )
     value = None
     for record in reversed(result.history):
         if spec.objective in record:
