@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import platform
 import statistics
@@ -59,3 +60,17 @@ def environment() -> dict:
         "platform": platform.platform(),
         "load_average_1_5_15min": os.getloadavg(),
     }
+
+
+def write_result(result: dict, out, load_before) -> None:
+    """Write ``result`` as JSON to ``out``, noting first if the machine was busy."""
+    load_after = os.getloadavg()
+    if max(load_before[0], load_after[0]) > (os.cpu_count() or 1) * 0.75:
+        print(
+            f"\nnote: other processes kept this machine busy (1-min load average "
+            f"{load_before[0]:.1f} at start, {load_after[0]:.1f} at the end, on "
+            f"{os.cpu_count()} CPUs); the interleaved ratios absorb part of that, not all"
+        )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"\nwrote {out}")

@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import itertools
-import json
 import os
 import shutil
 import subprocess
@@ -47,7 +46,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import optax
-from _common import environment, interval_rates, med, steady_rate, table
+from _common import environment, interval_rates, med, steady_rate, table, write_result
 from jax.experimental.compilation_cache import compilation_cache
 
 import jaxmint
@@ -470,16 +469,7 @@ def main(argv=None) -> dict:
         )
     )
 
-    load_after = os.getloadavg()
-    if max(load_before[0], load_after[0]) > (os.cpu_count() or 1) * 0.75:
-        print(
-            f"\nnote: other processes kept this machine busy (1-min load average "
-            f"{load_before[0]:.1f} at start, {load_after[0]:.1f} at the end, on "
-            f"{os.cpu_count()} CPUs); the interleaved ratios absorb part of that, not all"
-        )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"\nwrote {args.out}")
+    write_result(result, args.out, load_before)
     return result
 
 

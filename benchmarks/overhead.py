@@ -31,7 +31,6 @@ Results are printed as a table and written to ``benchmarks/results/overhead.json
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -41,7 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from _common import environment, flops_of, interval_rates, med, steady_rate, table
+from _common import environment, flops_of, interval_rates, med, steady_rate, table, write_result
 
 import jaxmint
 from jaxmint.models._zoo import MLP
@@ -357,16 +356,7 @@ def main(argv=None) -> dict:
         )
     )
 
-    load_after = os.getloadavg()
-    if max(load_before[0], load_after[0]) > (os.cpu_count() or 1) * 0.75:
-        print(
-            f"\nnote: other processes kept this machine busy (1-min load average "
-            f"{load_before[0]:.1f} at start, {load_after[0]:.1f} at the end, on "
-            f"{os.cpu_count()} CPUs); the interleaved ratios absorb part of that, not all"
-        )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"\nwrote {args.out}")
+    write_result(result, args.out, load_before)
     return result
 
 

@@ -170,9 +170,9 @@ class Predictor:
         return next(iter(out.values())) if self.single_output else out
 
     def _fast_path(self, x):
-        """One input array of a shape seen before, with its own executable: about 2 µs of
-        Python instead of the full validation (the dtype/shape checks are cached per
-        shape; the finite check, which depends on the values, still runs)."""
+        """One input array of a shape seen before, with its own executable: the dtype and
+        shape checks are cached per shape, so only the value-dependent finite check (if
+        on) runs again."""
         if type(x) is not np.ndarray or not self.single_output or len(self.inputs) != 1:
             return None
         fn = self._fast.get((x.shape, x.dtype))

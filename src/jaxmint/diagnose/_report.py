@@ -146,34 +146,27 @@ def find_flags(records: list[dict]) -> list[Flag]:
             )
         )
 
-    for key in _keys(records, "diag/dead/"):
-        values = [v for _, v in _series(late, key)]
-        if values and statistics.median(values) > DEAD_FRACTION:
-            flags.append(
-                Flag(
-                    "dead-units",
-                    (
-                        f"{statistics.median(values):.0%} of the units of "
-                        f"'{key.split('/', 2)[2]}' never "
-                        "activate (dead ReLUs). Lower the learning rate, or use a leaky activation."
-                    ),
-                )
-            )
-    for key in _keys(records, "diag/saturated/"):
-        values = [v for _, v in _series(late, key)]
-        if values and statistics.median(values) > SATURATED_FRACTION:
-            flags.append(
-                Flag(
-                    "saturated-units",
-                    (
-                        f"{statistics.median(values):.0%} of the values of "
-                        f"'{key.split('/', 2)[2]}' are "
-                        "saturated (|x| > 0.97): tanh/sigmoid units stop passing gradient. Scale "
-                        "inputs "
-                        "or initialization down."
-                    ),
-                )
-            )
+    for prefix, limit, code, what in (
+        (
+            "diag/dead/",
+            DEAD_FRACTION,
+            "dead-units",
+            "of the units of '{}' never activate (dead ReLUs). Lower the learning rate, or use "
+            "a leaky activation.",
+        ),
+        (
+            "diag/saturated/",
+            SATURATED_FRACTION,
+            "saturated-units",
+            "of the values of '{}' are saturated (|x| > 0.97): tanh/sigmoid units stop passing "
+            "gradient. Scale inputs or initialization down.",
+        ),
+    ):
+        for key in _keys(records, prefix):
+            values = [v for _, v in _series(late, key)]
+            if values and statistics.median(values) > limit:
+                share = statistics.median(values)
+                flags.append(Flag(code, f"{share:.0%} " + what.format(key.split("/", 2)[2])))
 
     loss = _series(records, "loss")
     for i in range(5, len(loss)):
