@@ -69,3 +69,11 @@ def test_sweep_overhead_quick(tmp_path):
 def test_diagnose_overhead_quick():
     out = run("benchmarks/diagnose_overhead.py", "--quick")
     assert "ratio" in out
+
+
+@pytest.mark.slow
+def test_backends_quick(tmp_path):
+    out = run("benchmarks/backends.py", "--quick", "--out", tmp_path / "b.json")
+    assert "batch-1 latency" in out and "serving peak RSS" in out
+    result = json.loads((tmp_path / "b.json").read_text())
+    assert set(result["batch1_latency_us"]) == {"xla", "onnx", "iree"}

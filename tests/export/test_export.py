@@ -92,7 +92,7 @@ def test_fixed_batch_sizes_pad_and_chunk(trained, tmp_path):
         precompile=False,
     )
     manifest = json.loads((out / "manifest.json").read_text())
-    assert [m["batch_size"] for m in manifest["modules"]] == [2, 8]
+    assert [m["batch_size"] for m in manifest["targets"]["xla"]["modules"]] == [2, 8]
     predictor = jaxmint_runtime.load(out)
     assert not predictor.symbolic
     for n in (1, 2, 5, 8, 19):
@@ -113,7 +113,8 @@ def test_multi_platform_export_loads_on_cpu(trained, tmp_path):
         precompile=False,
     )
     predictor = jaxmint_runtime.load(out)
-    assert json.loads((out / "manifest.json").read_text())["platforms"] == ["cpu", "cuda", "tpu"]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["targets"]["xla"]["platforms"] == ["cpu", "cuda", "tpu"]
     x = test["x"][:4]
     np.testing.assert_allclose(predictor(x), reference(trained, x), rtol=1e-5, atol=1e-6)
 
@@ -122,12 +123,12 @@ def test_precompiled_used_when_matching_and_skipped_otherwise(artifact, tmp_path
     predictor = jaxmint_runtime.load(artifact, warmup=False)
     # In this process the cache may already be warm; the decision is what matters.
     manifest = json.loads((artifact / "manifest.json").read_text())
-    (entry,) = manifest["precompiled"]
+    (entry,) = manifest["targets"]["xla"]["precompiled"]
     assert entry["platform"] == "cpu" and entry["files"]
     assert all((artifact / f).is_file() for f in entry["files"])
     other = tmp_path / "other"
     shutil.copytree(artifact, other)
-    manifest["precompiled"][0]["jaxlib"] = "0.0.1"
+    manifest["targets"]["xla"]["precompiled"][0]["jaxlib"] = "0.0.1"
     (other / "manifest.json").write_text(json.dumps(manifest))
     with caplog.at_level(logging.INFO, logger="jaxmint_runtime"):
         predictor = jaxmint_runtime.load(other)
@@ -208,7 +209,8 @@ def test_newer_format_and_expired_module_are_refused(artifact, tmp_path):
     (art / "manifest.json").write_text(json.dumps({**manifest, "format_version": 99}))
     with pytest.raises(ArtifactError, match="format version 99 is newer"):
         jaxmint_runtime.load(art)
-    (art / "manifest.json").write_text(json.dumps({**manifest, "expires": "2020-01-01"}))
+    manifest["targets"]["xla"]["expires"] = "2020-01-01"
+    (art / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(
         ArtifactError,
         match=r"compatibility window ended on 2020-01-01.*"

@@ -34,7 +34,7 @@ def test_health_and_metadata(server):
     assert status == 200 and meta["name"] == "jaxmint-serve"
     assert "binary_tensor_data" in meta["extensions"] and meta["version"]
     status, model = get_json(port, "/v2/models/digits")
-    assert status == 200 and model["platform"] == "jaxmint"
+    assert status == 200 and model["platform"] == "jaxmint/xla"
     assert model["inputs"] == [{"name": "x", "datatype": "FP32", "shape": [-1, 64]}]
     assert model["outputs"] == [{"name": "output", "datatype": "FP32", "shape": [-1, 10]}]
     assert get_json(port, "/v2/models/digits/versions/1")[1] == model

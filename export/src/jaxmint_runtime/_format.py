@@ -6,6 +6,12 @@ Format version log (the manifest's ``format_version``):
   (symbolic or fixed batch), weights in ``weights.safetensors``, optional
   precompiled executables as XLA compilation-cache entries under
   ``compiled/<platform>/``, and a sha256 for every file.
+- 2 (2026-11-30): several targets in one artifact. ``targets`` maps ``xla`` (the
+  version-1 fields ``modules``, ``platforms``, ``precompiled``, ``parity``,
+  ``expires`` and ``versions``), ``onnx`` (``onnx/model.onnx`` with its weights as
+  external data) and ``iree`` (one ``.vmfb`` per declared batch size and HAL
+  target) to their files, versions and parity; ``skipped_targets`` records why a
+  requested target was not written. Version-1 manifests read as ``{"xla": ...}``.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 FORMAT_NAME = "jaxmint-artifact"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
 WEIGHTS = "weights.safetensors"
 COMPAT_DAYS = 180  # jax.export keeps backward compatibility for 6 months
@@ -59,12 +65,21 @@ _CODES = {v: k for k, v in _DTYPES.items()}
 _MAX_HEADER = 100 * 1024 * 1024
 
 
-def _np_dtype(name: str) -> np.dtype:
+def np_dtype(name: str) -> np.dtype:
+    """numpy dtype by name; ``bfloat16`` comes from ml_dtypes (installed with jax and IREE)."""
     if name == "bfloat16":
-        import ml_dtypes  # shipped with jaxlib
-
+        try:
+            import ml_dtypes
+        except ImportError:
+            raise ArtifactError(
+                "this artifact holds bfloat16 arrays, which need the ml_dtypes package: "
+                "pip install ml_dtypes"
+            ) from None
         return np.dtype(ml_dtypes.bfloat16)
     return np.dtype(name)
+
+
+_np_dtype = np_dtype
 
 
 def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, np.ndarray]) -> None:
@@ -140,6 +155,9 @@ def read_manifest(directory: str | os.PathLike) -> dict:
             f"{path}: artifact format version {version} is newer than this runtime reads "
             f"(up to {FORMAT_VERSION}); upgrade jaxmint-runtime"
         )
+    if "targets" not in manifest:  # version 1: the XLA target's fields at the top level
+        keys = ("modules", "platforms", "precompiled", "parity", "expires", "versions")
+        manifest["targets"] = {"xla": {k: manifest[k] for k in keys if k in manifest}}
     return manifest
 
 
@@ -164,3 +182,14 @@ def verify_files(directory: str | os.PathLike, manifest: dict) -> None:
             raise ArtifactError(
                 f"{path}: not part of the artifact (not in the manifest); remove it"
             )
+
+
+def read_weights(directory: str | os.PathLike, manifest: dict) -> list[np.ndarray]:
+    """The artifact's weights in argument order (memory-mapped, read-only)."""
+    directory = Path(directory)
+    weights = read_safetensors(directory / WEIGHTS)
+    order = manifest["weights"]["order"]
+    missing = [n for n in order if n not in weights]
+    if missing:
+        raise ArtifactError(f"{directory / WEIGHTS}: weights {missing[:3]} are missing")
+    return [weights[n] for n in order]

@@ -10,18 +10,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import jax
 import numpy as np
-from jax import export as jax_export
 
-from jaxmint_runtime import _cache
+from jaxmint_runtime import backends
 from jaxmint_runtime._format import (
-    WEIGHTS,
     ArtifactError,
     read_manifest,
-    read_safetensors,
     verify_files,
 )
+from jaxmint_runtime._format import np_dtype as _np_dtype
 
 log = logging.getLogger("jaxmint_runtime")
 
@@ -46,25 +43,19 @@ class TensorSpec:
         return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
 
 
-def _np_dtype(name: str) -> np.dtype:
-    if name == "bfloat16":
-        import ml_dtypes
-
-        return np.dtype(ml_dtypes.bfloat16)
-    return np.dtype(name)
-
-
 class Predictor:
     """A loaded artifact. Call it with a dict of arrays (or one array); get numpy back.
 
-    Batches whose size was declared at export run the precompiled executable (or
-    one compiled at load); a smaller undeclared size is padded up to the next
-    declared size and sliced back (no compile); a larger one is split into
-    chunks of the largest fixed size, or, for a symbolic module, compiled once
-    for that size and cached for the life of the process.
+    The arrays are validated here, in numpy, whatever the backend. Then a batch
+    size with its own executable runs it; with the XLA backend's symbolic module
+    a smaller undeclared size is padded up to the next declared size and sliced
+    back (no compile) and a larger one is compiled once and cached; ONNX Runtime
+    takes any size as it is; with fixed-size executables only (IREE, or XLA
+    exported with ``--fixed-batch``) a larger batch is split into chunks of the
+    largest size.
     """
 
-    def __init__(self, directory: Path, manifest: dict, *, check_finite: bool = False):
+    def __init__(self, directory: Path, manifest: dict, backend, *, check_finite: bool = False):
         self.directory = directory
         self.manifest = manifest
         self.name: str = manifest["name"]
@@ -73,24 +64,19 @@ class Predictor:
         self.single_output: bool = manifest.get("single_output", len(self.outputs) == 1)
         self.batch_sizes: list[int] = sorted(manifest.get("batch_sizes") or [])
         self.check_finite = check_finite
-        weights = read_safetensors(directory / WEIGHTS)
-        order = manifest["weights"]["order"]
-        missing = [n for n in order if n not in weights]
-        if missing:
-            raise ArtifactError(f"{directory / WEIGHTS}: weights {missing[:3]} are missing")
-        self._weights = [jax.device_put(np.asarray(weights[n])) for n in order]
-        self._modules: dict[int | None, Any] = {}
-        for m in manifest["modules"]:
-            data = (directory / m["file"]).read_bytes()
-            try:
-                exported = jax_export.deserialize(bytearray(data))
-            except Exception as e:
-                raise ArtifactError(f"{directory / m['file']}: cannot deserialize ({e})") from None
-            self._modules[m["batch_size"]] = jax.jit(exported.call)
-        self.symbolic = None in self._modules
+        self.backend = backend
         self.executables: dict[int, str] = {}  # filled by warmup()
-        self._fast: dict[tuple, Any] = {}  # (shape, dtype) -> executable, validated once
+        self._fast: dict[tuple, Any] = {}  # (shape, dtype) -> module key, validated once
         self.max_batch = max(self.batch_sizes, default=0)
+
+    @property
+    def backend_name(self) -> str:
+        return self.backend.name
+
+    @property
+    def symbolic(self) -> bool:
+        """Whether any batch size runs without padding or chunking."""
+        return self.backend.any_size
 
     # -- signature and validation -------------------------------------------------
     @property
@@ -100,6 +86,7 @@ class Predictor:
             "outputs": [s.to_json() for s in self.outputs],
             "batch_sizes": self.batch_sizes,
             "symbolic_batch": self.symbolic,
+            "backend": self.backend.name,
         }
 
     def validate(
@@ -170,74 +157,72 @@ class Predictor:
         return next(iter(out.values())) if self.single_output else out
 
     def _fast_path(self, x):
-        """One input array of a shape seen before, with its own executable: the dtype and
+        """One input array of a shape seen before that needs no padding: the dtype and
         shape checks are cached per shape, so only the value-dependent finite check (if
         on) runs again."""
         if type(x) is not np.ndarray or not self.single_output or len(self.inputs) != 1:
             return None
-        fn = self._fast.get((x.shape, x.dtype))
-        if fn is None:
+        key = self._fast.get((x.shape, x.dtype), _MISSING)
+        if key is _MISSING:
             return None
         if self.check_finite and x.dtype.kind == "f" and not np.isfinite(x).all():
             raise InputError(f"input {self.inputs[0].name!r} contains NaN or infinity")
-        return np.asarray(fn(self._weights, {self.inputs[0].name: x}))
+        return self.backend.call1(key, x)
+
+    def _plan(self, n: int) -> tuple[str, int | None, int]:
+        """How to run ``n`` examples: ``(how, module key, size it runs at)``, with how
+        one of ``direct`` (run n as is), ``pad`` (pad to the size) or ``chunk``."""
+        b = self.backend
+        if n in b.fixed:
+            return "direct", n, n
+        if b.any_size and (not b.specialized or n in self.batch_sizes):
+            return "direct", None, n
+        target = next((s for s in self.batch_sizes if s >= n), None)
+        if target is not None and (target in b.fixed or b.any_size):
+            return "pad", (target if target in b.fixed else None), target
+        if b.any_size:
+            return "direct", None, n  # compiled once for this size, then cached
+        return "chunk", None, max(b.fixed)
 
     def _run_validated(self, arrays: dict[str, np.ndarray], n: int) -> dict[str, np.ndarray]:
-        target = next((b for b in self.batch_sizes if b >= n), None)
-        if target is not None and (target != n or not self.symbolic):
-            return _slice(self._call(target, _pad(arrays, target)), n)
-        if self.symbolic:
-            if len(arrays) == 1 and self.single_output and (target == n or n > self.max_batch):
+        how, key, size = self._plan(n)
+        if how == "direct":
+            if len(arrays) == 1 and self.single_output:
                 (x,) = arrays.values()
-                self._fast[(x.shape, x.dtype)] = self._modules[None]
-            return self._call(None, arrays)
-        # Fixed modules only and the batch is larger than any of them: chunk it.
-        size = self.batch_sizes[-1]
+                self._fast[(x.shape, x.dtype)] = key
+            return self._call(key, arrays)
+        if how == "pad":
+            return _slice(self._call(key, _pad(arrays, size)), n)
         parts = [
             self._run_validated(_take(arrays, i, min(i + size, n)), min(size, n - i))
             for i in range(0, n, size)
         ]
         return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
-    def _call(self, batch_size: int | None, arrays: dict[str, np.ndarray]) -> dict:
-        fn = self._modules[batch_size] if batch_size in self._modules else self._modules[None]
-        out = fn(self._weights, arrays)
-        if self.single_output:
-            return {self.outputs[0].name: np.asarray(out)}
-        return {k: np.asarray(v) for k, v in out.items()}
+    def _call(self, key: int | None, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        outs = self.backend.call(key, arrays)
+        return {spec.name: out for spec, out in zip(self.outputs, outs, strict=True)}
 
     def warmup(self) -> dict[int, str]:
-        """Run each declared batch size once; return how each executable was obtained:
-        ``"precompiled"`` (from the artifact) or ``"compiled"`` (here, from the module)."""
+        """Run each declared batch size once; return how each executable was obtained,
+        e.g. ``"precompiled"`` (from the artifact) or ``"compiled"`` (here, at load)."""
         for b in self.batch_sizes:
             if b in self.executables:
                 continue
-            before = _cache.cache_events().get("cache_hits", 0)
-            self._call(b, _zeros(self.inputs, b))
-            hits = _cache.cache_events().get("cache_hits", 0) - before
-            self.executables[b] = "precompiled" if hits else "compiled"
+            _, key, size = self._plan(b)
+            self.executables[b] = self.backend.warm(key, _zeros(self.inputs, size))
         return dict(self.executables)
 
     def analyze(self, batch_size: int) -> dict:
-        """XLA's cost and memory analysis of the executable for ``batch_size``."""
-        fn = self._modules.get(batch_size, self._modules.get(None))
-        if fn is None:
-            raise ValueError(f"no module for batch size {batch_size}; have {self.batch_sizes}")
-        compiled = fn.lower(self._weights, _zeros(self.inputs, batch_size)).compile()
-        cost = compiled.cost_analysis()
-        cost = cost[0] if isinstance(cost, list | tuple) else (cost or {})
-        memory = compiled.memory_analysis()
-        report = {
-            "flops": float(cost.get("flops", float("nan"))),
-            "bytes_accessed": float(cost.get("bytes accessed", float("nan"))),
-        }
-        if memory is not None:
-            report["peak_memory_bytes"] = int(
-                getattr(memory, "temp_size_in_bytes", 0)
-                + getattr(memory, "argument_size_in_bytes", 0)
-                + getattr(memory, "output_size_in_bytes", 0)
-            )
-        return report
+        """The backend's cost and memory analysis of the executable for ``batch_size``
+        (XLA's analyses with the XLA backend)."""
+        analyze = getattr(self.backend, "analyze", None)
+        if analyze is None:
+            raise ValueError(f"the {self.backend.name} backend has no cost analysis; use xla")
+        return analyze(batch_size, _zeros(self.inputs, batch_size))
+
+
+_MISSING = object()
 
 
 def _show(shape) -> str:
@@ -272,6 +257,7 @@ def _zeros(specs: list[TensorSpec], batch: int) -> dict[str, np.ndarray]:
 def load(
     path: str | os.PathLike,
     *,
+    backend: str = "auto",
     allow_expired: bool = False,
     precompiled: bool = True,
     warmup: bool = True,
@@ -280,13 +266,16 @@ def load(
 ) -> Predictor:
     """Load an artifact directory and return a `Predictor`.
 
-    Every file's sha256 is checked against the manifest (``verify``), unknown
-    files and newer format versions are refused, and so is a module past its
-    ``jax.export`` compatibility date unless ``allow_expired``. Precompiled
-    executables matching this platform and jaxlib are used; otherwise the
-    portable module is compiled (logged). With ``check_finite`` a call refuses
-    NaN and infinity in floating inputs (a numpy pass over the input; the
-    server always checks).
+    ``backend`` is ``"xla"``, ``"onnx"``, ``"iree"`` or ``"auto"``: the first of
+    `jaxmint_runtime.backends.AUTO_ORDER` (xla, onnx, iree; ``$JAXMINT_BACKEND``
+    overrides it) that the artifact has a target for and this environment has
+    installed. Every file's sha256 is checked against the manifest (``verify``),
+    unknown files and newer format versions are refused, and so is an XLA module
+    past its ``jax.export`` compatibility date unless ``allow_expired``. With the
+    XLA backend, precompiled executables matching this platform and jaxlib are
+    used; otherwise the portable module is compiled (logged). With
+    ``check_finite`` a call refuses NaN and infinity in floating inputs (a numpy
+    pass over the input; the server always checks).
 
     Example::
 
@@ -297,32 +286,25 @@ def load(
     manifest = read_manifest(directory)
     if verify:
         verify_files(directory, manifest)
-    expires = dt.date.fromisoformat(manifest["expires"])
-    if dt.date.today() > expires and not allow_expired:
-        raise ArtifactError(
-            f"{directory}: exported with jax {manifest['versions']['jax']} on "
-            f"{manifest['created'][:10]}; its jax.export compatibility window ended on "
-            f"{expires}. Re-export it, or pass allow_expired=True (--allow-expired) to try anyway."
-        )
-    if precompiled:
-        _use_precompiled(directory, manifest)
-    predictor = Predictor(directory, manifest, check_finite=check_finite)
+    name = backends.choose(list(manifest["targets"]), backend)
+    target = manifest["targets"][name]
+    if "expires" in target:
+        expires = dt.date.fromisoformat(target["expires"])
+        if dt.date.today() > expires and not allow_expired:
+            raise ArtifactError(
+                f"{directory}: exported with jax {target['versions']['jax']} on "
+                f"{manifest['created'][:10]}; its jax.export compatibility window ended on "
+                f"{expires}. Re-export it, pass allow_expired=True (--allow-expired) to try "
+                "anyway, or use another of its targets."
+            )
+    inputs = [TensorSpec.from_json(d) for d in manifest["inputs"]]
+    outputs = [TensorSpec.from_json(d) for d in manifest["outputs"]]
+    engine = backends.open_backend(name, directory, manifest, inputs, outputs)
+    if precompiled and hasattr(engine, "use_precompiled"):
+        engine.use_precompiled()
+    predictor = Predictor(directory, manifest, engine, check_finite=check_finite)
     if warmup:
         how = predictor.warmup()
         if how:
-            log.info("%s: batch sizes %s", predictor.name, how)
+            log.info("%s (%s): batch sizes %s", predictor.name, name, how)
     return predictor
-
-
-def _use_precompiled(directory: Path, manifest: dict) -> None:
-    here = _cache.platform_key()
-    entries = manifest.get("precompiled", [])
-    matching = [e for e in entries if all(e.get(k) == v for k, v in here.items())]
-    if not matching:
-        if entries:
-            have = [{k: e.get(k) for k in here} for e in entries]
-            log.info("no precompiled executable for %s (artifact has %s): compiling", here, have)
-        return
-    cache_dir = _cache.configure()
-    for entry in matching:
-        _cache.install([directory / f for f in entry["files"]], cache_dir)

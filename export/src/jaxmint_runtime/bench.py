@@ -1,6 +1,7 @@
 """``jaxmint-bench``: latency, throughput, cold start and peak memory of an artifact.
 
-    jaxmint-bench ARTIFACT_DIR [--batch-sizes 1,8,64] [--seconds S] [--json FILE]
+    jaxmint-bench ARTIFACT_DIR [--backend NAME | --all-backends] [--batch-sizes 1,8,64]
+                  [--seconds S] [--json FILE]
 
 For each batch size: `Predictor.run` is called back to back for ``--seconds`` (after
 one untimed call, which compiles an undeclared size once) and the per-call wall
@@ -8,14 +9,20 @@ time gives p50/p90/p99 latency and throughput in examples per second. Cold start
 runs a fresh Python process that imports the runtime, loads the artifact and
 predicts once; it is timed from just before the process is spawned to the moment
 it reports its first prediction, and that process reports its own peak RSS
-(see `peak_rss_bytes`).
+(see `peak_rss_bytes`). With ``--all-backends`` every target of the artifact whose
+backend is installed is measured the same way, one after the other, and one table
+compares them, with the install size of each backend's dependencies (numpy
+included) from the installed distributions' file lists.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib.metadata as metadata
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -34,12 +41,13 @@ import numpy as np
 import jaxmint_runtime
 from jaxmint_runtime.bench import example_inputs, peak_rss_bytes
 t1 = time.perf_counter()
-predictor = jaxmint_runtime.load(sys.argv[1])
+predictor = jaxmint_runtime.load(sys.argv[1], backend=sys.argv[2])
 t2 = time.perf_counter()
 predictor.run(example_inputs(predictor, 1))
 t3 = time.perf_counter()
 print(json.dumps({"predicted_at": time.time(), "import_s": t1 - t0, "load_s": t2 - t1,
-                  "first_prediction_s": t3 - t2, "peak_rss_bytes": peak_rss_bytes()}), flush=True)
+                  "first_prediction_s": t3 - t2, "peak_rss_bytes": peak_rss_bytes(),
+                  "backend": predictor.backend_name}), flush=True)
 """
 
 
@@ -66,7 +74,7 @@ def peak_rss_bytes() -> int:
 
 def example_inputs(predictor, batch: int, seed: int = 0) -> dict[str, np.ndarray]:
     """Random inputs of ``batch`` examples matching the predictor's signature."""
-    from jaxmint_runtime._predictor import _np_dtype
+    from jaxmint_runtime._format import np_dtype as _np_dtype
 
     rng = np.random.default_rng(seed)
     out = {}
@@ -105,12 +113,12 @@ def latency(predictor, batch: int, seconds: float) -> dict:
     }
 
 
-def cold_start(artifact: str | os.PathLike) -> dict:
+def cold_start(artifact: str | os.PathLike, backend: str = "auto") -> dict:
     """Spawn a fresh interpreter that loads ``artifact`` and predicts once; time it."""
     t0 = time.time()  # wall clock: the child stamps its first prediction with the same clock
     try:
         proc = subprocess.run(
-            [sys.executable, "-c", _CHILD, str(artifact)],
+            [sys.executable, "-c", _CHILD, str(artifact), backend],
             capture_output=True,
             text=True,
             timeout=COLD_START_TIMEOUT_S,
@@ -129,27 +137,82 @@ def cold_start(artifact: str | os.PathLike) -> dict:
     return {"process_start_to_first_prediction_s": total, **child}
 
 
-def run(artifact, batch_sizes=None, seconds: float = 2.0, cold: bool = True) -> dict:
-    """Everything ``jaxmint-bench`` reports, as a dict."""
+def run(artifact, batch_sizes=None, seconds: float = 2.0, cold: bool = True, backend="auto"):
+    """Everything ``jaxmint-bench`` reports for one backend, as a dict."""
     from jaxmint_runtime import load
 
-    predictor = load(artifact)
+    predictor = load(artifact, backend=backend)
     sizes = list(batch_sizes or predictor.batch_sizes or [1, 8, 64])
     report = {
         "artifact": str(artifact),
         "model": predictor.name,
+        "backend": predictor.backend_name,
         "declared_batch_sizes": predictor.batch_sizes,
         "seconds_per_size": seconds,
         "latency": [latency(predictor, b, seconds) for b in sizes],
+        "install_bytes": install_size(predictor.backend_name),
     }
     if cold:
-        report["cold_start"] = cold_start(artifact)
+        report["cold_start"] = cold_start(artifact, predictor.backend_name)
     return report
+
+
+def run_all(artifact, batch_sizes=None, seconds: float = 2.0, cold: bool = True) -> dict:
+    """`run` for each target of the artifact whose backend is installed here."""
+    from jaxmint_runtime import backends
+    from jaxmint_runtime._format import read_manifest
+
+    targets = list(read_manifest(artifact)["targets"])
+    usable = [t for t in targets if backends.installed(t)]
+    if not usable:
+        raise RuntimeError(f"no backend for the artifact's targets {targets} is installed")
+    return {
+        "artifact": str(artifact),
+        "not_installed": [t for t in targets if t not in usable],
+        "backends": [run(artifact, batch_sizes, seconds, cold, backend=b) for b in usable],
+    }
+
+
+# What each backend installs besides the core's numpy.
+_BACKEND_DISTS = {
+    "xla": ("jax", "jaxlib", "flatbuffers"),
+    "onnx": ("onnxruntime",),
+    "iree": ("iree-base-runtime",),
+}
+
+
+def install_size(backend: str) -> int | None:
+    """Bytes on disk of a backend's distributions and their dependencies, numpy included
+    (None when one of its own distributions is not installed)."""
+    seen, total = set(), 0
+    stack = [*_BACKEND_DISTS[backend], "numpy"]
+    roots = set(_BACKEND_DISTS[backend])
+    while stack:
+        name = re.sub(r"[-_.]+", "-", stack.pop()).lower()
+        if name in seen:
+            continue
+        seen.add(name)
+        try:
+            dist = metadata.distribution(name)
+        except metadata.PackageNotFoundError:
+            if name in roots:
+                return None
+            continue  # an optional dependency that is not installed
+        for f in dist.files or []:
+            with contextlib.suppress(OSError):  # listed in RECORD, since removed
+                total += dist.locate_file(f).stat().st_size
+        for req in dist.requires or []:
+            if "extra ==" in req.replace('"', "").replace("'", ""):
+                continue
+            match = re.match(r"\s*([A-Za-z0-9][A-Za-z0-9._-]*)", req)
+            if match:
+                stack.append(match.group(1))
+    return total
 
 
 def table(report: dict) -> str:
     lines = [
-        f"{report['model']}  ({report['artifact']}; declared batch sizes "
+        f"{report['model']} on {report['backend']}  ({report['artifact']}; declared batch sizes "
         f"{report['declared_batch_sizes']})",
         f"{'batch':>6} {'p50 ms':>9} {'p90 ms':>9} {'p99 ms':>9} {'examples/s':>12} "
         f"{'calls':>8} {'first ms':>9}",
@@ -171,6 +234,34 @@ def table(report: dict) -> str:
     return "\n".join(lines)
 
 
+def table_all(report: dict) -> str:
+    """One row per backend and batch size: the comparison ``--all-backends`` prints."""
+    head = (
+        f"{'backend':<8} {'batch':>6} {'p50 ms':>9} {'p99 ms':>9} {'examples/s':>12} "
+        f"{'cold start s':>13} {'peak RSS MiB':>13} {'install MiB':>12}"
+    )
+    lines = [f"{report['backends'][0]['model']}  ({report['artifact']})", head]
+    for r in report["backends"]:
+        cold = r.get("cold_start") or {}
+        start = cold.get("process_start_to_first_prediction_s")
+        rss = cold.get("peak_rss_bytes")
+        size = r["install_bytes"]
+        for lat in r["latency"]:
+            lines.append(
+                f"{r['backend']:<8} {lat['batch_size']:>6} {lat['p50_ms']:>9.3f} "
+                f"{lat['p99_ms']:>9.3f} {lat['examples_per_s']:>12.0f} "
+                f"{_fmt(start, 1, '{:.2f}'):>13} {_fmt(rss, 2**20, '{:.0f}'):>13} "
+                f"{_fmt(size, 2**20, '{:.0f}'):>12}"
+            )
+    if report["not_installed"]:
+        lines.append(f"not installed here: {report['not_installed']}")
+    return "\n".join(lines)
+
+
+def _fmt(value, scale, spec: str) -> str:
+    return "-" if value is None else spec.format(value / scale)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="jaxmint-bench", description=__doc__.splitlines()[0])
     p.add_argument("artifact", metavar="ARTIFACT_DIR")
@@ -182,6 +273,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seconds", type=float, default=2.0, help="per batch size (default 2)")
     p.add_argument("--json", type=Path, default=None, metavar="FILE", help="also write JSON here")
     p.add_argument("--no-cold-start", dest="cold", action="store_false", help="skip cold start")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument(
+        "--backend", default="auto", help="xla, onnx, iree or auto (default %(default)s)"
+    )
+    which.add_argument(
+        "--all-backends",
+        action="store_true",
+        help="measure every target whose backend is installed; print one comparison table",
+    )
     args = p.parse_args(argv)
     try:
         sizes = [int(b) for b in args.batch_sizes.split(",")] if args.batch_sizes else None
@@ -194,11 +294,14 @@ def main(argv: list[str] | None = None) -> int:
     from jaxmint_runtime._format import ArtifactError
 
     try:
-        report = run(args.artifact, sizes, args.seconds, args.cold)
+        if args.all_backends:
+            report = run_all(args.artifact, sizes, args.seconds, args.cold)
+        else:
+            report = run(args.artifact, sizes, args.seconds, args.cold, backend=args.backend)
     except (ArtifactError, OSError, RuntimeError) as e:
         print(f"jaxmint-bench: {e}", file=sys.stderr)
         return 2
-    print(table(report))
+    print(table_all(report) if args.all_backends else table(report))
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=2) + "\n")

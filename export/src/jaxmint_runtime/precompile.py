@@ -26,7 +26,14 @@ def main(argv: list[str] | None = None) -> int:
     from jaxmint_runtime._predictor import load
 
     _cache.configure()
-    predictor = load(artifact, precompiled=False, warmup=False, verify=False, allow_expired=True)
+    predictor = load(
+        artifact,
+        backend="xla",
+        precompiled=False,
+        warmup=False,
+        verify=False,
+        allow_expired=True,
+    )
     predictor.warmup()
     entries = sorted(p.name for p in Path(cache_dir).iterdir() if p.is_file())
     print(json.dumps({**_cache.platform_key(), "entries": entries}))

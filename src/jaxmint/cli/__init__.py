@@ -8,6 +8,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+DEFAULT_ONNX_OPSET = 21  # jaxmint.export's default, without importing jax to build --help
+
 
 def _info(args) -> int:
     import jax
@@ -68,11 +70,15 @@ def _export(args) -> int:
             args.run_dir,
             args.out,
             step=step,
+            targets=args.target or ["xla"],
             platforms=args.platforms.split(","),
             batch_sizes=args.batch_sizes,
             fixed_batch=args.fixed_batch,
             precompile=not args.no_precompile,
             force=args.force,
+            onnx_opset=args.onnx_opset,
+            iree_cpu=args.iree_cpu,
+            iree_hal_targets=args.iree_hal_targets.split(",") if args.iree_hal_targets else None,
         )
     except (ExportError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -80,13 +86,41 @@ def _export(args) -> int:
     manifest = json.loads((out / "manifest.json").read_text())
     step = manifest["experiment"].get("step")
     print(f"exported {manifest['name']} (step {step}) to {out}")
-    print(
-        f"  platforms {manifest['platforms']}, batch sizes {manifest['batch_sizes']}, "
-        f"precompiled for {[p['platform'] for p in manifest['precompiled']] or 'none'}"
-    )
-    for key, err in manifest["parity"].get("max_abs_error", {}).items():
-        print(f"  parity: {key} max abs error {err:.3g}")
-    return 0
+    print(f"  batch sizes {manifest['batch_sizes']}")
+    for name, target in manifest["targets"].items():
+        print(f"  target {name}: {_describe_target(name, target)}")
+        parity = target.get("parity", {})
+        for key, err in parity.get("max_abs_error", {}).items():
+            rel = parity.get("max_rel_error", {}).get(key, float("nan"))
+            print(f"    parity: {key} max abs error {err:.3g}, max rel error {rel:.3g}")
+    skipped = manifest.get("skipped_targets", {})
+    for name, why in skipped.items():
+        print(f"warning: target {name} was skipped: {why}", file=sys.stderr)
+    return 3 if skipped else 0
+
+
+def _describe_target(name: str, target: dict) -> str:
+    if name == "xla":
+        compiled = [p["platform"] for p in target.get("precompiled", [])] or "none"
+        return f"platforms {target['platforms']}, precompiled for {compiled}"
+    if name == "onnx":
+        return f"{target['file']} (opset {target['opset']}, symbolic batch)"
+    hal = sorted({m["hal_target"] for m in target["modules"]})
+    return f"{len(target['modules'])} modules for {hal} (cpu {target['cpu']})"
+
+
+def _inspect_details(name: str, t: dict) -> str:
+    if name == "xla":
+        compiled = [p["platform"] + "/" + p["jaxlib"] for p in t["precompiled"]] or "none"
+        return (
+            f"platforms {t['platforms']}, precompiled {compiled}, expires {t['expires']} "
+            f"({t['days_left']} days left)"
+        )
+    if name == "onnx":
+        return f"{t['file']}, opset {t['opset']}"
+    sizes = sorted({m["batch_size"] for m in t["modules"]})
+    hal = sorted({m["hal_target"] for m in t["modules"]})
+    return f"batch sizes {sizes} for {hal}, cpu {t['cpu']}"
 
 
 def _inspect(args) -> int:
@@ -108,11 +142,15 @@ def _inspect(args) -> int:
         f"[bold]{report['name']}[/]  format v{report['format_version']}  "
         f"exported {report['created']} with jax {report['versions']['jax']}"
     )
-    c.print(
-        f"expires {report['expires']} ({report['days_left']} days left)  "
-        f"platforms {report['platforms']}  precompiled "
-        f"{[p['platform'] + '/' + p['jaxlib'] for p in report['precompiled']] or 'none'}"
-    )
+    targets = Table("target", "details", "max abs error", title="targets")
+    for name, t in report["targets"].items():
+        parity = t["parity"].get("max_abs_error", {})
+        targets.add_row(
+            name, _inspect_details(name, t), ", ".join(f"{v:.2g}" for v in parity.values())
+        )
+    for name, why in report["skipped_targets"].items():
+        targets.add_row(name, f"[red]skipped[/]: {why}", "")
+    c.print(targets)
     sig = Table("", "name", "dtype", "shape", title="signature")
     for kind in ("inputs", "outputs"):
         for t in report[kind]:
@@ -168,6 +206,31 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--no-precompile",
         action="store_true",
         help="ship no precompiled executables (smaller, slower first call)",
+    )
+    p.add_argument(
+        "--target",
+        action="append",
+        default=None,
+        metavar="NAME",
+        help="xla, onnx or iree; repeat or comma-separate for several (default: xla)",
+    )
+    p.add_argument(
+        "--onnx-opset",
+        type=int,
+        default=DEFAULT_ONNX_OPSET,
+        help="ONNX opset of the onnx target (default %(default)s)",
+    )
+    p.add_argument(
+        "--iree-cpu",
+        default=None,
+        help="LLVM CPU of IREE's llvm-cpu modules: x86-64-v3 (default on x86), generic, "
+        "host, or a CPU name",
+    )
+    p.add_argument(
+        "--iree-hal-targets",
+        default=None,
+        help="comma-separated IREE HAL targets (default: llvm-cpu, and vulkan-spirv when "
+        "the compiler has it)",
     )
     p.add_argument("--force", action="store_true", help="replace an existing artifact")
     p.set_defaults(fn=_export)

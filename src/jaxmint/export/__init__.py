@@ -1,4 +1,4 @@
-"""Export: lower the experiment's predict function with `jax.export` into an artifact.
+"""Export: lower the experiment's predict function into an artifact (XLA, ONNX, IREE).
 
 The artifact is a directory (format documented in docs/artifact-format.md) that
 `jaxmint_runtime.load` runs without any training code.
@@ -9,5 +9,15 @@ from jaxmint.export._artifact import export_model as export_model
 from jaxmint.export._lower import ExportError as ExportError
 from jaxmint.export._run import export_run as export_run
 from jaxmint.export._run import load_experiment as load_experiment
+from jaxmint.export._targets import DEFAULT_ONNX_OPSET as DEFAULT_ONNX_OPSET
+from jaxmint.export._targets import TARGETS as TARGETS
 
-__all__ = ["DEFAULT_BATCH_SIZES", "ExportError", "export_model", "export_run", "load_experiment"]
+__all__ = [
+    "DEFAULT_BATCH_SIZES",
+    "DEFAULT_ONNX_OPSET",
+    "TARGETS",
+    "ExportError",
+    "export_model",
+    "export_run",
+    "load_experiment",
+]

@@ -25,6 +25,15 @@ import jaxlib
 import numpy as np
 
 from jaxmint.export._lower import ExportError, lower, output_specs, predict_function
+from jaxmint.export._targets import (
+    DEFAULT_ONNX_OPSET,
+    Job,
+    TargetSkipped,
+    check_installed,
+    parse_targets,
+    write_iree,
+    write_onnx,
+)
 from jaxmint_runtime import load as runtime_load
 from jaxmint_runtime._format import (
     COMPAT_DAYS,
@@ -65,24 +74,39 @@ def export_model(
     *,
     name: str,
     input_key: str = "x",
+    targets: str | Sequence[str] = ("xla",),
     platforms: Sequence[str] = ("cpu",),
     batch_sizes: Sequence[int] = DEFAULT_BATCH_SIZES,
     fixed_batch: bool = False,
     precompile: bool = True,
     force: bool = False,
     experiment: Mapping[str, Any] | None = None,
+    onnx_opset: int = DEFAULT_ONNX_OPSET,
+    iree_hal_targets: Sequence[str] | None = None,
+    iree_cpu: str | None = None,
 ) -> Path:
     """Export ``model.apply(variables, x, train=False)`` to an artifact directory.
 
     Args:
       sample: a few real inputs ``(n, ...)``; they fix the non-batch shape and
         dtype and feed the parity check.
-      platforms: lowering targets, e.g. ``("cpu", "cuda")``.
+      targets: any of ``"xla"`` (``jax.export`` modules), ``"onnx"`` (jax2onnx,
+        symbolic batch) and ``"iree"`` (iree-base-compiler, one module per
+        declared batch size). A target whose toolchain cannot convert an op, or
+        whose outputs fail the parity check, is skipped (the reason is in the
+        manifest's ``skipped_targets``); if every target fails, nothing is written.
+      platforms: XLA lowering targets, e.g. ``("cpu", "cuda")``.
       batch_sizes: declared batch sizes: precompiled (on the exporting platform,
-        when it is in ``platforms``) and the sizes smaller batches are padded to.
-      fixed_batch: one module per declared size instead of one symbolic module.
+        when it is in ``platforms``), compiled by IREE, and the sizes smaller
+        batches are padded to.
+      fixed_batch: one XLA module per declared size instead of one symbolic module.
       force: replace an existing artifact at ``out`` (only once the new one passed).
       experiment: recorded in the manifest (name, config hash, step).
+      onnx_opset: the ONNX opset to convert to.
+      iree_hal_targets: IREE HAL targets (default ``llvm-cpu``, plus
+        ``vulkan-spirv`` when the compiler has it).
+      iree_cpu: LLVM CPU for ``llvm-cpu`` modules: ``x86-64-v3`` on x86 (default),
+        ``generic``, ``host`` or any CPU name clang knows.
 
     Example::
 
@@ -91,6 +115,8 @@ def export_model(
     out = Path(out).absolute()
     if out.exists() and any(out.iterdir()) and not force:
         raise ExportError(f"{out} already exists and is not empty; pass --force to replace it")
+    targets = parse_targets(targets)
+    check_installed(targets)
     sample = np.asarray(sample)
     if sample.ndim < 1 or sample.shape[0] < 1:
         raise ExportError(f"the sample input needs a batch axis with examples, got {sample.shape}")
@@ -101,58 +127,119 @@ def export_model(
 
     predict, names, weights = predict_function(model, variables, input_key)
     weights = [np.asarray(jax.device_get(w)) for w in weights]
-    if fixed_batch:
+    modules = {}
+    if "xla" in targets:
+        sizes = batch_sizes if fixed_batch else [None]
         modules = {
             b: lower(predict, weights, sample, input_key, platforms=platforms, batch_size=b)
-            for b in batch_sizes
+            for b in sizes
         }
-    else:
-        modules = {
-            None: lower(predict, weights, sample, input_key, platforms=platforms, batch_size=None)
-        }
-    outputs, single = output_specs(next(iter(modules.values())))
+    signature = next(iter(modules.values()), None) or lower(
+        predict, weights, sample, input_key, platforms=["cpu"], batch_size=None
+    )
+    outputs, single = output_specs(signature)
     in_shape = ["batch", *sample.shape[1:]]
+    job = Job(
+        name=name,
+        predict=predict,
+        weights=weights,
+        sample=sample,
+        input_key=input_key,
+        output_names=[o["name"] for o in outputs],
+        single_output=single,
+        batch_sizes=batch_sizes,
+    )
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     tmp.chmod(0o755)
     try:
-        module_entries = []
-        for b, exported in modules.items():
-            fname = "module.jaxexport" if b is None else f"module-b{b}.jaxexport"
-            (tmp / fname).write_bytes(exported.serialize())
-            module_entries.append({"file": fname, "batch_size": b})
-        write_safetensors(tmp / WEIGHTS, dict(zip(names, weights, strict=True)))
+        written, skipped = {}, {}
+        for target in targets:
+            try:
+                if target == "xla":
+                    written[target] = _write_xla(tmp, modules, platforms)
+                elif target == "onnx":
+                    written[target] = write_onnx(tmp, job, opset=onnx_opset)
+                else:
+                    written[target] = write_iree(
+                        tmp, job, hal_targets=iree_hal_targets, cpu=iree_cpu
+                    )
+            except TargetSkipped as e:
+                skipped[target] = str(e)
+                _remove_target(tmp, target)
+        if "xla" in written or "iree" in written:
+            write_safetensors(tmp / WEIGHTS, dict(zip(names, weights, strict=True)))
         created = dt.datetime.now(dt.UTC)
         manifest = {
             "format": FORMAT_NAME,
             "format_version": FORMAT_VERSION,
             "name": name,
             "created": created.isoformat(timespec="seconds"),
-            "expires": (created.date() + dt.timedelta(days=COMPAT_DAYS)).isoformat(),
             "versions": {"jax": jax.__version__, "jaxlib": jaxlib.__version__},
-            "platforms": platforms,
             "inputs": [{"name": input_key, "dtype": str(sample.dtype), "shape": in_shape}],
             "outputs": outputs,
             "single_output": single,
             "batch_sizes": batch_sizes,
-            "modules": module_entries,
             "weights": {"file": WEIGHTS, "order": names},
             "experiment": dict(experiment or {}),
-            "precompiled": [],
-            "parity": {},
+            "targets": written,
+            "skipped_targets": skipped,
         }
         _write_manifest(tmp, manifest)
-        manifest["parity"] = _parity(tmp, predict, weights, sample, input_key, batch_sizes)
+        checker = _Parity(predict, weights, sample, input_key, batch_sizes)
+        for target in list(written):
+            try:
+                written[target]["parity"] = checker.check(tmp, target)
+            except ParityError as e:
+                skipped[target] = str(e)
+                del written[target]
+                _remove_target(tmp, target)
+        if not written:
+            reasons = "\n".join(f"  {t}: {why}" for t, why in skipped.items())
+            raise ExportError(f"no target could be exported; nothing was written:\n{reasons}")
+        if "xla" not in written and "iree" not in written:
+            (tmp / WEIGHTS).unlink(missing_ok=True)
         here = jax.devices()[0].platform
-        if precompile and batch_sizes and here in platforms:
-            manifest["precompiled"] = [_precompile(tmp)]
+        if "xla" in written and precompile and batch_sizes and here in platforms:
+            written["xla"]["precompiled"] = [_precompile(tmp)]
         _write_manifest(tmp, manifest)
         _move_into_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    for target, why in skipped.items():
+        log.warning("export target %s skipped: %s", target, why)
     return out
+
+
+class ParityError(ExportError):
+    """A target's outputs differ from the jitted original beyond the tolerance."""
+
+
+def _write_xla(directory: Path, modules: dict, platforms: list[str]) -> dict:
+    entries = []
+    for b, exported in modules.items():
+        fname = "module.jaxexport" if b is None else f"module-b{b}.jaxexport"
+        (directory / fname).write_bytes(exported.serialize())
+        entries.append({"file": fname, "batch_size": b})
+    created = dt.datetime.now(dt.UTC).date()
+    return {
+        "modules": entries,
+        "platforms": platforms,
+        "expires": (created + dt.timedelta(days=COMPAT_DAYS)).isoformat(),
+        "versions": {"jax": jax.__version__, "jaxlib": jaxlib.__version__},
+        "precompiled": [],
+    }
+
+
+def _remove_target(directory: Path, target: str) -> None:
+    """Delete what a target wrote (XLA's modules and executables; the others' folder)."""
+    if target == "xla":
+        for path in [*directory.glob("module*.jaxexport"), directory / "compiled"]:
+            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+    else:
+        shutil.rmtree(directory / target, ignore_errors=True)
 
 
 def _write_manifest(directory: Path, manifest: dict) -> None:
@@ -165,39 +252,72 @@ def _write_manifest(directory: Path, manifest: dict) -> None:
     (directory / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
 
 
-def _parity(directory, predict, weights, sample, input_key, batch_sizes) -> dict:
-    """Run the artifact through the runtime's loader against the jitted original."""
-    predictor = runtime_load(
-        directory, precompiled=False, warmup=False, allow_expired=True, check_finite=False
-    )
-    reference = jax.jit(predict)
-    sizes = sorted({1, sample.shape[0], *[b for b in batch_sizes if b <= sample.shape[0]]})
-    if sample.shape[0] > 2:
-        sizes.append(sample.shape[0] - 1)  # an undeclared size: exercises padding
-    report = {}
-    for n in sorted(set(sizes)):
-        x = sample[:n]
-        got = predictor.run({input_key: x})
-        want = reference(weights, {input_key: x})
-        if predictor.single_output:
-            want = {predictor.outputs[0].name: want}
-        for key, w in jax.device_get(want).items():
-            w, g = np.asarray(w), got[key]
-            rtol, atol = _tolerance(w.dtype)
-            scale = max(1.0, float(np.max(np.abs(w)))) if w.size else 1.0
-            err = (
-                float(np.max(np.abs(g.astype(np.float64) - w.astype(np.float64))))
-                if w.size
-                else 0.0
+class _Parity:
+    """Each target, loaded through the runtime, against the jitted original function.
+
+    Batch sizes checked: 1, the whole sample, the declared sizes it covers and one
+    undeclared size (which exercises padding). The report holds, per output, the
+    largest absolute difference and the largest difference relative to the
+    output's largest magnitude.
+    """
+
+    def __init__(self, predict, weights, sample, input_key, batch_sizes):
+        self.sample, self.input_key = sample, input_key
+        sizes = {1, sample.shape[0], *[b for b in batch_sizes if b <= sample.shape[0]]}
+        if sample.shape[0] > 2:
+            sizes.add(sample.shape[0] - 1)
+        self.sizes = sorted(sizes)
+        reference = jax.jit(predict)
+        self.expected = {}
+        for n in self.sizes:
+            want = jax.device_get(reference(weights, {input_key: sample[:n]}))
+            self.expected[n] = want
+
+    def check(self, directory: Path, target: str) -> dict:
+        try:
+            predictor = runtime_load(
+                directory,
+                backend=target,
+                precompiled=False,
+                warmup=False,
+                allow_expired=True,
+                check_finite=False,
+                verify=False,
             )
-            if g.shape != w.shape or not np.allclose(g, w, rtol=rtol, atol=atol * scale):
-                raise ExportError(
-                    f"parity check failed for output {key!r} at batch size {n}: max abs "
-                    f"difference {err:.3g} (tolerance rtol={rtol}, atol={atol * scale:.3g}); "
-                    f"shapes {g.shape} vs {w.shape}. The artifact was not written."
-                )
-            report[key] = max(report.get(key, 0.0), err)
-    return {"max_abs_error": report, "batch_sizes_checked": sorted(set(sizes))}
+        except Exception as e:
+            why = str(e).replace(f"{directory}/", "")  # the temporary directory means nothing
+            raise ParityError(f"the runtime cannot load the {target} target: {why}") from None
+        abs_err, rel_err = {}, {}
+        for n in self.sizes:
+            got = predictor.run({self.input_key: self.sample[:n]})
+            want = self.expected[n]
+            if predictor.single_output:
+                want = {predictor.outputs[0].name: want}
+            for key, w in want.items():
+                w, g = np.asarray(w), got[key]
+                rtol, atol = _tolerance(w.dtype)
+                peak = float(np.max(np.abs(w.astype(np.float64)))) if w.size else 0.0
+                scale = max(1.0, peak)
+                if g.shape != w.shape:
+                    raise ParityError(
+                        f"the {target} target returns {key!r} with shape {g.shape} at batch size "
+                        f"{n}, the original {w.shape}. The {target} target was not written."
+                    )
+                diff = np.abs(g.astype(np.float64) - w.astype(np.float64))
+                err = float(np.max(diff)) if w.size else 0.0
+                if not np.allclose(g, w, rtol=rtol, atol=atol * scale):
+                    raise ParityError(
+                        f"parity check failed for output {key!r} at batch size {n}: max abs "
+                        f"difference {err:.3g} (tolerance rtol={rtol}, atol={atol * scale:.3g}). "
+                        f"The {target} target was not written."
+                    )
+                abs_err[key] = max(abs_err.get(key, 0.0), err)
+                rel_err[key] = max(rel_err.get(key, 0.0), err / peak if peak else 0.0)
+        return {
+            "max_abs_error": abs_err,
+            "max_rel_error": rel_err,
+            "batch_sizes_checked": self.sizes,
+        }
 
 
 def _precompile(directory: Path) -> dict:

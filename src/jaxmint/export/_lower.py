@@ -20,15 +20,21 @@ class ExportError(ValueError):
 
 
 @contextlib.contextmanager
-def _no_source_paths():
-    """Strip the exporting machine's file paths from the module's locations."""
-    key = "jax_hlo_source_file_canonicalization_regex"
-    old = getattr(jax.config, key)
-    jax.config.update(key, ".*")
+def no_source_paths():
+    """Locations name the layer (``jit(predict)/Net/whiten/qr``), not the exporting
+    machine's file paths."""
+    settings = {
+        "jax_hlo_source_file_canonicalization_regex": ".*",
+        "jax_traceback_in_locations_limit": 0,
+    }
+    old = {k: getattr(jax.config, k) for k in settings}
+    for k, v in settings.items():
+        jax.config.update(k, v)
     try:
         yield
     finally:
-        jax.config.update(key, old)
+        for k, v in old.items():
+            jax.config.update(k, v)
 
 
 def predict_function(model, variables, input_key: str) -> tuple[Callable, list[str], list]:
@@ -65,7 +71,7 @@ def lower(
     batch = jax_export.symbolic_shape("batch")[0] if batch_size is None else batch_size
     x_spec = jax.ShapeDtypeStruct((batch, *sample.shape[1:]), sample.dtype)
     w_specs = [jax.ShapeDtypeStruct(np.shape(w), np.asarray(w).dtype) for w in weights]
-    with _no_source_paths():
+    with no_source_paths():
         try:
             return jax_export.export(jax.jit(predict), platforms=tuple(platforms))(
                 w_specs, {input_key: x_spec}

@@ -41,16 +41,20 @@ def export_run(
     out: str | os.PathLike,
     *,
     step: int | str | None = None,
+    targets: str | Sequence[str] = ("xla",),
     platforms: Sequence[str] = ("cpu",),
     batch_sizes: Sequence[int] = DEFAULT_BATCH_SIZES,
     fixed_batch: bool = False,
     precompile: bool = True,
     force: bool = False,
+    **target_options,
 ) -> Path:
     """Export the model of a run dir at its latest step, a given ``step``, or ``"best"``.
 
     The experiment script recorded in ``config.json`` rebuilds the same model
-    (``build(config)``); its weights come from the checkpoint.
+    (``build(config)``); its weights come from the checkpoint. ``targets`` and
+    ``target_options`` (``onnx_opset``, ``iree_cpu``, ``iree_hal_targets``) are
+    those of `export_model`.
     """
     from jaxmint.checkpoint import load_params
 
@@ -66,6 +70,7 @@ def export_run(
         out,
         name=Path(recorded["experiment"]).stem,
         input_key=exp.input_key,
+        targets=targets,
         platforms=platforms,
         batch_sizes=batch_sizes,
         fixed_batch=fixed_batch,
@@ -76,6 +81,7 @@ def export_run(
             "config_hash": config_hash(recorded),
             "step": chosen,
         },
+        **target_options,
     )
 
 

@@ -56,7 +56,7 @@ class CNN(nn.Module):
             h = nn.relu(h)
             self.sow("intermediates", f"act{i}", h)
             if i < len(self.channels) - 1:
-                h = nn.max_pool(h, (2, 2), strides=(2, 2), padding="SAME")
+                h = nn.max_pool(h, window_shape=(2, 2), strides=(2, 2), padding="SAME")
         h = jnp.mean(h, axis=(1, 2))
         return nn.Dense(self.num_outputs, name="head")(h)
 

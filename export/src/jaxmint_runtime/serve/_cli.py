@@ -8,6 +8,7 @@ import os
 import sys
 
 from jaxmint_runtime._format import ArtifactError
+from jaxmint_runtime.backends import BACKENDS
 from jaxmint_runtime.serve._server import TOKEN_ENV, ServeConfig, Server
 
 _D = ServeConfig()
@@ -89,6 +90,13 @@ def parser() -> argparse.ArgumentParser:
         help="open connections before new ones get 503 (default %(default)s)",
     )
     p.add_argument(
+        "--backend",
+        default="auto",
+        choices=["auto", *BACKENDS],
+        help="engine that runs the artifact: auto picks the first of xla, onnx, iree that "
+        "the artifact has and this environment installs ($JAXMINT_BACKEND reorders it)",
+    )
+    p.add_argument(
         "--allow-expired",
         action="store_true",
         help="load artifacts past their jax.export compatibility window",
@@ -115,7 +123,10 @@ def main(argv: list[str] | None = None) -> int:
     from jaxmint_runtime._predictor import load
 
     try:
-        models = [load(path, allow_expired=args.allow_expired) for path in args.artifacts]
+        models = [
+            load(path, backend=args.backend, allow_expired=args.allow_expired)
+            for path in args.artifacts
+        ]
     except (ArtifactError, OSError) as e:
         print(f"jaxmint-serve: {e}", file=sys.stderr)
         return 2
@@ -148,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
                 if config.batching
                 else "no batching"
             )
-            logging.info("model %r: %s", name, how)
+            logging.info("model %r (%s backend): %s", name, predictor.backend_name, how)
         # One parseable line on stdout: scripts started with --port 0 read the port from it.
         print(f"jaxmint-serve: listening on {s.url}", flush=True)
 

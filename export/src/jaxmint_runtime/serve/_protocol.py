@@ -77,7 +77,7 @@ def model_metadata(predictor: Predictor) -> dict:
     return {
         "name": predictor.name,
         "versions": [MODEL_VERSION],
-        "platform": "jaxmint",
+        "platform": f"jaxmint/{predictor.backend_name}",
         "inputs": [tensor(s) for s in predictor.inputs],
         "outputs": [tensor(s) for s in predictor.outputs],
     }

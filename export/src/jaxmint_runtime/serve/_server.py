@@ -315,7 +315,7 @@ class Server:
         batcher = self.batchers[predictor.name]
         return {
             "name": predictor.name,
-            "platform": "jaxmint",
+            "platform": f"jaxmint/{predictor.backend_name}",
             "max_batch_size": batcher.max_batch_size,
             "dynamic_batching": {
                 "max_queue_delay_microseconds": int(batcher.max_delay_s * 1e6),

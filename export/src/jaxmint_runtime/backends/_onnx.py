@@ -1,0 +1,77 @@
+"""The ONNX backend: ``onnx/model.onnx`` run by ONNX Runtime (``jaxmint-runtime[onnx]``).
+
+``$JAXMINT_ONNX_PROVIDERS`` (comma-separated, default ``CPUExecutionProvider``)
+chooses ONNX Runtime's execution providers, e.g.
+``CUDAExecutionProvider,CPUExecutionProvider`` with ``onnxruntime-gpu``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from jaxmint_runtime._format import ArtifactError
+
+
+class OnnxBackend:
+    name = "onnx"
+    fixed: frozenset[int] = frozenset()
+    any_size = True  # the batch dimension is symbolic in the graph
+    specialized = False  # and a new size costs no compile
+
+    def __init__(self, directory: Path, manifest: dict, inputs, outputs):
+        target = manifest["targets"]["onnx"]
+        path = directory / target["file"]
+        providers = _providers()
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.log_severity_level = 3  # errors only
+        try:
+            self.session = ort.InferenceSession(str(path), options, providers=providers)
+        except Exception as e:  # onnxruntime raises its own exception types
+            raise ArtifactError(f"{path}: ONNX Runtime cannot load it ({e})") from None
+        have = {i.name for i in self.session.get_inputs()}
+        want = {s.name for s in inputs}
+        if have != want:
+            raise ArtifactError(f"{path}: graph inputs {sorted(have)} do not match {sorted(want)}")
+        self.output_names = [s.name for s in outputs]
+        self.input_name = inputs[0].name if len(inputs) == 1 else None
+        self._run = self.session.run
+        self._first = self.output_names[:1]
+
+    def call(self, key: int | None, arrays: dict[str, np.ndarray]) -> list[np.ndarray]:
+        return self._run(self.output_names, arrays)
+
+    def call1(self, key: int | None, x: np.ndarray) -> np.ndarray:
+        return self._run(self._first, {self.input_name: x})[0]
+
+    def warm(self, key: int | None, arrays: dict[str, np.ndarray]) -> str:
+        self.call(key, arrays)
+        return "ready"
+
+    def describe(self) -> dict:
+        return {
+            "backend": self.name,
+            "onnxruntime": ort.__version__,
+            "providers": self.session.get_providers(),
+        }
+
+
+def _providers() -> list[str]:
+    env = os.environ.get("JAXMINT_ONNX_PROVIDERS", "").strip()
+    wanted = [p.strip() for p in env.split(",") if p.strip()] or ["CPUExecutionProvider"]
+    available = ort.get_available_providers()
+    missing = [p for p in wanted if p not in available]
+    if missing:
+        raise ArtifactError(
+            f"$JAXMINT_ONNX_PROVIDERS asks for {missing}, which this onnxruntime lacks "
+            f"(it has {available})"
+        )
+    return wanted
+
+
+def open(directory: Path, manifest: dict, inputs, outputs) -> OnnxBackend:
+    return OnnxBackend(directory, manifest, inputs, outputs)
