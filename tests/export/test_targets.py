@@ -219,6 +219,11 @@ def test_parity_failure_drops_the_target_and_shows_the_diff(tmp_path, monkeypatc
     with pytest.raises(ExportError, match=r"no target could be exported; nothing was written"):
         export_model(model, variables, x, tmp_path / "b", name="m", targets="onnx", force=True)
     assert (tmp_path / "b/keep.txt").read_text() == "mine"
+    # Replacing an artifact with one that lost a requested target is refused, too.
+    before = (path / "manifest.json").read_text()
+    with pytest.raises(ExportError, match=r"(?s)was kept.*--target xla"):
+        export_model(model, variables, x, path, name="m", targets="xla,onnx", force=True)
+    assert (path / "manifest.json").read_text() == before
 
 
 def test_iree_refuses_modules_built_for_missing_cpu_features(tmp_path):
@@ -317,3 +322,113 @@ def test_iree_compiles_vulkan_where_the_compiler_can_and_runs_it_only_on_request
     monkeypatch.setenv("JAXMINT_IREE_DRIVER", "cuda-graph")
     with pytest.raises(ArtifactError, match=r"JAXMINT_IREE_DRIVER='cuda-graph'"):
         jaxmint_runtime.load(path)
+
+
+def test_dict_outputs_keep_their_names_and_order_on_every_backend(tmp_path):
+    def init(key, x):
+        return {"params": {"w": jnp.linspace(-1.0, 1.0, 6).reshape(3, 2)}}
+
+    def apply(v, x, *, train=False, key=None):
+        y = x @ v["params"]["w"]
+        return {"scale": jnp.exp(y), "mean": y, "argmax": jnp.argmax(y, axis=-1)}
+
+    model = jaxmint.Model(init, apply)
+    x = np.random.default_rng(0).normal(size=(4, 3)).astype(np.float32)
+    variables = init(None, x)
+    path = export_model(
+        model, variables, x, tmp_path / "d", name="d", targets=ALL, batch_sizes=(2, 4),
+        precompile=False, iree_hal_targets=["llvm-cpu"],
+    )  # fmt: skip
+    manifest = _manifest(path)
+    assert [o["name"] for o in manifest["outputs"]] == ["argmax", "mean", "scale"]
+    assert list(manifest["targets"]) == list(ALL), manifest["skipped_targets"]
+    want = apply(variables, x)
+    for backend in ALL:
+        got = jaxmint_runtime.load(path, backend=backend)(x[:3])
+        assert set(got) == {"argmax", "mean", "scale"}
+        np.testing.assert_array_equal(got["argmax"], np.asarray(want["argmax"][:3]))
+        np.testing.assert_allclose(got["mean"], want["mean"][:3], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(got["scale"], want["scale"][:3], rtol=1e-5, atol=1e-6)
+
+
+def test_unused_weights_and_a_static_batch_model_export_to_iree_and_onnx(tmp_path):
+    def init(key, x):
+        return {"params": {"w": jnp.ones((64, 10)) / 64, "unused": jnp.ones((3,))}}
+
+    def apply(v, x, *, train=False, key=None):
+        rows = np.arange(x.shape[0])  # numpy needs a concrete batch: no symbolic lowering
+        return x @ v["params"]["w"] + jnp.asarray(rows, jnp.float32)[:, None] * 0
+
+    model = jaxmint.Model(init, apply)
+    x = np.random.default_rng(0).normal(size=(4, 64)).astype(np.float32)
+    variables = init(None, x)
+    path = export_model(
+        model, variables, x, tmp_path / "s", name="s", targets="iree", batch_sizes=(2, 4),
+        iree_hal_targets=["llvm-cpu"],
+    )  # fmt: skip
+    manifest = _manifest(path)
+    assert list(manifest["targets"]) == ["iree"], manifest["skipped_targets"]
+    assert manifest["outputs"] == [{"name": "output", "dtype": "float32", "shape": ["batch", 10]}]
+    np.testing.assert_allclose(
+        jaxmint_runtime.load(path)(x[:3]), apply(variables, x[:3]), rtol=1e-5, atol=1e-6
+    )
+
+
+def test_onnx_only_artifact_carries_no_weights_file(exported, tmp_path):
+    model, x = _models()["mlp"]
+    x = x.astype(np.float32)
+    variables = model.init(jax.random.key(0), x)
+    path = export_model(model, variables, x, tmp_path / "o", name="o", targets="onnx")
+    manifest = _manifest(path)
+    assert "weights" not in manifest and not (path / "weights.safetensors").exists()
+    predictor = jaxmint_runtime.load(path)
+    assert predictor.backend_name == "onnx"
+    np.testing.assert_allclose(
+        predictor(x), model.apply(variables, x, train=False), rtol=1e-4, atol=1e-5
+    )
+
+
+class _Engine:
+    """A stand-in backend that records which module each call used."""
+
+    name = "stub"
+
+    def __init__(self, fixed, any_size, specialized):
+        self.fixed, self.any_size, self.specialized = frozenset(fixed), any_size, specialized
+        self.calls = []
+
+    def call(self, key, arrays):
+        self.calls.append((key, arrays["x"].shape[0]))
+        return [arrays["x"] * 2]
+
+    def call1(self, key, x):
+        return self.call(key, {"x": x})[0]
+
+    def warm(self, key, arrays):
+        self.call(key, arrays)
+        return "ready"
+
+
+@pytest.mark.parametrize(
+    ("engine", "n", "calls"),
+    [
+        (_Engine({1, 32}, False, True), 5, [(32, 32)]),  # IREE: the next size it has
+        (_Engine({1, 32}, False, True), 40, [(32, 32), (32, 32)]),  # chunks, last padded
+        (_Engine(set(), True, True), 5, [(None, 8)]),  # XLA symbolic: a declared size
+        (_Engine(set(), True, True), 40, [(None, 40)]),  # compiled once for 40
+        (_Engine(set(), True, False), 5, [(None, 5)]),  # ONNX: as it is
+    ],
+)
+def test_predictor_plans_padding_and_chunking_per_backend(engine, n, calls, tmp_path):
+    from jaxmint_runtime import Predictor
+
+    manifest = {
+        "name": "m",
+        "inputs": [{"name": "x", "dtype": "float32", "shape": ["batch", 2]}],
+        "outputs": [{"name": "output", "dtype": "float32", "shape": ["batch", 2]}],
+        "batch_sizes": [1, 8, 32],
+    }
+    predictor = Predictor(tmp_path, manifest, engine)
+    x = np.arange(2 * n, dtype=np.float32).reshape(n, 2)
+    np.testing.assert_array_equal(predictor(x), x * 2)
+    assert engine.calls == calls

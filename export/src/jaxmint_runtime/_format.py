@@ -79,9 +79,6 @@ def np_dtype(name: str) -> np.dtype:
     return np.dtype(name)
 
 
-_np_dtype = np_dtype
-
-
 def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, np.ndarray]) -> None:
     """Write ``tensors`` (name -> array) as a safetensors file, in the given order."""
     header, offset = {}, 0
@@ -131,7 +128,7 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
         begin, end = info["data_offsets"]
         if not 0 <= begin <= end <= size - data_start:
             raise ArtifactError(f"{path.name}: tensor {name!r} lies outside the file")
-        dtype = _np_dtype(_DTYPES[info["dtype"]])
+        dtype = np_dtype(_DTYPES[info["dtype"]])
         shape = tuple(info["shape"])
         if (end - begin) != int(np.prod(shape, dtype=np.int64)) * dtype.itemsize:
             raise ArtifactError(f"{path.name}: tensor {name!r} has the wrong byte size")

@@ -15,10 +15,10 @@ import numpy as np
 from jaxmint_runtime import backends
 from jaxmint_runtime._format import (
     ArtifactError,
+    np_dtype,
     read_manifest,
     verify_files,
 )
-from jaxmint_runtime._format import np_dtype as _np_dtype
 
 log = logging.getLogger("jaxmint_runtime")
 
@@ -67,7 +67,6 @@ class Predictor:
         self.backend = backend
         self.executables: dict[int, str] = {}  # filled by warmup()
         self._fast: dict[tuple, Any] = {}  # (shape, dtype) -> module key, validated once
-        self.max_batch = max(self.batch_sizes, default=0)
 
     @property
     def backend_name(self) -> str:
@@ -113,7 +112,7 @@ class Predictor:
         for spec in self.inputs:
             value = inputs[spec.name]
             arr = value if isinstance(value, np.ndarray) else np.asarray(value)
-            want = _np_dtype(spec.dtype)
+            want = np_dtype(spec.dtype)
             if arr.dtype != want:
                 raise InputError(
                     f"input {spec.name!r} has dtype {arr.dtype}, expected {spec.dtype}"
@@ -177,11 +176,12 @@ class Predictor:
             return "direct", n, n
         if b.any_size and (not b.specialized or n in self.batch_sizes):
             return "direct", None, n
-        target = next((s for s in self.batch_sizes if s >= n), None)
-        if target is not None and (target in b.fixed or b.any_size):
-            return "pad", (target if target in b.fixed else None), target
-        if b.any_size:
-            return "direct", None, n  # compiled once for this size, then cached
+        if b.any_size:  # pad to a declared size (no compile), else compile n once
+            target = next((s for s in self.batch_sizes if s >= n), None)
+            return ("pad", None, target) if target is not None else ("direct", None, n)
+        target = next((s for s in sorted(b.fixed) if s >= n), None)
+        if target is not None:
+            return "pad", target, target
         return "chunk", None, max(b.fixed)
 
     def _run_validated(self, arrays: dict[str, np.ndarray], n: int) -> dict[str, np.ndarray]:
@@ -248,7 +248,7 @@ def _take(arrays, start, stop):
 def _zeros(specs: list[TensorSpec], batch: int) -> dict[str, np.ndarray]:
     return {
         s.name: np.zeros(
-            tuple(batch if isinstance(d, str) else d for d in s.shape), _np_dtype(s.dtype)
+            tuple(batch if isinstance(d, str) else d for d in s.shape), np_dtype(s.dtype)
         )
         for s in specs
     }

@@ -74,13 +74,13 @@ def peak_rss_bytes() -> int:
 
 def example_inputs(predictor, batch: int, seed: int = 0) -> dict[str, np.ndarray]:
     """Random inputs of ``batch`` examples matching the predictor's signature."""
-    from jaxmint_runtime._format import np_dtype as _np_dtype
+    from jaxmint_runtime._format import np_dtype
 
     rng = np.random.default_rng(seed)
     out = {}
     for spec in predictor.inputs:
         shape = tuple(batch if isinstance(d, str) else d for d in spec.shape)
-        dtype = _np_dtype(spec.dtype)
+        dtype = np_dtype(spec.dtype)
         if dtype.kind in "fV":
             out[spec.name] = rng.normal(size=shape).astype(dtype)
         else:
@@ -160,16 +160,26 @@ def run(artifact, batch_sizes=None, seconds: float = 2.0, cold: bool = True, bac
 def run_all(artifact, batch_sizes=None, seconds: float = 2.0, cold: bool = True) -> dict:
     """`run` for each target of the artifact whose backend is installed here."""
     from jaxmint_runtime import backends
-    from jaxmint_runtime._format import read_manifest
+    from jaxmint_runtime._format import ArtifactError, read_manifest
 
     targets = list(read_manifest(artifact)["targets"])
     usable = [t for t in targets if backends.installed(t)]
     if not usable:
-        raise RuntimeError(f"no backend for the artifact's targets {targets} is installed")
+        hints = "; ".join(backends.install_hint(t) for t in targets)
+        raise RuntimeError(f"no backend for the artifact's targets {targets} is installed: {hints}")
+    reports, failed = [], {}
+    for b in usable:
+        try:
+            reports.append(run(artifact, batch_sizes, seconds, cold, backend=b))
+        except (ArtifactError, RuntimeError) as e:  # one backend failing keeps the others
+            failed[b] = str(e)
+    if not reports:
+        raise RuntimeError(f"no backend could run the artifact: {failed}")
     return {
         "artifact": str(artifact),
         "not_installed": [t for t in targets if t not in usable],
-        "backends": [run(artifact, batch_sizes, seconds, cold, backend=b) for b in usable],
+        "failed": failed,
+        "backends": reports,
     }
 
 
@@ -255,6 +265,8 @@ def table_all(report: dict) -> str:
             )
     if report["not_installed"]:
         lines.append(f"not installed here: {report['not_installed']}")
+    for backend, why in report.get("failed", {}).items():
+        lines.append(f"{backend}: failed: {why}")
     return "\n".join(lines)
 
 

@@ -83,30 +83,22 @@ def _export(args) -> int:
     except (ExportError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    manifest = json.loads((out / "manifest.json").read_text())
-    step = manifest["experiment"].get("step")
-    print(f"exported {manifest['name']} (step {step}) to {out}")
-    print(f"  batch sizes {manifest['batch_sizes']}")
-    for name, target in manifest["targets"].items():
-        print(f"  target {name}: {_describe_target(name, target)}")
-        parity = target.get("parity", {})
+    from jaxmint_runtime import inspect_artifact
+
+    report = inspect_artifact(out, analyze=False)
+    step = report["experiment"].get("step")
+    print(f"exported {report['name']} (step {step}) to {out}")
+    print(f"  batch sizes {report['batch_sizes']}")
+    for name, target in report["targets"].items():
+        print(f"  target {name}: {_inspect_details(name, target)}")
+        parity = target["parity"]
         for key, err in parity.get("max_abs_error", {}).items():
             rel = parity.get("max_rel_error", {}).get(key, float("nan"))
             print(f"    parity: {key} max abs error {err:.3g}, max rel error {rel:.3g}")
-    skipped = manifest.get("skipped_targets", {})
+    skipped = report["skipped_targets"]
     for name, why in skipped.items():
         print(f"warning: target {name} was skipped: {why}", file=sys.stderr)
     return 3 if skipped else 0
-
-
-def _describe_target(name: str, target: dict) -> str:
-    if name == "xla":
-        compiled = [p["platform"] for p in target.get("precompiled", [])] or "none"
-        return f"platforms {target['platforms']}, precompiled for {compiled}"
-    if name == "onnx":
-        return f"{target['file']} (opset {target['opset']}, symbolic batch)"
-    hal = sorted({m["hal_target"] for m in target["modules"]})
-    return f"{len(target['modules'])} modules for {hal} (cpu {target['cpu']})"
 
 
 def _inspect_details(name: str, t: dict) -> str:

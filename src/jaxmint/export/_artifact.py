@@ -7,6 +7,7 @@ artifact nor touches an existing one.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import hashlib
 import json
@@ -134,10 +135,7 @@ def export_model(
             b: lower(predict, weights, sample, input_key, platforms=platforms, batch_size=b)
             for b in sizes
         }
-    signature = next(iter(modules.values()), None) or lower(
-        predict, weights, sample, input_key, platforms=["cpu"], batch_size=None
-    )
-    outputs, single = output_specs(signature)
+    outputs, single = output_specs(predict, weights, sample, input_key)
     in_shape = ["batch", *sample.shape[1:]]
     job = Job(
         name=name,
@@ -191,15 +189,24 @@ def export_model(
         for target in list(written):
             try:
                 written[target]["parity"] = checker.check(tmp, target)
+                if target == "iree":
+                    _check_iree_gpu_modules(tmp, written[target], checker, manifest)
             except ParityError as e:
                 skipped[target] = str(e)
                 del written[target]
                 _remove_target(tmp, target)
+        reasons = "\n".join(f"  {t}: {why}" for t, why in skipped.items())
         if not written:
-            reasons = "\n".join(f"  {t}: {why}" for t, why in skipped.items())
             raise ExportError(f"no target could be exported; nothing was written:\n{reasons}")
+        if skipped and out.exists() and any(out.iterdir()):
+            raise ExportError(
+                f"{out} was kept: the new export lacks targets it was asked for, and replacing "
+                f"an artifact must not lose any:\n{reasons}\nExport the targets that work "
+                f"(--target {','.join(written)}) to replace it, or write to another --out."
+            )
         if "xla" not in written and "iree" not in written:
             (tmp / WEIGHTS).unlink(missing_ok=True)
+            del manifest["weights"]  # the ONNX graph holds its own
         here = jax.devices()[0].platform
         if "xla" in written and precompile and batch_sizes and here in platforms:
             written["xla"]["precompiled"] = [_precompile(tmp)]
@@ -211,6 +218,52 @@ def export_model(
     for target, why in skipped.items():
         log.warning("export target %s skipped: %s", target, why)
     return out
+
+
+def _check_iree_gpu_modules(directory: Path, target: dict, checker: _Parity, manifest) -> None:
+    """Check IREE's Vulkan modules where this machine can run them; drop them if they fail.
+
+    ``target["parity"]`` is the CPU modules'; each module records ``parity_checked``.
+    """
+    gpu = [m for m in target["modules"] if m["hal_target"] == "vulkan-spirv"]
+    for m in target["modules"]:
+        m["parity_checked"] = m["hal_target"] == "llvm-cpu"
+    if not gpu or not _iree_driver_usable("vulkan"):
+        return
+    try:
+        target["parity_vulkan"] = checker.check(directory, "iree", iree_driver="vulkan")
+    except ParityError as e:
+        target["modules"] = [m for m in target["modules"] if m["hal_target"] != "vulkan-spirv"]
+        shutil.rmtree(directory / "iree" / "vulkan-spirv", ignore_errors=True)
+        target["notes"].append(f"vulkan-spirv left out: {e}")
+        _write_manifest(directory, manifest)
+        return
+    for m in gpu:
+        m["parity_checked"] = True
+
+
+def _iree_driver_usable(driver: str) -> bool:
+    import iree.runtime
+
+    try:
+        iree.runtime.Config(driver)
+    except Exception:  # no such driver, or no device for it
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def _environment(values: dict[str, str]):
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 class ParityError(ExportError):
@@ -273,23 +326,35 @@ class _Parity:
             want = jax.device_get(reference(weights, {input_key: sample[:n]}))
             self.expected[n] = want
 
-    def check(self, directory: Path, target: str) -> dict:
-        try:
-            predictor = runtime_load(
-                directory,
-                backend=target,
-                precompiled=False,
-                warmup=False,
-                allow_expired=True,
-                check_finite=False,
-                verify=False,
-            )
-        except Exception as e:
-            why = str(e).replace(f"{directory}/", "")  # the temporary directory means nothing
-            raise ParityError(f"the runtime cannot load the {target} target: {why}") from None
+    def check(self, directory: Path, target: str, *, iree_driver: str = "local-sync") -> dict:
+        """Compare ``target`` with the original on CPU engines (ONNX Runtime's CPU provider,
+        IREE's ``iree_driver``), whatever the exporting shell's environment says."""
+        engines = {
+            "JAXMINT_IREE_DRIVER": iree_driver,
+            "JAXMINT_ONNX_PROVIDERS": "CPUExecutionProvider",
+        }
+        with _environment(engines):
+            try:
+                predictor = runtime_load(
+                    directory,
+                    backend=target,
+                    precompiled=False,
+                    warmup=False,
+                    allow_expired=True,
+                    check_finite=False,
+                    verify=False,
+                )
+            except Exception as e:
+                why = str(e).replace(f"{directory}/", "")  # the temporary directory is noise
+                raise ParityError(f"the runtime cannot load the {target} target: {why}") from None
         abs_err, rel_err = {}, {}
         for n in self.sizes:
-            got = predictor.run({self.input_key: self.sample[:n]})
+            try:
+                got = predictor.run({self.input_key: self.sample[:n]})
+            except Exception as e:
+                raise ParityError(
+                    f"the {target} target fails at batch size {n}: {type(e).__name__}: {e}"
+                ) from None
             want = self.expected[n]
             if predictor.single_output:
                 want = {predictor.outputs[0].name: want}
@@ -298,10 +363,11 @@ class _Parity:
                 rtol, atol = _tolerance(w.dtype)
                 peak = float(np.max(np.abs(w.astype(np.float64)))) if w.size else 0.0
                 scale = max(1.0, peak)
-                if g.shape != w.shape:
+                if g.shape != w.shape or g.dtype != w.dtype:
                     raise ParityError(
-                        f"the {target} target returns {key!r} with shape {g.shape} at batch size "
-                        f"{n}, the original {w.shape}. The {target} target was not written."
+                        f"the {target} target returns {key!r} as {g.dtype}{list(g.shape)} at batch "
+                        f"size {n}, the original as {w.dtype}{list(w.shape)}. The {target} target "
+                        "was not written."
                     )
                 diff = np.abs(g.astype(np.float64) - w.astype(np.float64))
                 err = float(np.max(diff)) if w.size else 0.0

@@ -63,8 +63,12 @@ def lower(
     *,
     platforms: Sequence[str],
     batch_size: int | None,
+    keep_unused: bool = False,
 ) -> jax_export.Exported:
-    """Export ``predict`` for a symbolic batch (``batch_size=None``) or a fixed one."""
+    """Export ``predict`` for a symbolic batch (``batch_size=None``) or a fixed one.
+
+    ``keep_unused`` keeps weights the function never reads as arguments of the
+    module, for consumers that call it with every weight (IREE)."""
     bad = [p for p in platforms if p not in PLATFORMS]
     if bad or not platforms:
         raise ExportError(f"unknown platforms {bad or platforms}; choose from {PLATFORMS}")
@@ -73,7 +77,8 @@ def lower(
     w_specs = [jax.ShapeDtypeStruct(np.shape(w), np.asarray(w).dtype) for w in weights]
     with no_source_paths():
         try:
-            return jax_export.export(jax.jit(predict), platforms=tuple(platforms))(
+            jitted = jax.jit(predict, keep_unused=keep_unused)
+            return jax_export.export(jitted, platforms=tuple(platforms))(
                 w_specs, {input_key: x_spec}
             )
         except Exception as e:
@@ -85,23 +90,43 @@ def lower(
             ) from e
 
 
-def output_specs(exported: jax_export.Exported) -> tuple[list[dict], bool]:
-    """Output names/dtypes/shapes from the exported avals; ``single`` for one array."""
-    tree = exported.out_tree
-    avals = exported.out_avals
+def output_specs(
+    predict: Callable, weights: Sequence[Any], sample: np.ndarray, input_key: str
+) -> tuple[list[dict], bool]:
+    """Output names, dtypes and shapes (``"batch"`` for the batch dimension) and whether
+    the model returns a single array, by abstract evaluation (nothing is compiled)."""
+    w_specs = [jax.ShapeDtypeStruct(np.shape(w), np.asarray(w).dtype) for w in weights]
+    batch = jax_export.symbolic_shape("batch")[0]
+    x_spec = jax.ShapeDtypeStruct((batch, *sample.shape[1:]), sample.dtype)
+    try:
+        out = jax.eval_shape(predict, w_specs, {input_key: x_spec})
+    except Exception:  # a model that needs a static batch: the sample's size stands for it
+        x_spec = jax.ShapeDtypeStruct(sample.shape, sample.dtype)
+        out = jax.eval_shape(predict, w_specs, {input_key: x_spec})
+        n = sample.shape[0]
+        out = jax.tree_util.tree_map(
+            lambda a: jax.ShapeDtypeStruct(
+                (batch, *a.shape[1:]) if a.shape[:1] == (n,) else a.shape, a.dtype
+            ),
+            out,
+        )
+    avals, tree = jax.tree_util.tree_flatten(out)
     leaves_tree = jax.tree_util.tree_unflatten(tree, list(range(len(avals))))
     if isinstance(leaves_tree, int):
         named, single = {"output": leaves_tree}, True
-    elif isinstance(leaves_tree, dict) and all(isinstance(v, int) for v in leaves_tree.values()):
+    elif isinstance(leaves_tree, dict) and all(
+        isinstance(k, str) and isinstance(v, int) for k, v in leaves_tree.items()
+    ):
         named, single = leaves_tree, False
     else:
         raise ExportError(
-            "the model must return one array or a flat dict of arrays to be exported, got "
+            "the model must return one array or a flat dict of arrays keyed by strings to be "
+            "exported, got "
             f"outputs structured as {tree}"
         )
     specs = [
         {
-            "name": str(name),
+            "name": name,
             "dtype": str(avals[i].dtype),
             "shape": [d if isinstance(d, int) else str(d) for d in avals[i].shape],
         }

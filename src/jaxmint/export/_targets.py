@@ -12,6 +12,7 @@ import importlib.util
 import logging
 import platform
 import re
+import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,13 +28,18 @@ TARGETS = ("xla", "onnx", "iree")
 DEFAULT_ONNX_OPSET = 21
 # Needed at export (the converter) and for the parity check (the runtime backend).
 _NEEDS = {
-    "xla": ("jax",),
+    "xla": (),  # jax: a dependency of jaxmint itself
     "onnx": ("jax2onnx", "onnx", "onnxruntime"),
     "iree": ("iree.compiler", "iree.runtime"),
 }
 # x86-64-v3 (AVX2, FMA; every x86 server CPU since 2013) is fast and portable;
 # "host" is the fastest but runs only where the exporting CPU's features are.
 _X86_V3_FLAGS = ("avx", "avx2", "fma", "bmi1", "bmi2", "f16c", "movbe")
+# Instruction-set flags of /proc/cpuinfo (not "hypervisor", "constant_tsc", ...).
+_ISA_FLAG = re.compile(
+    r"^(sse|ssse|avx|fma|bmi|f16c|movbe|abm|lzcnt|popcnt|aes|pclmul|sha|adx|vaes|vpclmul"
+    r"|gfni|amx|asimd|sve|neon|fp16)"
+)
 
 
 class TargetSkipped(Exception):
@@ -202,8 +208,8 @@ def cpu_flags_required(cpu: str) -> list[str]:
     if cpu == "x86-64-v3":
         return list(_X86_V3_FLAGS)
     if cpu == "host":
-        return sorted(host_cpu_flags() or ())
-    return []
+        return sorted(f for f in host_cpu_flags() or () if _ISA_FLAG.match(f))
+    return []  # generic, or a named CPU: not checked at load (see docs/deployment.md)
 
 
 def write_iree(
@@ -231,7 +237,13 @@ def write_iree(
     modules, notes = [], []
     for b in job.batch_sizes:
         exported = lower(
-            job.predict, job.weights, job.sample, job.input_key, platforms=("cpu",), batch_size=b
+            job.predict,
+            job.weights,
+            job.sample,
+            job.input_key,
+            platforms=("cpu",),
+            batch_size=b,
+            keep_unused=True,  # main takes every weight, as the runtime passes them
         )
         text = exported.mlir_module()
         _check_custom_calls(text)
@@ -246,6 +258,8 @@ def write_iree(
                 if hal != "llvm-cpu":  # an optional GPU target: leave it out, keep the CPU one
                     notes.append(f"{hal} left out: {message}")
                     hal_targets = [t for t in hal_targets if t != hal]
+                    modules = [m for m in modules if m["hal_target"] != hal]
+                    shutil.rmtree(directory / "iree" / hal, ignore_errors=True)
                     continue
                 raise TargetSkipped(f"iree-compile cannot compile the model: {message}") from None
             rel = f"iree/{hal}/module-b{b}.vmfb"

@@ -13,7 +13,8 @@ backend   runs                                         install
 ========  ===========================================  ================================
 
 ``backend="auto"`` takes the first of `AUTO_ORDER` that the artifact has a target
-for and whose runtime is installed; ``$JAXMINT_BACKEND`` overrides the order.
+for and whose runtime is installed; ``$JAXMINT_BACKEND`` (e.g. ``iree,onnx``)
+replaces that order.
 """
 
 from __future__ import annotations
@@ -56,6 +57,8 @@ class Backend(Protocol):
 
     def call1(self, key: int | None, x: np.ndarray) -> np.ndarray: ...
 
+    def warm(self, key: int | None, arrays: dict[str, np.ndarray]) -> str: ...
+
     def describe(self) -> dict[str, Any]: ...
 
 
@@ -93,6 +96,11 @@ def choose(available_targets: list[str], requested: str = "auto") -> str:
     for name in order:
         if name in available_targets and installed(name):
             return name
+    if order != AUTO_ORDER:
+        raise BackendUnavailable(
+            f"$JAXMINT_BACKEND={','.join(order)} allows none of this artifact's targets "
+            f"{available_targets} that is installed here"
+        )
     hints = "; ".join(f"{t}: {install_hint(t)}" for t in available_targets if t in BACKENDS)
     raise BackendUnavailable(
         f"no runtime is installed for any target of this artifact ({available_targets}); "

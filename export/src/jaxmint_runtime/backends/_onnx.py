@@ -37,6 +37,12 @@ class OnnxBackend:
         want = {s.name for s in inputs}
         if have != want:
             raise ArtifactError(f"{path}: graph inputs {sorted(have)} do not match {sorted(want)}")
+        produced = {o.name for o in self.session.get_outputs()}
+        missing = [s.name for s in outputs if s.name not in produced]
+        if missing:
+            raise ArtifactError(
+                f"{path}: the graph has no outputs {missing} (it has {sorted(produced)})"
+            )
         self.output_names = [s.name for s in outputs]
         self.input_name = inputs[0].name if len(inputs) == 1 else None
         self._run = self.session.run

@@ -94,7 +94,7 @@ def parser() -> argparse.ArgumentParser:
         default="auto",
         choices=["auto", *BACKENDS],
         help="engine that runs the artifact: auto picks the first of xla, onnx, iree that "
-        "the artifact has and this environment installs ($JAXMINT_BACKEND reorders it)",
+        "the artifact has and this environment installs ($JAXMINT_BACKEND replaces that order)",
     )
     p.add_argument(
         "--allow-expired",

@@ -25,7 +25,8 @@ from typing import Any
 
 import numpy as np
 
-from jaxmint_runtime._predictor import InputError, Predictor, _np_dtype
+from jaxmint_runtime._format import np_dtype
+from jaxmint_runtime._predictor import InputError, Predictor
 
 # numpy dtype name -> v2 datatype. BYTES (strings) has no jaxmint equivalent.
 DATATYPES = {
@@ -143,7 +144,7 @@ def decode_infer(
             )
         shape = _shape(item.get("shape"), name, max_elements)
         count = math.prod(shape)
-        dtype = _np_dtype(spec.dtype)
+        dtype = np_dtype(spec.dtype)
         params = _parameters(item, f"input {name!r}")
         if "shared_memory_region" in params:
             raise ProtocolError(f"input {name!r}: shared memory is not supported by this server")
