@@ -65,6 +65,7 @@ def build(config: Config) -> Experiment:
         d_model=config.d_model,
         num_layers=config.num_layers,
         num_heads=config.num_heads,
+        attention=jaxmint.models.portable_attention,  # exports to ONNX too
     )
     ramp = optax.linear_schedule(0.0, config.z_loss_weight, max(config.steps // 4, 1))
     loss = losses.softmax_cross_entropy() + ramp * losses.z_loss()

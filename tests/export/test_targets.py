@@ -30,6 +30,17 @@ def _models():
             jaxmint.models.transformer(64, max_len=16, d_model=16, num_layers=1, num_heads=2),
             rng.integers(0, 64, size=(6, 16)),
         ),
+        "portable_transformer": (
+            jaxmint.models.transformer(
+                64,
+                max_len=16,
+                d_model=16,
+                num_layers=1,
+                num_heads=2,
+                attention=jaxmint.models.portable_attention,
+            ),
+            rng.integers(0, 64, size=(6, 16)),
+        ),
     }
 
 
@@ -61,7 +72,7 @@ def _manifest(path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["mlp", "cnn", "transformer"])
+@pytest.mark.parametrize("name", ["mlp", "cnn", "transformer", "portable_transformer"])
 @pytest.mark.parametrize("backend", ALL)
 def test_round_trip_per_target(exported, name, backend):
     path, reference, x = exported[name]

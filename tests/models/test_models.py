@@ -120,6 +120,15 @@ def test_transformer_custom_attention_matches_default():
     b = custom.apply(variables, tokens)
     assert a.shape == (2, 16, 50)
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    portable = jaxmint.models.transformer(
+        50,
+        max_len=16,
+        d_model=16,
+        num_layers=1,
+        num_heads=2,
+        attention=jaxmint.models.portable_attention,
+    )
+    np.testing.assert_allclose(portable.apply(variables, tokens), a, rtol=1e-5, atol=1e-6)
 
 
 def test_transformer_is_causal():

@@ -102,7 +102,13 @@ def output_specs(
         out = jax.eval_shape(predict, w_specs, {input_key: x_spec})
     except Exception:  # a model that needs a static batch: the sample's size stands for it
         x_spec = jax.ShapeDtypeStruct(sample.shape, sample.dtype)
-        out = jax.eval_shape(predict, w_specs, {input_key: x_spec})
+        try:
+            out = jax.eval_shape(predict, w_specs, {input_key: x_spec})
+        except Exception as e:
+            raise ExportError(
+                f"the predict function fails on inputs of shape {sample.shape} and dtype "
+                f"{sample.dtype}: {type(e).__name__}: {e}"
+            ) from e
         n = sample.shape[0]
         out = jax.tree_util.tree_map(
             lambda a: jax.ShapeDtypeStruct(
@@ -121,8 +127,7 @@ def output_specs(
     else:
         raise ExportError(
             "the model must return one array or a flat dict of arrays keyed by strings to be "
-            "exported, got "
-            f"outputs structured as {tree}"
+            f"exported, got outputs structured as {tree}"
         )
     specs = [
         {

@@ -8,6 +8,7 @@ from jaxmint.models._summary import ModelSummary as ModelSummary
 from jaxmint.models._summary import summary as summary
 from jaxmint.models._zoo import cnn as cnn
 from jaxmint.models._zoo import mlp as mlp
+from jaxmint.models._zoo import portable_attention as portable_attention
 from jaxmint.models._zoo import transformer as transformer
 
 __all__ = [
@@ -18,6 +19,7 @@ __all__ = [
     "from_linen",
     "from_nnx",
     "mlp",
+    "portable_attention",
     "summary",
     "transformer",
 ]

@@ -20,6 +20,21 @@ AttentionFn = Callable[..., jax.Array]
 """``attention(q_BxLxHxD, k_BxLxHxD, v_BxLxHxD, *, is_causal) -> out_BxLxHxD``."""
 
 
+def portable_attention(q_BxLxHxD, k_BxLxHxD, v_BxLxHxD, *, is_causal: bool) -> jax.Array:
+    """`jax.nn.dot_product_attention` with the causal mask built by comparing positions.
+
+    The same numbers as the default attention. It exists for export: every target
+    converts a position comparison, while ``is_causal=True`` becomes a boolean
+    ``Where`` that ONNX Runtime does not implement. Use it for models you deploy
+    with ONNX Runtime: ``transformer(..., attention=portable_attention)``.
+    """
+    mask_LxS = None
+    if is_causal:
+        length, source = q_BxLxHxD.shape[1], k_BxLxHxD.shape[1]
+        mask_LxS = jnp.arange(length)[:, None] >= jnp.arange(source)[None, :]
+    return jax.nn.dot_product_attention(q_BxLxHxD, k_BxLxHxD, v_BxLxHxD, mask=mask_LxS)
+
+
 class MLP(nn.Module):
     features: Sequence[int]
     num_outputs: int
