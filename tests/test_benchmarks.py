@@ -77,3 +77,5 @@ def test_backends_quick(tmp_path):
     assert "batch-1 latency" in out and "serving peak RSS" in out
     result = json.loads((tmp_path / "b.json").read_text())
     assert set(result["batch1_latency_us"]) == {"xla", "onnx", "iree"}
+    # Both shipped experiments export to every target.
+    assert result["transformer_targets"] == {"written": ["xla", "onnx", "iree"], "skipped": {}}
