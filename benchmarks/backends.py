@@ -16,7 +16,9 @@ Targets (digits MLP, CPU):
   backend's: **<= 0.35**. Each server is a fresh process (``--backend NAME``)
   that answers the same infer requests; its VmHWM is read from ``/proc`` after.
 
-Reported as well, per model: ``jaxmint-bench --all-backends`` (p50/p99 latency,
+Reported as well: IREE's batch-1 latency with its default ``local-sync`` driver
+against ``local-task`` (a thread pool), interleaved with the others; and, per
+model, ``jaxmint-bench --all-backends`` (p50/p99 latency,
 throughput, cold start, peak RSS and install size per backend), the table that
 docs/deployment.md shows. Results go to ``benchmarks/results/backends.json``.
 """
@@ -69,10 +71,12 @@ def export_experiment(name: str, tmp: Path, steps: int, **overrides) -> Path:
     )
 
 
-def batch1_latency(artifact: Path, backends: list[str], rounds: int, calls: int) -> dict:
+def batch1_latency(artifact: Path, variants: dict[str, dict], rounds: int, calls: int) -> dict:
+    """Median µs per batch-1 call for each ``{label: load() keyword arguments}``."""
     import jaxmint_runtime
 
-    predictors = {b: jaxmint_runtime.load(artifact, backend=b) for b in backends}
+    predictors = {name: jaxmint_runtime.load(artifact, **kw) for name, kw in variants.items()}
+    backends = list(predictors)
     x = np.random.default_rng(0).random((1, 64), dtype=np.float32)
     for p in predictors.values():
         for _ in range(200):
@@ -133,9 +137,13 @@ def main(argv=None) -> dict:
     written = list(json.loads((mlp / "manifest.json").read_text())["targets"])
     usable = [b for b in written if backends.installed(b)]
 
+    variants = {b: {"backend": b} for b in usable}
+    if "iree" in usable:  # the default driver against IREE's thread pool
+        variants["iree/local-task"] = {"backend": "iree", "iree_driver": "local-task"}
     lat = batch1_latency(
-        mlp, usable, rounds=3 if args.quick else 11, calls=200 if args.quick else 3000
+        mlp, variants, rounds=3 if args.quick else 11, calls=200 if args.quick else 3000
     )
+    local_task = lat.pop("iree/local-task", None)
     best = min((b for b in usable if b != "xla"), key=lat.get)
     rss = {b: serving_rss(mlp, b, 20 if args.quick else 500) for b in usable}
     leanest = min((b for b in usable if b != "xla"), key=lambda b: rss[b]["peak_rss_bytes"])
@@ -147,6 +155,7 @@ def main(argv=None) -> dict:
     result = {
         "environment": environment(),
         "batch1_latency_us": lat,
+        "iree_driver_batch1_us": {"local-sync": lat.get("iree"), "local-task": local_task},
         "latency_ratio_best_over_xla": lat[best] / lat["xla"],
         "best_backend": best,
         "target_latency_ratio": TARGET_LATENCY,
@@ -180,6 +189,11 @@ def main(argv=None) -> dict:
         f"(b) serving peak RSS {leanest}/xla = {result['rss_ratio_leanest_over_xla']:.2f} "
         f"(target <= {TARGET_RSS})"
     )
+    if local_task is not None:
+        print(
+            f"IREE drivers at batch 1: local-sync {lat['iree']:.1f} us (the default), "
+            f"local-task {local_task:.1f} us"
+        )
     for report in tables.values():
         print()
         print(bench.table_all(report))

@@ -443,3 +443,18 @@ def test_predictor_plans_padding_and_chunking_per_backend(engine, n, calls, tmp_
     x = np.arange(2 * n, dtype=np.float32).reshape(n, 2)
     np.testing.assert_array_equal(predictor(x), x * 2)
     assert engine.calls == calls
+
+
+def test_engine_settings_are_arguments_of_load(exported, monkeypatch):
+    path, reference, x = exported["mlp"]
+    monkeypatch.setenv("JAXMINT_IREE_DRIVER", "vulkan")  # the argument wins over the variable
+    predictor = jaxmint_runtime.load(path, backend="iree", iree_driver="local-task")
+    assert predictor.backend.driver == "local-task"
+    np.testing.assert_allclose(predictor(x[:3]), reference(x[:3]), rtol=1e-4, atol=1e-5)
+    with pytest.raises(ArtifactError, match=r"iree_driver='bogus': choose from"):
+        jaxmint_runtime.load(path, backend="iree", iree_driver="bogus")
+    with pytest.raises(ArtifactError, match=r"onnx_providers asks for \['NoSuchProvider'\]"):
+        jaxmint_runtime.load(path, backend="onnx", onnx_providers=["NoSuchProvider"])
+    monkeypatch.setenv("JAXMINT_ONNX_PROVIDERS", "NoSuchProvider")
+    with pytest.raises(ArtifactError, match=r"\$JAXMINT_ONNX_PROVIDERS asks for"):
+        jaxmint_runtime.load(path, backend="onnx")

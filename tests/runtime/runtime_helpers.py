@@ -10,12 +10,11 @@ from pathlib import Path
 import numpy as np
 
 
-def build_artifact(out: Path, *, steps: int = 20) -> Path:
-    """Train the digits MLP for a few steps and export it as the artifact "digits"."""
+def train_digits(steps: int = 20):
+    """The digits MLP trained for a few steps: ``(model, variables, test data)``."""
     import optax
 
     import jaxmint
-    from jaxmint.export import export_model
 
     train, test = jaxmint.data.digits()
     model = jaxmint.models.mlp((64,), 10)
@@ -28,7 +27,15 @@ def build_artifact(out: Path, *, steps: int = 20) -> Path:
         batch_size=64,
         progress=False,
     )
-    return export_model(model, {"params": result.params}, test["x"][:16], out, name="digits")
+    return model, {"params": result.params}, test
+
+
+def build_artifact(out: Path, *, steps: int = 20) -> Path:
+    """Train the digits MLP for a few steps and export it as the artifact "digits"."""
+    from jaxmint.export import export_model
+
+    model, variables, test = train_digits(steps)
+    return export_model(model, variables, test["x"][:16], out, name="digits")
 
 
 def request(port: int, method: str, path: str, body: bytes = b"", headers=None, timeout=10):

@@ -10,31 +10,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from runtime_helpers import binary_body, json_body, output_of, request
+from runtime_helpers import binary_body, json_body, output_of, request, train_digits
 
 BACKENDS = ("xla", "onnx", "iree")
 
 
 @pytest.fixture(scope="module")
 def multi_artifact(tmp_path_factory):
-    """The digits MLP exported to every target."""
-    import optax
-
-    import jaxmint
+    """The digits MLP exported to every target, and the original function."""
     from jaxmint.export import export_model
 
-    train, test = jaxmint.data.digits()
-    model = jaxmint.models.mlp((64,), 10)
-    result = jaxmint.fit(
-        model,
-        jaxmint.losses.softmax_cross_entropy(),
-        optax.adam(1e-2),
-        train,
-        steps=20,
-        batch_size=64,
-        progress=False,
-    )
-    variables = {"params": result.params}
+    model, variables, test = train_digits()
     out = export_model(
         model,
         variables,

@@ -263,6 +263,8 @@ def load(
     warmup: bool = True,
     check_finite: bool = False,
     verify: bool = True,
+    iree_driver: str | None = None,
+    onnx_providers: list[str] | None = None,
 ) -> Predictor:
     """Load an artifact directory and return a `Predictor`.
 
@@ -275,7 +277,9 @@ def load(
     XLA backend, precompiled executables matching this platform and jaxlib are
     used; otherwise the portable module is compiled (logged). With
     ``check_finite`` a call refuses NaN and infinity in floating inputs (a numpy
-    pass over the input; the server always checks).
+    pass over the input; the server always checks). ``iree_driver`` (``local-sync``,
+    ``local-task``, ``vulkan``) and ``onnx_providers`` choose the engines' devices;
+    by default ``$JAXMINT_IREE_DRIVER`` and ``$JAXMINT_ONNX_PROVIDERS``, else the CPU.
 
     Example::
 
@@ -299,7 +303,8 @@ def load(
             )
     inputs = [TensorSpec.from_json(d) for d in manifest["inputs"]]
     outputs = [TensorSpec.from_json(d) for d in manifest["outputs"]]
-    engine = backends.open_backend(name, directory, manifest, inputs, outputs)
+    options = {"iree_driver": iree_driver, "onnx_providers": onnx_providers}
+    engine = backends.open_backend(name, directory, manifest, inputs, outputs, options)
     if precompiled and hasattr(engine, "use_precompiled"):
         engine.use_precompiled()
     predictor = Predictor(directory, manifest, engine, check_finite=check_finite)

@@ -7,7 +7,6 @@ artifact nor touches an existing one.
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import hashlib
 import json
@@ -184,7 +183,7 @@ def export_model(
             "targets": written,
             "skipped_targets": skipped,
         }
-        _write_manifest(tmp, manifest)
+        _write_manifest(tmp, manifest, final=False)
         checker = _Parity(predict, weights, sample, input_key, batch_sizes)
         for target in list(written):
             try:
@@ -236,7 +235,7 @@ def _check_iree_gpu_modules(directory: Path, target: dict, checker: _Parity, man
         target["modules"] = [m for m in target["modules"] if m["hal_target"] != "vulkan-spirv"]
         shutil.rmtree(directory / "iree" / "vulkan-spirv", ignore_errors=True)
         target["notes"].append(f"vulkan-spirv left out: {e}")
-        _write_manifest(directory, manifest)
+        _write_manifest(directory, manifest, final=False)
         return
     for m in gpu:
         m["parity_checked"] = True
@@ -250,20 +249,6 @@ def _iree_driver_usable(driver: str) -> bool:
     except Exception:  # no such driver, or no device for it
         return False
     return True
-
-
-@contextlib.contextmanager
-def _environment(values: dict[str, str]):
-    old = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 class ParityError(ExportError):
@@ -295,9 +280,11 @@ def _remove_target(directory: Path, target: str) -> None:
         shutil.rmtree(directory / target, ignore_errors=True)
 
 
-def _write_manifest(directory: Path, manifest: dict) -> None:
+def _write_manifest(directory: Path, manifest: dict, *, final: bool = True) -> None:
+    """Write the manifest; the ``final`` one lists every file with its sha256 (a draft,
+    read by the parity check without verification, skips hashing the weights twice)."""
     files = {}
-    for path in sorted(directory.rglob("*")):
+    for path in sorted(directory.rglob("*")) if final else ():
         rel = path.relative_to(directory).as_posix()
         if path.is_file() and rel != MANIFEST:
             files[rel] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
@@ -329,24 +316,21 @@ class _Parity:
     def check(self, directory: Path, target: str, *, iree_driver: str = "local-sync") -> dict:
         """Compare ``target`` with the original on CPU engines (ONNX Runtime's CPU provider,
         IREE's ``iree_driver``), whatever the exporting shell's environment says."""
-        engines = {
-            "JAXMINT_IREE_DRIVER": iree_driver,
-            "JAXMINT_ONNX_PROVIDERS": "CPUExecutionProvider",
-        }
-        with _environment(engines):
-            try:
-                predictor = runtime_load(
-                    directory,
-                    backend=target,
-                    precompiled=False,
-                    warmup=False,
-                    allow_expired=True,
-                    check_finite=False,
-                    verify=False,
-                )
-            except Exception as e:
-                why = str(e).replace(f"{directory}/", "")  # the temporary directory is noise
-                raise ParityError(f"the runtime cannot load the {target} target: {why}") from None
+        try:
+            predictor = runtime_load(
+                directory,
+                backend=target,
+                precompiled=False,
+                warmup=False,
+                allow_expired=True,
+                check_finite=False,
+                verify=False,
+                iree_driver=iree_driver,
+                onnx_providers=["CPUExecutionProvider"],
+            )
+        except Exception as e:
+            why = str(e).replace(f"{directory}/", "")  # the temporary directory is noise
+            raise ParityError(f"the runtime cannot load the {target} target: {why}") from None
         abs_err, rel_err = {}, {}
         for n in self.sizes:
             try:

@@ -134,12 +134,17 @@ def host_cpu_flags(cpuinfo: str | None = None) -> set[str] | None:
     return None
 
 
-def open_backend(name: str, directory, manifest: dict, inputs, outputs) -> Backend:
-    """Import backend ``name`` and load the artifact's target into it."""
+def open_backend(
+    name: str, directory, manifest: dict, inputs, outputs, options: dict | None = None
+) -> Backend:
+    """Import backend ``name`` and load the artifact's target into it.
+
+    ``options`` are the engine settings of `jaxmint_runtime.load` (``iree_driver``,
+    ``onnx_providers``); a backend takes the ones that concern it."""
     try:
         module = importlib.import_module(f"jaxmint_runtime.backends._{name}")
     except ImportError as e:
         raise BackendUnavailable(
             f"backend {name!r} cannot be imported ({e}): {install_hint(name)}"
         ) from None
-    return module.open(directory, manifest, inputs, outputs)
+    return module.open(directory, manifest, inputs, outputs, **(options or {}))

@@ -1,11 +1,12 @@
 """The IREE backend: ``.vmfb`` modules run by IREE's runtime (``jaxmint-runtime[iree]``).
 
 IREE modules are compiled per declared batch size (static shapes), so smaller
-batches are padded and larger ones chunked. ``$JAXMINT_IREE_DRIVER`` chooses the
-HAL driver: ``local-sync`` (default: runs on the calling thread, the lowest
-latency for small batches), ``local-task`` (a thread pool, for big batches) or
-``vulkan`` (the artifact's ``vulkan-spirv`` modules; these are compiled but their
-parity is checked only where the exporting machine had a Vulkan device).
+batches are padded and larger ones chunked. ``load(..., iree_driver=NAME)``, else
+``$JAXMINT_IREE_DRIVER``, chooses the HAL driver: ``local-sync`` (default: runs on
+the calling thread; the lowest batch-1 latency in ``benchmarks/backends.py``),
+``local-task`` (a thread pool, for big batches) or ``vulkan`` (the artifact's
+``vulkan-spirv`` modules, whose parity is checked at export only where the
+exporting machine has a Vulkan device).
 """
 
 from __future__ import annotations
@@ -95,8 +96,13 @@ def check_cpu(target: dict, directory: Path, flags: set[str] | None = None) -> N
         )
 
 
-def open(directory: Path, manifest: dict, inputs, outputs) -> IreeBackend:
-    driver = os.environ.get("JAXMINT_IREE_DRIVER", "local-sync").strip()
+def open(
+    directory: Path, manifest: dict, inputs, outputs, *, iree_driver=None, **_options
+) -> IreeBackend:
+    source = "iree_driver"
+    if iree_driver is None:
+        source, iree_driver = "$JAXMINT_IREE_DRIVER", os.environ.get("JAXMINT_IREE_DRIVER", "")
+    driver = iree_driver.strip() or "local-sync"
     if driver not in DRIVERS:
-        raise ArtifactError(f"$JAXMINT_IREE_DRIVER={driver!r}: choose from {sorted(DRIVERS)}")
+        raise ArtifactError(f"{source}={driver!r}: choose from {sorted(DRIVERS)}")
     return IreeBackend(directory, manifest, inputs, outputs, driver)

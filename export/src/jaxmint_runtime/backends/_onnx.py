@@ -1,8 +1,9 @@
 """The ONNX backend: ``onnx/model.onnx`` run by ONNX Runtime (``jaxmint-runtime[onnx]``).
 
-``$JAXMINT_ONNX_PROVIDERS`` (comma-separated, default ``CPUExecutionProvider``)
-chooses ONNX Runtime's execution providers, e.g.
-``CUDAExecutionProvider,CPUExecutionProvider`` with ``onnxruntime-gpu``.
+``load(..., onnx_providers=[...])``, else ``$JAXMINT_ONNX_PROVIDERS``
+(comma-separated), else ``CPUExecutionProvider`` chooses ONNX Runtime's execution
+providers, e.g. ``CUDAExecutionProvider,CPUExecutionProvider`` with
+``onnxruntime-gpu``.
 """
 
 from __future__ import annotations
@@ -22,10 +23,9 @@ class OnnxBackend:
     any_size = True  # the batch dimension is symbolic in the graph
     specialized = False  # and a new size costs no compile
 
-    def __init__(self, directory: Path, manifest: dict, inputs, outputs):
+    def __init__(self, directory: Path, manifest: dict, inputs, outputs, providers: list[str]):
         target = manifest["targets"]["onnx"]
         path = directory / target["file"]
-        providers = _providers()
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.log_severity_level = 3  # errors only
@@ -66,18 +66,18 @@ class OnnxBackend:
         }
 
 
-def _providers() -> list[str]:
-    env = os.environ.get("JAXMINT_ONNX_PROVIDERS", "").strip()
-    wanted = [p.strip() for p in env.split(",") if p.strip()] or ["CPUExecutionProvider"]
+def open(
+    directory: Path, manifest: dict, inputs, outputs, *, onnx_providers=None, **_options
+) -> OnnxBackend:
+    source = "onnx_providers"
+    if onnx_providers is None:
+        source, env = "$JAXMINT_ONNX_PROVIDERS", os.environ.get("JAXMINT_ONNX_PROVIDERS", "")
+        onnx_providers = [p.strip() for p in env.split(",") if p.strip()]
+    wanted = list(onnx_providers) or ["CPUExecutionProvider"]
     available = ort.get_available_providers()
     missing = [p for p in wanted if p not in available]
     if missing:
         raise ArtifactError(
-            f"$JAXMINT_ONNX_PROVIDERS asks for {missing}, which this onnxruntime lacks "
-            f"(it has {available})"
+            f"{source} asks for {missing}, which this onnxruntime lacks (it has {available})"
         )
-    return wanted
-
-
-def open(directory: Path, manifest: dict, inputs, outputs) -> OnnxBackend:
-    return OnnxBackend(directory, manifest, inputs, outputs)
+    return OnnxBackend(directory, manifest, inputs, outputs, wanted)

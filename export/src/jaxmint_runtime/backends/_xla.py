@@ -94,5 +94,5 @@ class XlaBackend:
         return {"backend": self.name, "device": str(jax.devices()[0].device_kind)}
 
 
-def open(directory: Path, manifest: dict, inputs, outputs) -> XlaBackend:
+def open(directory: Path, manifest: dict, inputs, outputs, **_options) -> XlaBackend:
     return XlaBackend(directory, manifest, inputs, outputs)
