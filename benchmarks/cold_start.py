@@ -48,7 +48,7 @@ def peak_rss_kb():  # VmHWM: this process image only (ru_maxrss survives fork+ex
             return int(line.split()[1])
 import numpy as np
 import jax
-from jaxmint.checkpoint import load_params
+from jaxmint.run import load_params
 from jaxmint.export import load_experiment
 module, config, _ = load_experiment(sys.argv[1])
 model = module.build(config).model
@@ -98,8 +98,8 @@ def steady_latency(run_dir: Path, art: Path, rounds: int, iters: int) -> dict:
     import jax
 
     import jaxmint_runtime
-    from jaxmint.checkpoint import load_params
     from jaxmint.export import load_experiment
+    from jaxmint.run import load_params
 
     module, config, _ = load_experiment(run_dir)
     model = module.build(config).model

@@ -7,6 +7,7 @@ from jaxmint import losses as losses
 from jaxmint import metrics as metrics
 from jaxmint import models as models
 from jaxmint.models import Model as Model
+from jaxmint.train import FitConfig as FitConfig
 from jaxmint.train import FitResult as FitResult
 from jaxmint.train import Hook as Hook
 from jaxmint.train import TrainState as TrainState
@@ -15,6 +16,7 @@ from jaxmint.train import fit as fit
 __version__ = "0.1.0"
 
 __all__ = [
+    "FitConfig",
     "FitResult",
     "Hook",
     "Model",

@@ -20,13 +20,33 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 
-def field(default: Any, help: str = "", **kwargs) -> Any:
-    """A dataclass field with a help text; mutable defaults are handled."""
+def field(default: Any, help: str = "", *, run_control: bool = False, **kwargs) -> Any:
+    """A dataclass field with a help text; mutable defaults are handled.
+
+    ``run_control`` marks a field that steers a run without changing what it
+    computes (``steps``, ``workdir``, logging): a resumed run may change it silently,
+    while a change of any other field is reported.
+    """
+    metadata = {"help": help, "run_control": run_control}
     if isinstance(default, list | dict | set):
         return dataclasses.field(
-            default_factory=lambda: type(default)(default), metadata={"help": help}, **kwargs
+            default_factory=lambda: type(default)(default), metadata=metadata, **kwargs
         )
-    return dataclasses.field(default=default, metadata={"help": help}, **kwargs)
+    return dataclasses.field(default=default, metadata=metadata, **kwargs)
+
+
+def run_control_fields(config_cls) -> frozenset[str]:
+    """The fields of a config dataclass marked ``run_control``."""
+    return frozenset(
+        f.name for f in dataclasses.fields(config_cls) if f.metadata.get("run_control", False)
+    )
+
+
+def normalized(values: Any) -> Any:
+    """``values`` as JSON would give it back (tuples become lists): what a run dir records."""
+    import json
+
+    return json.loads(json.dumps(values, default=str))
 
 
 def _unwrap_optional(tp):

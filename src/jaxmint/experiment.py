@@ -136,7 +136,7 @@ def main(
         # Errors about the user's run or data: the message says what to do; no traceback.
         raise SystemExit(f"error: {e}") from e
     except CheckError as e:
-        from jaxmint.debug._modes import rerun_command
+        from jaxmint.debug import rerun_command
 
         argv = list(sys.argv[1:] if argv is None else argv)
         command = rerun_command([f"python {sys.argv[0]}", *argv], e.step, config.workdir)

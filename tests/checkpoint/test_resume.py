@@ -17,16 +17,17 @@ import pytest
 
 import jaxmint
 from jaxmint import losses
-from jaxmint.checkpoint import CheckpointError, load_params
+from jaxmint.checkpoint import CheckpointError
+from jaxmint.run import load_params
 from jaxmint.train import NonFiniteError
 
 TRAINER = Path(__file__).with_name("trainer.py")
 STEPS, EVERY = 40, 4
 
 
-def start(workdir, every=EVERY, pause=0.0):
+def start(workdir, every=EVERY, pause=0.0, model="mlp"):
     return subprocess.Popen(
-        [sys.executable, str(TRAINER), str(workdir), str(STEPS), str(every), str(pause)],
+        [sys.executable, str(TRAINER), str(workdir), str(STEPS), str(every), str(pause), model],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -136,7 +137,7 @@ def test_all_unreadable_refuses_then_fresh_moves_aside(tmp_path, toy):
     with pytest.raises(CheckpointError, match=r"steps \[10, 20\] but none can be read.*--fresh"):
         _fit(toy, workdir, steps=30, batch_size=32)
     result = _fit(toy, workdir, steps=5, batch_size=32, fresh=True, log_every=5)
-    assert result.history[0]["step"] == 5
+    assert [r["step"] for r in result.history] == [1, 5]  # started over
     aside = [p.name for p in workdir.iterdir() if p.name.startswith("checkpoints.old-")]
     assert len(aside) == 1
     assert (workdir / aside[0] / "20").is_dir()  # nothing saved is lost
@@ -182,7 +183,9 @@ def test_keep_last_plus_best_and_load_params(tmp_path, toy):
     latest, step = load_params(workdir)
     assert step == 40
     assert set(latest["params"]) == {"dense0", "head"}
-    with pytest.raises(CheckpointError, match=r"no checkpoint at step 20; available: \[10, 40\]"):
+    with pytest.raises(
+        CheckpointError, match=r"no checkpoint at step 20; available steps: \[10, 40\]"
+    ):
         load_params(workdir, 20)
 
 
@@ -211,7 +214,7 @@ def test_nonfinite_raise_keeps_last_good_checkpoint(tmp_path, toy):
 
 
 def test_load_params_errors(tmp_path):
-    with pytest.raises(CheckpointError, match="no checkpoints/ directory"):
+    with pytest.raises(CheckpointError, match="has no checkpoints: train with a workdir"):
         load_params(tmp_path)
     shutil.rmtree(tmp_path)
 

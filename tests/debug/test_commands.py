@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from jaxmint.cli import main as cli
-from jaxmint.debug._modes import rerun_command
+from jaxmint.debug import rerun_command
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "experiments" / "digits_mlp.py"

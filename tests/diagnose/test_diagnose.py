@@ -84,7 +84,7 @@ def test_diagnostics_only_on_their_steps(toy):
     history = run(toy, steps=20, log_every=5, diagnose_every=10)
     with_diag = [r["step"] for r in history if "diag/grad_norm/ce" in r]
     assert with_diag == [10, 20]
-    assert [r["step"] for r in history] == [5, 10, 15, 20]
+    assert [r["step"] for r in history] == [1, 5, 10, 15, 20]
 
 
 def test_flag_dominant_term(toy):
@@ -306,7 +306,7 @@ def test_nan_localization_replays_the_failing_step(tmp_path):
 def test_recompile_watch_names_the_changed_argument(caplog):
     import logging
 
-    from jaxmint.train._fit import RecompileWatch
+    from jaxmint.train._builtin import RecompileWatch
 
     f = jax.jit(lambda state, batch: state["w"] * batch["x"].sum())
     state = {"w": jnp.ones(3)}

@@ -152,8 +152,10 @@ def test_uncertainty_weighting_value_and_learning(logits, batch):
     z = losses.z_loss()
     loss = losses.uncertainty_weighted(a, z)
     state = loss.init()
-    (path,) = state["params"]
-    state["params"][path] = jnp.array([0.5, -1.0])
+    # Learned log-variances are keyed by the names of the losses they weigh, not by position.
+    assert state["params"] == {"uncertainty(ce,z_loss)": {"ce": 0.0, "z_loss": 0.0}}
+    path = "uncertainty(ce,z_loss)"
+    state["params"][path] = {"ce": jnp.array(0.5), "z_loss": jnp.array(-1.0)}
     total, metrics = loss(LossInputs(logits, batch), state)
     la, lz = metrics["loss/ce"], metrics["loss/z_loss"]
     want = 0.5 * np.exp(-0.5) * la + 0.25 + 0.5 * np.exp(1.0) * lz - 0.5
@@ -162,7 +164,7 @@ def test_uncertainty_weighting_value_and_learning(logits, batch):
     grad = jax.grad(lambda p: loss(LossInputs(logits, batch), {**state, "params": p})[0])(
         state["params"]
     )
-    assert np.all(np.asarray(grad[path]) != 0)
+    assert all(np.asarray(g) != 0 for g in grad[path].values())
 
 
 def test_error_wrong_term_shape_names_term(logits, batch):

@@ -148,18 +148,18 @@ def test_transformer_errors():
         model.init(jax.random.PRNGKey(0), jnp.zeros((1, 5), jnp.int32))
 
 
-def test_init_without_params_collection_is_explained(toy):
+def test_init_without_params_collection_trains_the_whole_tree(toy):
     model = jaxmint.Model(lambda k, x: {"w": jnp.zeros((5, 3))}, lambda v, x, **kw: x @ v["w"])
-    with pytest.raises(ValueError, match="'params' entry"):
-        jaxmint.fit(
-            model,
-            jaxmint.losses.softmax_cross_entropy(),
-            optax.sgd(0.1),
-            toy,
-            steps=1,
-            batch_size=8,
-            progress=False,
-        )
+    result = jaxmint.fit(
+        model,
+        jaxmint.losses.softmax_cross_entropy(),
+        optax.sgd(0.1),
+        toy,
+        steps=2,
+        batch_size=8,
+        progress=False,
+    )
+    assert set(result.params) == {"w"} and np.abs(result.params["w"]).sum() > 0
 
 
 def test_linen_module_with_deterministic_kwarg():

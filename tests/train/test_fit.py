@@ -59,12 +59,12 @@ def test_fit_learns_and_writes_run_dir(tmp_path, toy):
         config={"name": "toy"},
     )
     assert result.final_eval["eval/accuracy"] > 0.9
-    assert calls == [20, 30, 40, 60]
+    assert calls == [1, 20, 30, 40, 60]  # the first step is always logged
     lines = [json.loads(x) for x in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
     assert lines == result.history
     assert [r["step"] for r in lines] == calls
     assert {"loss", "loss/ce", "accuracy", "grad_norm", "steps_per_sec"} <= set(lines[0])
-    assert "eval/accuracy" in lines[1] and "eval/accuracy" not in lines[0]
+    assert "eval/accuracy" in lines[2] and "eval/accuracy" not in lines[1]
     config = json.loads((tmp_path / "run/config.json").read_text())
     assert config["config"] == {"name": "toy"} and config["fit"]["steps"] == 60
     assert list((tmp_path / "run/tb").glob("events.out.tfevents.*"))
@@ -78,7 +78,7 @@ def test_fit_on_an_iterable_of_batches(toy):
             yield {k: v[j : j + 16] for k, v in toy.items()}
 
     result = _fit(batches(), steps=30, batch_size=16, log_every=10)
-    assert [r["step"] for r in result.history] == [10, 20, 30]
+    assert [r["step"] for r in result.history] == [1, 10, 20, 30]
 
 
 def test_grad_accum_matches_one_big_batch(toy):
@@ -233,3 +233,20 @@ def test_iterable_that_runs_out_still_logs_and_evaluates(toy):
 def test_single_array_as_data_is_explained(toy):
     with pytest.raises(DataError, match=r"single array of shape \(96, 5\); pass a dict"):
         _fit(toy["x"], steps=1, batch_size=8)
+
+
+def test_hooks_of_the_first_protocol_keep_working(toy):
+    seen = []
+
+    class Old(jaxmint.Hook):
+        def on_fit_start(self, state, start_step):
+            seen.append(("start", start_step))
+
+        def on_log(self, step, record):
+            seen.append(("log", step, "loss" in record))
+
+        def on_fit_end(self, result):
+            seen.append(("end", result.history[-1]["step"]))
+
+    _fit(toy, steps=4, batch_size=16, log_every=2, hooks=[Old()])
+    assert seen == [("start", 0), ("log", 1, True), ("log", 2, True), ("log", 4, True), ("end", 4)]

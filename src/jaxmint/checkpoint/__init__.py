@@ -3,6 +3,6 @@
 from jaxmint.checkpoint._manager import CheckpointError as CheckpointError
 from jaxmint.checkpoint._manager import Preempted as Preempted
 from jaxmint.checkpoint._manager import RunCheckpoints as RunCheckpoints
-from jaxmint.checkpoint._manager import load_params as load_params
+from jaxmint.checkpoint._manager import read_weights as read_weights
 
-__all__ = ["CheckpointError", "Preempted", "RunCheckpoints", "load_params"]
+__all__ = ["CheckpointError", "Preempted", "RunCheckpoints", "read_weights"]

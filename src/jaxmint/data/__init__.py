@@ -6,6 +6,7 @@ from jaxmint.data._datasets import stdlib_text as stdlib_text
 from jaxmint.data._loader import ArrayLoader as ArrayLoader
 from jaxmint.data._loader import BatchSpec as BatchSpec
 from jaxmint.data._loader import DataError as DataError
+from jaxmint.data._loader import TrainData as TrainData
 from jaxmint.data._loader import eval_batches as eval_batches
 from jaxmint.data._loader import prefetch_to_device as prefetch_to_device
 
@@ -13,6 +14,7 @@ __all__ = [
     "ArrayLoader",
     "BatchSpec",
     "DataError",
+    "TrainData",
     "digits",
     "eval_batches",
     "prefetch_to_device",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import queue
 import threading
 from collections.abc import Iterable, Iterator, Mapping
@@ -190,3 +191,72 @@ def prefetch_to_device(batches: Iterator[Batch], size: int = 2, put=None) -> Ite
     finally:
         stop.set()
         thread.join(timeout=5)
+
+
+class TrainData:
+    """What `fit` reads: a dict of arrays (an `ArrayLoader`) or an iterable of batches.
+
+    ``first`` is the first batch (for shapes and initialization), ``batches(step)``
+    the batches from ``step`` on, checked against the first one, and
+    ``position(step)`` what a checkpoint records to continue on the same batch.
+    With several processes, array data yields this process's rows of each global
+    batch; an iterable must itself yield this process's share.
+    """
+
+    def __init__(self, data, batch_size: int, *, seed: int, shard: tuple[int, int] = (0, 1)):
+        if isinstance(data, np.ndarray | jax.Array):
+            raise DataError(
+                f"data is a single array of shape {np.shape(data)}; pass a dict of arrays such "
+                "as {'x': inputs, 'y': labels} (or an iterable of such dicts)"
+            )
+        self.loader = None
+        if isinstance(data, Mapping):
+            self.loader = ArrayLoader(data, batch_size, seed=seed, shard=shard)
+            self.first = next(self.loader.batches(0))
+        elif isinstance(data, Iterable):
+            self._iterator = iter(data)
+            try:
+                self.first = next(self._iterator)
+            except StopIteration:
+                raise DataError("data is an empty iterable: it yielded no batch") from None
+        else:
+            raise DataError(
+                f"data must be a dict of numpy arrays or an iterable of batches, got "
+                f"{type(data).__name__}"
+            )
+        self.spec = BatchSpec(self.first)
+
+    def batches(self, start_step: int) -> Iterator[Batch]:
+        if self.loader is not None:
+            return self.loader.batches(start_step)
+        # An iterable cannot be rewound: resuming skips the batches already used.
+        rest = itertools.chain([self.first], self._iterator)
+        return self._checked(itertools.islice(rest, start_step, None))
+
+    def _checked(self, batches):
+        for i, batch in enumerate(batches):
+            self.spec.check(batch, what=f"batch {i}")
+            yield batch
+
+    def position(self, step: int) -> dict:
+        if self.loader is None:
+            return {"batches_consumed": step}
+        epoch, index = self.loader.position(step)
+        return {"epoch": epoch, "index": index}
+
+    def check_eval(self, eval_data) -> None:
+        """Raise `DataError` unless ``eval_data`` has the training batches' keys and shapes."""
+        if not isinstance(eval_data, Mapping):
+            raise DataError(f"eval_data must be a dict of arrays, got {type(eval_data).__name__}")
+        for key, (shape, dtype) in self.spec.spec.items():
+            if key not in eval_data:
+                raise DataError(
+                    f"eval_data has no key {key!r}; the training batches have keys "
+                    f"{sorted(self.spec.spec)}"
+                )
+            got = np.asarray(eval_data[key])
+            if got.shape[1:] != shape[1:] or got.dtype != dtype:
+                raise DataError(
+                    f"eval_data[{key!r}] has per-example shape {got.shape[1:]} and dtype "
+                    f"{got.dtype}, but training batches have {shape[1:]} and {dtype}"
+                )

@@ -10,10 +10,11 @@
 from jaxmint.debug._inspect import StepInspection as StepInspection
 from jaxmint.debug._inspect import inspect_run as inspect_run
 from jaxmint.debug._inspect import inspect_step as inspect_step
-from jaxmint.debug._modes import MARKER as MARKER
-from jaxmint.debug._modes import CheckError as CheckError
-from jaxmint.debug._modes import DebugRunError as DebugRunError
-from jaxmint.debug._modes import is_concrete as is_concrete
+from jaxmint.debug._inspect import rerun_command as rerun_command
+from jaxmint.run import DEBUG_MARKER as MARKER
+from jaxmint.run import DebugRunError as DebugRunError
+from jaxmint.train import CheckError as CheckError
+from jaxmint.train import is_concrete as is_concrete
 
 __all__ = [
     "MARKER",
@@ -23,4 +24,5 @@ __all__ = [
     "inspect_run",
     "inspect_step",
     "is_concrete",
+    "rerun_command",
 ]

@@ -13,10 +13,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jaxmint.data import ArrayLoader
 from jaxmint.losses import Loss, LossInputs
-from jaxmint.models._model import Model, split_variables
+from jaxmint.models._model import Model, join_variables, split_variables
 from jaxmint.models._summary import _path
-from jaxmint.train._state import group_leaves, param_groups
+from jaxmint.run import RunDir
+from jaxmint.state import group_leaves, param_groups
 
 
 @dataclasses.dataclass
@@ -124,12 +126,12 @@ def inspect_step(
         params = init_params if params is None else params
         model_state = init_state if model_state is None else model_state
     params = jax.tree_util.tree_map(jnp.asarray, params)
-    model_state = dict(model_state)
+    model_state = None if model_state is None else dict(model_state)
     loss_state = loss.init()
     names = loss.metric_names()
 
     def evaluate(p):
-        variables = {"params": p, **model_state}
+        variables = join_variables(p, model_state)
         outputs, updates = model.forward(variables, batch[input_key], train=True, key=key)
         intermediates = dict(updates).get("intermediates", {})
         inputs = LossInputs(outputs, batch, p, intermediates, jnp.asarray(step, jnp.int32))
@@ -175,13 +177,10 @@ def inspect_run(run_dir: str | os.PathLike, step: int | None = None) -> tuple[St
     checkpoint's params and model state, and takes the batch that the next train
     step would use (array data only). Returns ``(inspection, checkpoint_step)``.
     """
-    from jaxmint.checkpoint import load_params
-    from jaxmint.data import ArrayLoader
-    from jaxmint.export import load_experiment
-
-    module, config, _ = load_experiment(run_dir)
+    run = RunDir.of(run_dir)
+    module, config, _ = run.load_experiment()
     exp = module.build(config)
-    weights, chosen = load_params(run_dir, step)
+    weights, chosen = run.load_params(step)
     if not isinstance(exp.train, Mapping):
         raise ValueError(
             f"the experiment of {Path(run_dir)} streams its training data (an iterable), which "
@@ -198,8 +197,28 @@ def inspect_run(run_dir: str | os.PathLike, step: int | None = None) -> tuple[St
         batch,
         weights["params"],
         key=jax.random.fold_in(rng, chosen),
-        model_state=weights["model_state"] or {},
+        model_state=weights["model_state"],
         step=chosen,
         input_key=exp.input_key,
     )
     return report, chosen
+
+
+def rerun_command(argv: list[str], step: int, workdir: str) -> str:
+    """The command line that replays a failed checked run up to ``step`` in debug mode."""
+    keep: list[str] = []
+    skip_next = False
+    for arg in argv:
+        if skip_next:
+            skip_next = False
+            continue
+        if arg in ("--check", "--debug", "--no-check", "--no-debug", "--fresh", "--no-fresh"):
+            continue
+        if arg in ("--steps", "--workdir"):
+            skip_next = True
+            continue
+        if arg.startswith(("--steps=", "--workdir=")):
+            continue
+        keep.append(arg)
+    debug_dir = f"{workdir.rstrip('/')}-debug"
+    return " ".join([*keep, "--debug", "--fresh", "--steps", str(step), "--workdir", debug_dir])

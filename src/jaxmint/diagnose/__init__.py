@@ -8,8 +8,8 @@ from jaxmint.diagnose._report import Report as Report
 from jaxmint.diagnose._report import diagnose_run as diagnose_run
 from jaxmint.diagnose._report import find_flags as find_flags
 from jaxmint.diagnose._report import plot_metrics as plot_metrics
-from jaxmint.diagnose._stats import activation_stats as activation_stats
-from jaxmint.diagnose._stats import build_diagnose_step as build_diagnose_step
+from jaxmint.steps import activation_stats as activation_stats
+from jaxmint.steps import build_diagnose_step as build_diagnose_step
 
 __all__ = [
     "Flag",

@@ -2,21 +2,18 @@
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 
-from jaxmint.checkpoint._manager import _handlers
+from jaxmint._tree import flat_with_names
 from jaxmint.data import ArrayLoader
-from jaxmint.train import build_steps
-from jaxmint.train._state import TrainState
-
-NONFINITE_FILE = "nonfinite.json"
+from jaxmint.run import RunDir
+from jaxmint.state import TrainState
+from jaxmint.steps import build_steps
 
 
 def localize_nonfinite(run_dir: str | os.PathLike) -> str:
@@ -29,44 +26,23 @@ def localize_nonfinite(run_dir: str | os.PathLike) -> str:
     inf; its source line is reported. The sown activations (by layer) and loss
     terms of that step are checked as well.
     """
-    from jaxmint.export import load_experiment
-
-    run_dir = Path(run_dir)
-    record_path = run_dir / NONFINITE_FILE
-    if not record_path.exists():
-        raise FileNotFoundError(
-            f"{record_path} does not exist: the run did not stop on a non-finite value "
-            "(only nonfinite='raise' records one)"
-        )
-    record = json.loads(record_path.read_text())
+    run = RunDir.of(run_dir)
+    record = run.read_nonfinite()
     bad_step = int(record["step"])
-    module, config, _ = load_experiment(run_dir)
+    module, config, _ = run.load_experiment()
     exp = module.build(config)
     steps = build_steps(
         exp.model, exp.loss, exp.optimizer, input_key=exp.input_key, metrics=exp.metrics
     )
     loader = ArrayLoader(exp.train, config.batch_size, seed=config.seed)
     template = jax.eval_shape(steps.init, jax.random.PRNGKey(config.seed), next(loader.batches(0)))
-    manager = ocp.CheckpointManager(
-        run_dir / "checkpoints",
-        options=ocp.CheckpointManagerOptions(create=False),
-        item_handlers=_handlers(),
-    )
-    try:
-        good = [s for s in manager.all_steps() if s < bad_step]
-        if not good:
-            start, state = (
-                0,
-                jax.jit(steps.init)(jax.random.PRNGKey(config.seed), next(loader.batches(0))),
-            )
-        else:
-            start = max(good)
-            restored = manager.restore(
-                start, args=ocp.args.Composite(state=ocp.args.StandardRestore(template._asdict()))
-            )
-            state = TrainState(**restored["state"])
-    finally:
-        manager.close()
+    good = [s for s in run.checkpoint_steps() if s < bad_step]
+    if good:
+        start = max(good)
+        state = TrainState(**run.read_state(start, template._asdict()))
+    else:
+        start = 0
+        state = jax.jit(steps.init)(jax.random.PRNGKey(config.seed), next(loader.batches(0)))
     step = jax.jit(steps.train_step)
     batches = loader.batches(start)
     for _ in range(start + 1, bad_step):  # replay up to the step before the failing one
@@ -87,8 +63,6 @@ def localize_nonfinite(run_dir: str | os.PathLike) -> str:
         variables, batch[exp.input_key], train=True, key=jax.random.fold_in(state.rng, state.step)
     )
     inter = dict(updates).get("intermediates", {})
-    from jaxmint._tree import flat_with_names
-
     bad_acts = [
         name for name, x in flat_with_names(inter).items() if not bool(jnp.all(jnp.isfinite(x)))
     ]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -11,29 +10,18 @@ import numpy as np
 
 from jaxmint.export._artifact import DEFAULT_BATCH_SIZES, config_hash, export_model
 from jaxmint.export._lower import ExportError
+from jaxmint.run import RunDir, RunDirError
 
 
 def load_experiment(run_dir: str | os.PathLike):
-    """``(module, config, experiment)`` of the experiment script a run dir recorded."""
-    from jaxmint.config import from_dict
-    from jaxmint.experiment import load_module
+    """``(module, config, recorded)`` of the experiment script a run dir recorded.
 
-    run_dir = Path(run_dir)
-    path = run_dir / "config.json"
-    if not path.is_file():
-        raise ExportError(f"{run_dir} is not a run dir: it has no config.json")
-    recorded = json.loads(path.read_text()).get("config", {})
-    script = recorded.get("experiment")
-    if not script:
-        raise ExportError(
-            f"{path} records no experiment script (the run was not started from one); export "
-            "from Python with jaxmint.export.export_model(model, variables, sample, out, ...)"
-        )
-    if not Path(script).is_file():
-        raise ExportError(f"the run's experiment script {script} no longer exists")
-    module = load_module(script)
-    config = from_dict(module.Config, recorded)
-    return module, config, recorded
+    Kept for existing scripts; `jaxmint.run.RunDir.load_experiment` is the owner.
+    """
+    try:
+        return RunDir.of(run_dir).load_experiment()
+    except RunDirError as e:  # for export, an unusable run dir is an export error
+        raise ExportError(str(e)) from None
 
 
 def export_run(
@@ -56,11 +44,10 @@ def export_run(
     ``target_options`` (``onnx_opset``, ``iree_cpu``, ``iree_hal_targets``) are
     those of `export_model`.
     """
-    from jaxmint.checkpoint import load_params
-
-    module, config, recorded = load_experiment(run_dir)
+    run = RunDir.of(run_dir)
+    module, config, recorded = load_experiment(run)
     exp = module.build(config)
-    weights, chosen = load_params(run_dir, step)
+    weights, chosen = run.load_params(step)
     variables = {"params": weights["params"], **(weights["model_state"] or {})}
     sample = _sample(exp.train, exp.input_key)
     return export_model(

@@ -3,6 +3,11 @@
 A loss is a small tree of nodes. Constant weights and learnable weights live in
 a *loss state* of arrays (``loss.init()``), and schedule weights are evaluated
 on the traced step, so changing a weight never changes the compiled program.
+
+The state is keyed by *name*, never by position: a weight by the name of what it
+scales (``0.5 * sq`` is ``weights["sq"]``), the log-variances of
+`uncertainty_weighted` by the names of the losses they weigh. Reordering terms
+changes nothing; `Loss.resume_state` says what a resumed run changed.
 """
 
 from __future__ import annotations
@@ -78,20 +83,30 @@ class Loss:
     # -- structure -------------------------------------------------------------
     children: tuple[Loss, ...] = ()
 
-    def walk(self, path: str = "r") -> Iterator[tuple[str, Loss]]:
-        """Yield ``(path, node)`` for this node and its descendants, depth first."""
-        yield path, self
-        for i, child in enumerate(self.children):
-            yield from child.walk(f"{path}.{i}")
+    def walk(self) -> Iterator[Loss]:
+        """Yield this node and its descendants, depth first."""
+        yield self
+        for child in self.children:
+            yield from child.walk()
+
+    @property
+    def label(self) -> str:
+        """A name for this node built from the names below it; keys its loss state."""
+        raise NotImplementedError
 
     @property
     def term_names(self) -> list[str]:
         """The names of every `Term` in this loss, in evaluation order."""
-        return [node.name for _, node in self.walk() if isinstance(node, Term)]
+        return [node.name for node in self.walk() if isinstance(node, Term)]
+
+    @property
+    def regularizer_names(self) -> list[str]:
+        """The terms that read the parameters (``on="params"``): regularizers."""
+        return [n.name for n in self.walk() if isinstance(n, Term) and n.on == "params"]
 
     def metric_names(self) -> list[str]:
         """The ``loss/<name>`` metrics this loss logs (terms and named combinations)."""
-        names = [n.name for _, n in self.walk() if isinstance(n, Term | Named)]
+        names = [n.name for n in self.walk() if isinstance(n, Term | Named)]
         seen = set()
         for n in names:
             if n in seen:
@@ -103,19 +118,99 @@ class Loss:
         return names
 
     def init(self) -> dict:
-        """The loss state: constant weights and learnable parameters, as arrays."""
+        """The loss state: constant weights and learnable parameters, as arrays, by name."""
         self.metric_names()  # fail early on clashing names
         weights, params = {}, {}
-        for path, node in self.walk():
-            weights.update(node._init_weights(path))
-            params.update(node._init_params(path))
+        for node in self.walk():
+            for part, new in ((weights, node._init_weights()), (params, node._init_params())):
+                clash = set(part) & set(new)
+                if clash:
+                    raise LossError(
+                        f"two parts of the loss are both keyed {sorted(clash)}; give the terms "
+                        "distinct names"
+                    )
+                part.update(new)
         return {"weights": weights, "params": params}
 
-    def _init_weights(self, path: str) -> dict:
+    def _init_weights(self) -> dict:
         return {}
 
-    def _init_params(self, path: str) -> dict:
+    def _init_params(self) -> dict:
         return {}
+
+    def resume_state(self, stored: Mapping, stored_terms: list[str] | None) -> tuple[dict, list]:
+        """The loss state a resumed run continues with, and what changed, in sentences.
+
+        ``stored`` is the checkpoint's loss state and ``stored_terms`` its term
+        names. Constant weights always come from the code (a changed one is named,
+        old and new); learned parameters (and their optimizer state) come from the
+        checkpoint, matched by name. A change that leaves learned parameters
+        without a match raises `LossError`.
+        """
+        fresh = self.init()
+        notes = []
+        if stored_terms is not None:
+            old, new = set(stored_terms), set(self.term_names)
+            notes += [f"loss term removed: {n!r}" for n in sorted(old - new)]
+            notes += [f"loss term added: {n!r}" for n in sorted(new - old)]
+        old_w = {k: float(v) for k, v in stored.get("weights", {}).items()}
+        for key, value in fresh["weights"].items():
+            before = old_w.get(key, 1.0 if stored_terms and key in stored_terms else None)
+            if before is not None and before != float(value):
+                notes.append(
+                    f"loss weight {key!r} changed: {before} -> {float(value)} "
+                    "(the code's weight is used)"
+                )
+        for key, before in old_w.items():
+            if key not in fresh["weights"] and key in self.term_names and before != 1.0:
+                notes.append(f"loss weight {key!r} changed: {before} -> 1.0 (the code's weight)")
+        old_p, new_p = stored.get("params", {}), fresh["params"]
+        legacy = self._from_positional(old_p, stored_terms)
+        if legacy is not None:
+            notes.append(
+                "learned loss weights read from an older checkpoint layout (keyed by position); "
+                "their optimizer state starts afresh"
+            )
+            return {"weights": fresh["weights"], "params": legacy}, notes
+        if _structure(old_p) != _structure(new_p):
+            raise LossError(
+                "the checkpoint holds learned loss parameters for "
+                f"{_describe_params(old_p)}, but the loss in the code learns "
+                f"{_describe_params(new_p)}: a term was added, removed or renamed inside a "
+                "learned weighting, so its learned weights cannot be matched. Keep those terms "
+                "as they were, or start over with --fresh (fit(..., fresh=True)), which moves "
+                "the old checkpoints aside, or use a new --workdir."
+            )
+        state = {"weights": fresh["weights"], "params": old_p}
+        if "opt_state" in stored:
+            state["opt_state"] = stored["opt_state"]
+        return state, notes
+
+    def _from_positional(self, old: Mapping, stored_terms: list[str] | None) -> dict | None:
+        """Learned parameters of a checkpoint keyed by tree position (``{"r": [s0, s1]}``)
+        under today's names, where the mapping is unambiguous; else None.
+
+        Unambiguous: one learned weighting then and now, over the same number of
+        plain terms, all of which the checkpoint names (their order there is the
+        order of the stored array).
+        """
+        if len(old) != 1 or stored_terms is None:
+            return None
+        (values,) = old.values()
+        nodes = [n for n in self.walk() if isinstance(n, UncertaintyWeighted)]
+        if isinstance(values, Mapping) or len(nodes) != 1:
+            return None
+        (node,) = nodes
+        labels = [c.label for c in node.children]
+        if (
+            np.shape(values) != (len(labels),)
+            or not all(isinstance(c, Term) for c in node.children)
+            or not set(labels) <= set(stored_terms)
+        ):
+            return None
+        old_order = sorted(labels, key=stored_terms.index)
+        values = np.asarray(values, np.float32)
+        return {node.label: {name: jnp.asarray(values[old_order.index(name)]) for name in labels}}
 
     # -- evaluation ------------------------------------------------------------
     def __call__(
@@ -128,13 +223,13 @@ class Loss:
         state = self.init() if state is None else state
         metrics: dict[str, jax.Array] = {}
         mask = None if where is None else jnp.asarray(where).astype(bool)
-        total = self._evaluate(inputs, state, "r", mask, metrics)
+        total = self._evaluate(inputs, state, mask, metrics)
         total = jnp.asarray(total)
         if total.shape != ():
             raise LossError(f"the total loss must be a scalar, got shape {total.shape}")
         return total, metrics
 
-    def _evaluate(self, inputs, state, path, where, metrics) -> jax.Array:
+    def _evaluate(self, inputs, state, where, metrics) -> jax.Array:
         raise NotImplementedError
 
 
@@ -148,7 +243,11 @@ class Term(Loss):
     reduction: str = "mean"
     where: Where = None
 
-    def _evaluate(self, inputs, state, path, where, metrics):
+    @property
+    def label(self) -> str:
+        return self.name
+
+    def _evaluate(self, inputs, state, where, metrics):
         if self.on == "params":
             value = jnp.asarray(self.fn(inputs.params))
             if value.shape != ():
@@ -199,11 +298,15 @@ class Sum(Loss):
 
     children: tuple[Loss, ...]
 
-    def _evaluate(self, inputs, state, path, where, metrics):
-        return sum(
-            c._evaluate(inputs, state, f"{path}.{i}", where, metrics)
-            for i, c in enumerate(self.children)
-        )
+    def __post_init__(self):
+        self.metric_names()  # two parts with one name: an error as the loss is built
+
+    @property
+    def label(self) -> str:
+        return "+".join(sorted(c.label for c in self.children))  # order does not matter
+
+    def _evaluate(self, inputs, state, where, metrics):
+        return sum(c._evaluate(inputs, state, where, metrics) for c in self.children)
 
 
 @dataclass(frozen=True, eq=False)
@@ -217,19 +320,23 @@ class Scaled(Loss):
     def children(self):
         return (self.child,)
 
-    def _init_weights(self, path):
+    @property
+    def label(self) -> str:
+        return f"w*{self.child.label}"
+
+    def _init_weights(self):
         if callable(self.weight):
             return {}
-        return {path: jnp.asarray(self.weight, jnp.float32)}
+        return {self.child.label: jnp.asarray(self.weight, jnp.float32)}
 
-    def _evaluate(self, inputs, state, path, where, metrics):
+    def _evaluate(self, inputs, state, where, metrics):
         if callable(self.weight):
             weight = jnp.asarray(self.weight(inputs.step), jnp.float32)
         else:
-            weight = state["weights"][path]
+            weight = state["weights"][self.child.label]
         if isinstance(self.child, Term | Named):
             metrics[f"weight/{self.child.name}"] = weight
-        return weight * self.child._evaluate(inputs, state, f"{path}.0", where, metrics)
+        return weight * self.child._evaluate(inputs, state, where, metrics)
 
 
 @dataclass(frozen=True, eq=False)
@@ -239,12 +346,19 @@ class Named(Loss):
     name: str
     child: Loss
 
+    def __post_init__(self):
+        self.metric_names()  # two parts with one name: an error as the loss is built
+
     @property
     def children(self):
         return (self.child,)
 
-    def _evaluate(self, inputs, state, path, where, metrics):
-        value = self.child._evaluate(inputs, state, f"{path}.0", where, metrics)
+    @property
+    def label(self) -> str:
+        return self.name
+
+    def _evaluate(self, inputs, state, where, metrics):
+        value = self.child._evaluate(inputs, state, where, metrics)
         metrics[f"loss/{self.name}"] = value
         return value
 
@@ -259,9 +373,13 @@ class StopGradient(Loss):
     def children(self):
         return (self.child,)
 
-    def _evaluate(self, inputs, state, path, where, metrics):
+    @property
+    def label(self) -> str:
+        return f"stop_gradient({self.child.label})"
+
+    def _evaluate(self, inputs, state, where, metrics):
         inner: dict = {}
-        value = self.child._evaluate(inputs, state, f"{path}.0", where, inner)
+        value = self.child._evaluate(inputs, state, where, inner)
         metrics.update(jax.lax.stop_gradient(inner))
         return jax.lax.stop_gradient(value)
 
@@ -277,9 +395,13 @@ class Masked(Loss):
     def children(self):
         return (self.child,)
 
-    def _evaluate(self, inputs, state, path, where, metrics):
+    @property
+    def label(self) -> str:
+        return f"masked({self.child.label})"
+
+    def _evaluate(self, inputs, state, where, metrics):
         mask = _and(_mask(self.where, inputs), where)
-        return self.child._evaluate(inputs, state, f"{path}.0", mask, metrics)
+        return self.child._evaluate(inputs, state, mask, metrics)
 
 
 @dataclass(frozen=True, eq=False)
@@ -288,25 +410,36 @@ class UncertaintyWeighted(Loss):
 
     children: tuple[Loss, ...]
 
+    def __post_init__(self):
+        self.metric_names()  # two parts with one name: an error as the loss is built
+
     def _names(self) -> list[str]:
-        def name(node, i):
+        """The logged name of each weighed loss (its innermost name)."""
+
+        def name(node):
             while isinstance(node, Scaled | Masked | StopGradient):
                 node = node.children[0]
-            return getattr(node, "name", str(i))
+            return getattr(node, "name", node.label)
 
-        return [name(c, i) for i, c in enumerate(self.children)]
+        return [name(c) for c in self.children]
 
-    def _init_params(self, path):
-        return {path: jnp.zeros((len(self.children),), jnp.float32)}
+    @property
+    def label(self) -> str:
+        return f"uncertainty({','.join(sorted(c.label for c in self.children))})"
 
-    def _evaluate(self, inputs, state, path, where, metrics):
-        log_var = state["params"][path]
+    def _init_params(self):
+        # One log-variance per weighed loss, keyed by its label: order does not matter.
+        return {self.label: {c.label: jnp.zeros((), jnp.float32) for c in self.children}}
+
+    def _evaluate(self, inputs, state, where, metrics):
+        log_vars = state["params"][self.label]
         total = 0.0
-        for i, (child, name) in enumerate(zip(self.children, self._names(), strict=True)):
-            value = child._evaluate(inputs, state, f"{path}.{i}", where, metrics)
-            precision = 0.5 * jnp.exp(-log_var[i])
+        for child, name in zip(self.children, self._names(), strict=True):
+            value = child._evaluate(inputs, state, where, metrics)
+            log_var = log_vars[child.label]
+            precision = 0.5 * jnp.exp(-log_var)
             metrics[f"weight/{name}"] = precision
-            total = total + precision * value + 0.5 * log_var[i]
+            total = total + precision * value + 0.5 * log_var
         return total
 
 
@@ -405,6 +538,26 @@ def _broadcast(mask, values):
     """Right-pad ``mask`` with unit axes so it broadcasts against ``values``."""
     extra = values.ndim - mask.ndim
     return mask.reshape(mask.shape + (1,) * extra) if extra > 0 else mask
+
+
+def _structure(params) -> dict:
+    """``{label: {child: shape}}`` of learned loss parameters, for comparison."""
+    return {
+        k: (
+            {c: tuple(np.shape(v)) for c, v in children.items()}
+            if isinstance(children, Mapping)
+            else {"": tuple(np.shape(children))}  # an older, positional layout
+        )
+        for k, children in dict(params).items()
+    }
+
+
+def _describe_params(params) -> str:
+    if not params:
+        return "no terms"
+    return "; ".join(
+        f"{k} (terms {sorted(v) if isinstance(v, Mapping) else '?'})" for k, v in params.items()
+    )
 
 
 def _describe_keys(on, source, batch) -> str:

@@ -3,6 +3,8 @@
 from jaxmint.models._flax import from_linen as from_linen
 from jaxmint.models._flax import from_nnx as from_nnx
 from jaxmint.models._model import Model as Model
+from jaxmint.models._model import join_variables as join_variables
+from jaxmint.models._model import split_variables as split_variables
 from jaxmint.models._summary import LayerSummary as LayerSummary
 from jaxmint.models._summary import ModelSummary as ModelSummary
 from jaxmint.models._summary import summary as summary
@@ -18,8 +20,10 @@ __all__ = [
     "cnn",
     "from_linen",
     "from_nnx",
+    "join_variables",
     "mlp",
     "portable_attention",
+    "split_variables",
     "summary",
     "transformer",
 ]

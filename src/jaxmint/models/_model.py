@@ -7,8 +7,9 @@ from typing import Any, NamedTuple
 
 import jax
 
-Variables = Mapping[str, Any]
-"""A dict of variable collections, e.g. ``{"params": ..., "batch_stats": ...}``."""
+Variables = Any
+"""What ``init`` returns: any pytree of arrays (all of it parameters), or a dict of
+flax-style collections such as ``{"params": ..., "batch_stats": ...}``."""
 
 
 class Model(NamedTuple):
@@ -17,8 +18,10 @@ class Model(NamedTuple):
     ``init(key, inputs) -> variables`` and
     ``apply(variables, inputs, *, train=False, key=None) -> outputs``.
 
-    ``variables`` is a dict of collections; ``variables["params"]`` is what the
-    optimizer trains, every other collection (e.g. ``batch_stats``) is model state.
+    ``variables`` is any pytree of arrays. Without a ``params`` key the whole tree
+    is the parameters (plain JAX, equinox- or haiku-style); with flax collections,
+    ``variables["params"]`` is what the optimizer trains and every other collection
+    (e.g. ``batch_stats``) is model state.
 
     Models whose forward pass updates state in training (batch norm) or records
     inner activations (flax ``sow``) also provide ``apply_with_state``, which
@@ -26,8 +29,8 @@ class Model(NamedTuple):
     it in. A plain-function model leaves it out::
 
         model = jaxmint.Model(
-            init=lambda key, x: {"params": {"w": jax.random.normal(key, (x.shape[-1], 3))}},
-            apply=lambda v, x, *, train=False, key=None: x @ v["params"]["w"],
+            init=lambda key, x: {"w": jax.random.normal(key, (x.shape[-1], 3))},
+            apply=lambda params, x, *, train=False, key=None: x @ params["w"],
         )
     """
 
@@ -48,12 +51,21 @@ class Model(NamedTuple):
         return self.apply(variables, inputs, train=train, key=key), {}
 
 
-def split_variables(variables: Variables) -> tuple[Any, dict]:
-    """Split ``variables`` into ``(params, model_state)``."""
-    if "params" not in variables:
-        raise ValueError(
-            "model.init must return a dict of collections with a 'params' entry, got keys "
-            f"{sorted(variables)}; wrap plain parameters as {{'params': params}}."
-        )
-    state = {k: v for k, v in variables.items() if k not in ("params", "intermediates")}
-    return variables["params"], state
+def split_variables(variables: Variables) -> tuple[Any, dict | None]:
+    """Split ``variables`` into ``(params, model_state)``.
+
+    Flax-style collections (a mapping with a ``params`` key) give
+    ``(variables["params"], {other collections})``; any other pytree is all
+    parameters and gives ``(variables, None)``. `join_variables` is the inverse.
+    """
+    if isinstance(variables, Mapping) and "params" in variables:
+        state = {k: v for k, v in variables.items() if k not in ("params", "intermediates")}
+        return variables["params"], state
+    return variables, None
+
+
+def join_variables(params: Any, model_state: dict | None) -> Variables:
+    """What ``apply`` takes: ``params`` itself, or the collections around it."""
+    if model_state is None:
+        return params
+    return {"params": params, **model_state}

@@ -13,7 +13,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from jaxmint.models._model import Model
+from jaxmint.models._model import Model, split_variables
 
 
 @dataclasses.dataclass
@@ -93,12 +93,7 @@ def summary(
     )
     key = jax.random.PRNGKey(0) if key is None else key
     variables = jax.eval_shape(model.init, key, inputs)
-    if "params" not in variables:
-        raise ValueError(
-            f"model.init returned collections {sorted(variables)} without 'params'; wrap "
-            "plain parameters as {'params': params}"
-        )
-    params = variables["params"]
+    params, _ = split_variables(variables)
     groups = list(params) if isinstance(params, Mapping) and params else None
     layers = []
     for name in groups or ["params"]:

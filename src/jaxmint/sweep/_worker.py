@@ -47,11 +47,11 @@ class ReportHook(Hook):
     def __init__(self, trial, objective: str):
         self.trial, self.objective = trial, objective
 
-    def on_fit_start(self, state, start_step: int) -> None:
-        if start_step:  # a requeued trial picked up its checkpoint
-            self.trial.set_user_attr("resumed_from_step", int(start_step))
+    def on_start(self, loop, state) -> None:
+        if loop.start_step:  # a requeued trial picked up its checkpoint
+            self.trial.set_user_attr("resumed_from_step", int(loop.start_step))
 
-    def on_log(self, step: int, record: dict) -> None:
+    def on_log(self, loop, step: int, state, batch, record: dict) -> None:
         if self.objective not in record:
             return
         value = float(record[self.objective])

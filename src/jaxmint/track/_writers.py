@@ -32,11 +32,15 @@ class JsonlWriter:
         self._file.close()
 
 
+METRICS_FILE = "metrics.jsonl"
+"""The file name of a run's metrics, inside its run dir."""
+
+
 def read_metrics(path: str | os.PathLike) -> list[dict]:
     """Read a ``metrics.jsonl`` (or the one inside a run dir) back into a list of dicts."""
     path = Path(path)
     if path.is_dir():
-        path = path / "metrics.jsonl"
+        path = path / METRICS_FILE
     records = []
     with open(path, encoding="utf-8") as f:
         for line in f:

@@ -1,15 +1,22 @@
-"""Training: the train state, pure steps, and the `fit` loop."""
+"""Training: the `fit` loop, its settings, and the hooks that drive it."""
 
+from jaxmint.state import TrainState as TrainState
+from jaxmint.steps import Steps as Steps
+from jaxmint.steps import build_steps as build_steps
+from jaxmint.train._builtin import NonFiniteError as NonFiniteError
+from jaxmint.train._config import FitConfig as FitConfig
 from jaxmint.train._distributed import initialize as initialize_distributed
+from jaxmint.train._fit import FitLoop as FitLoop
 from jaxmint.train._fit import FitResult as FitResult
-from jaxmint.train._fit import NonFiniteError as NonFiniteError
 from jaxmint.train._fit import fit as fit
 from jaxmint.train._hooks import Hook as Hook
-from jaxmint.train._state import TrainState as TrainState
-from jaxmint.train._step import Steps as Steps
-from jaxmint.train._step import build_steps as build_steps
+from jaxmint.train._modes import CheckError as CheckError
+from jaxmint.train._modes import is_concrete as is_concrete
 
 __all__ = [
+    "CheckError",
+    "FitConfig",
+    "FitLoop",
     "FitResult",
     "Hook",
     "NonFiniteError",
@@ -18,4 +25,5 @@ __all__ = [
     "build_steps",
     "fit",
     "initialize_distributed",
+    "is_concrete",
 ]

@@ -1,10 +1,8 @@
-"""`fit`: a plain Python loop around the jitted pure step."""
+"""`fit`: a plain Python loop around the jitted pure step, driven by hooks."""
 
 from __future__ import annotations
 
 import dataclasses
-import itertools
-import json
 import logging
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -15,23 +13,29 @@ import jax
 import numpy as np
 import optax
 
-from jaxmint.data import ArrayLoader, BatchSpec, DataError, eval_batches, prefetch_to_device
+from jaxmint.config import normalized, run_control_fields
+from jaxmint.data import DataError, TrainData, eval_batches, prefetch_to_device
 from jaxmint.losses import Loss
 from jaxmint.models._model import Model
-from jaxmint.track import JsonlWriter, ProgressBar, TensorBoardWriter, read_metrics
+from jaxmint.run import RunDir
+from jaxmint.state import TrainState
+from jaxmint.steps import Steps, build_steps
+from jaxmint.train import _modes
 from jaxmint.train import _parallel as parallel
-from jaxmint.train._hooks import Hook, as_hooks
-from jaxmint.train._state import TrainState
-from jaxmint.train._step import build_steps
+from jaxmint.train._builtin import (
+    Checkpointer,
+    Diagnose,
+    NonFiniteGuard,
+    Progress,
+    RecompileWatch,
+    Writers,
+    scalar,
+)
+from jaxmint.train._config import FIT_FIELDS, FitConfig, resolve_settings
+from jaxmint.train._hooks import Hook, as_hooks, overrides
+from jaxmint.train._resume import resume
 
 log = logging.getLogger("jaxmint")
-
-STRATEGIES = ("auto", "single", "data", "fsdp", "pmap")
-NONFINITE = ("raise", "skip")
-
-
-class NonFiniteError(FloatingPointError):
-    """Training produced a non-finite loss or gradient under ``nonfinite="raise"``."""
 
 
 @dataclasses.dataclass
@@ -60,125 +64,47 @@ class FitResult:
         return {}
 
 
-def _config_dict(config: Any) -> dict:
-    if config is None:
-        return {}
-    if dataclasses.is_dataclass(config):
-        return dataclasses.asdict(config)
-    return dict(config)
-
-
-def _first_batch(data, batch_size: int, seed: int, shard=(0, 1)):
-    """Return ``(first_batch, batches(start_step) -> iterator, position(step) -> dict)``.
-
-    With several processes, array data yields this process's rows of each global
-    batch; an iterable must itself yield this process's share.
-    """
-    if isinstance(data, np.ndarray | jax.Array):
-        raise DataError(
-            f"data is a single array of shape {np.shape(data)}; pass a dict of arrays such as "
-            "{'x': inputs, 'y': labels} (or an iterable of such dicts)"
-        )
-    if isinstance(data, Mapping):
-        loader = ArrayLoader(data, batch_size, seed=seed, shard=shard)
-
-        def position(step: int) -> dict:
-            epoch, index = loader.position(step)
-            return {"epoch": epoch, "index": index}
-
-        return next(loader.batches(0)), loader.batches, position
-    if not isinstance(data, Iterable):
-        raise DataError(
-            f"data must be a dict of numpy arrays or an iterable of batches, got "
-            f"{type(data).__name__}"
-        )
-    iterator = iter(data)
-    try:
-        first = next(iterator)
-    except StopIteration:
-        raise DataError("data is an empty iterable: it yielded no batch") from None
-
-    def batches(start_step: int):
-        # An iterable cannot be rewound: resuming skips the batches already used.
-        rest = itertools.chain([first], iterator)
-        return itertools.islice(rest, start_step, None)
-
-    return first, batches, lambda step: {"batches_consumed": step}
-
-
 def fit(
     model: Model,
     loss: Loss,
     optimizer: optax.GradientTransformation,
     data: Mapping[str, np.ndarray] | Iterable[Mapping[str, np.ndarray]],
     *,
-    steps: int,
-    batch_size: int,
-    seed: int = 0,
-    workdir: str | Path | None = None,
     eval_data: Mapping[str, np.ndarray] | None = None,
-    eval_every: int | None = None,
-    checkpoint_every: int | None = None,
-    strategy: str = "auto",
-    nonfinite: str = "raise",
     metrics: Mapping[str, Callable] | None = None,
-    input_key: str = "x",
-    grad_accum: int = 1,
-    compute_dtype: Any = None,
-    log_every: int = 50,
-    eval_batch_size: int | None = None,
     hooks: Sequence[Hook | Callable[[int, dict], None]] = (),
+    input_key: str = "x",
     config: Any = None,
-    progress: bool = True,
-    prefetch: int = 2,
-    keep_last: int = 2,
-    keep_best: int = 0,
-    best_metric: str = "eval/loss",
-    best_mode: str = "min",
-    fresh: bool = False,
-    debug: bool = False,
-    check: bool = False,
-    diagnose_every: int | None = None,
+    **settings: Any,
 ) -> FitResult:
     """Train ``model`` on ``loss`` with ``optimizer`` for ``steps`` steps.
 
     The train step is jitted once, with the state donated; the loop around it
-    logs every ``log_every`` steps (the only host syncs), evaluates every
-    ``eval_every`` steps and at the end, and checkpoints every
+    logs every ``log_every`` steps and the first (the only host syncs),
+    evaluates every ``eval_every`` steps and at the end, and checkpoints every
     ``checkpoint_every`` steps and at the end. Calling `fit` again with the same
-    ``workdir`` resumes from its latest checkpoint.
+    ``workdir`` resumes from its latest checkpoint, with the loss as the code
+    now writes it.
 
     Args:
       data: a dict of numpy arrays (shuffled each epoch as a pure function of
         ``seed`` and the epoch) or an iterable of batches of ``batch_size``.
-      strategy: ``auto`` (``single`` on one device, else ``data``), ``single``,
-        ``data``, ``fsdp`` or ``pmap``; see the parallel-training guide.
-      nonfinite: ``raise`` stops at the next log step naming the first bad step,
-        the non-finite loss terms and parameter groups (the bad update is never
-        applied); ``skip`` leaves the state unchanged on such steps and counts
-        them in ``skipped_steps``.
+      eval_data: a dict of arrays evaluated in full (``eval/<name>`` metrics).
       metrics: per-example metrics ``fn(outputs, batch)`` logged by name, and as
         ``eval/<name>`` on evaluation.
-      grad_accum: micro-batches per step (``batch_size`` must divide evenly).
-      compute_dtype: e.g. ``"bfloat16"``: forward/backward in that dtype with
-        float32 master params.
       hooks: `Hook` objects, or callables ``(step, record)`` called at each log.
-      config: the experiment's config (a dataclass or dict) saved in
-        ``config.json`` so the run can be exported and resumed.
-      fresh: ignore (and move aside) existing checkpoints in ``workdir``.
-      debug: run the train and eval steps un-jitted (``jax.disable_jit()``) on one
-        device, with the configured batch size (the same batches as a normal run),
-        so ``print`` and ``breakpoint()`` in a model, loss term or hook show real
-        arrays. The run dir is marked as a debug run and never resumed by a normal
-        run (nor the other way round). See the debugging guide.
-      diagnose_every: every N steps, also log per-term gradient norms, shares and
-        cosines, per-layer parameter/gradient norms and update ratios, and
-        activation statistics (``diag/...``); a separately jitted step, so the
-        other steps pay nothing (see the diagnosis guide for its cost).
-      check: run the jitted train step through ``jax.experimental.checkify`` (NaNs,
-        division by zero, out-of-bounds indexing, ``checkify.check`` calls) on one
-        device, and raise `jaxmint.debug.CheckError` at the first failing step.
-        One host sync per step; the normal path is unchanged when off.
+      input_key: the batch key fed to the model.
+      config: the experiment's config (a dataclass or dict), saved in
+        ``config.json`` so the run can be exported and resumed. A `FitConfig`
+        (such as an experiment's config, which extends it) also supplies the
+        settings.
+      **settings: any field of `FitConfig` — ``steps`` and ``batch_size``
+        (required unless ``config`` has them), ``seed``, ``workdir`` (a path or a
+        `jaxmint.run.RunDir`), ``eval_every``, ``checkpoint_every``, ``strategy``
+        (``auto``, ``single``, ``data``, ``fsdp``, ``pmap``), ``nonfinite``
+        (``raise`` or ``skip``), ``grad_accum``, ``compute_dtype``,
+        ``log_every``, ``debug``, ``check``, ``diagnose_every``, the keep policy
+        and more; each is described in the training guide.
 
     Example::
 
@@ -186,406 +112,307 @@ def fit(
                              train, steps=500, batch_size=64, eval_data=test)
         print(result.final_eval["eval/accuracy"])
     """
-    from jaxmint.checkpoint import RunCheckpoints  # deferred: orbax import is slow
-
-    _check_args(
-        steps, batch_size, strategy, nonfinite, grad_accum, log_every, eval_every, checkpoint_every
-    )
-    if diagnose_every is not None and (not isinstance(diagnose_every, int) or diagnose_every < 1):
-        raise ValueError(
-            f"diagnose_every must be a positive integer or None, got {diagnose_every!r}"
-        )
-    hooks = as_hooks(hooks)
-    strategy = parallel.resolve(strategy)
-    if debug or check:
-        strategy = _debug_strategy(strategy, debug, check)
-        progress, prefetch = progress and not debug, 0
-    parallel.check_batch(batch_size, grad_accum, strategy)
-    mesh = None if strategy == "single" else parallel.make_mesh()
-    n_proc, proc = jax.process_count(), jax.process_index()
-    lead = proc == 0  # only the first process writes files and draws the progress bar
-    local_batch = batch_size // n_proc
-
-    # -- input ----------------------------------------------------------------
-    first, batches_from, position = _first_batch(data, batch_size, seed, shard=(proc, n_proc))
-    spec = BatchSpec(first)
-    spec.require([input_key], "the model's input, input_key")
-    got = np.shape(first[input_key])[0]
-    if got != local_batch:
-        raise DataError(
-            f"the first batch has {got} examples but batch_size={batch_size}"
-            + (f" over {n_proc} processes ({local_batch} each)" if n_proc > 1 else "")
-            + "; an iterable must yield batches of that size"
-        )
-    if eval_data is not None:
-        _check_eval_data(eval_data, spec)
-
-    # -- state ----------------------------------------------------------------
-    steps_fns = build_steps(
+    workdir = settings.pop("workdir", getattr(config, "workdir", None))
+    loop = FitLoop(
         model,
         loss,
         optimizer,
-        input_key=input_key,
+        data,
+        settings=resolve_settings(config, settings),
+        workdir=workdir,
+        eval_data=eval_data,
         metrics=metrics,
-        grad_accum=grad_accum,
-        compute_dtype=compute_dtype,
-        axis_name=parallel.AXIS if strategy == "pmap" else None,
+        hooks=as_hooks(hooks),
+        input_key=input_key,
+        config=config,
     )
-    key = jax.random.PRNGKey(seed)
-    # Every process initializes from the same (data-independent) sample, so params agree.
-    sample = first if n_proc == 1 else {k: np.zeros_like(v[:1]) for k, v in first.items()}
-    if debug:
-        with jax.disable_jit():
-            state = steps_fns.init(key, sample)
-        shardings, data_sharding = None, None
-    elif strategy == "single":
-        state = jax.jit(steps_fns.init)(key, sample)
-        shardings, data_sharding = None, None
-    else:
-        abstract = jax.eval_shape(steps_fns.init, key, sample)
-        shardings = parallel.state_shardings(abstract, mesh, strategy)
-        state = jax.jit(steps_fns.init, out_shardings=shardings)(key, sample)
-        data_sharding = parallel.batch_sharding(mesh)
-    if debug or check:
-        train_step, eval_step = _debug_steps(steps_fns, model, loss, input_key, grad_accum, debug)
-    else:
-        train_step, eval_step = parallel.compile_steps(steps_fns, strategy, mesh, shardings)
-    if not debug:  # a debug run compiles nothing; its first step shows any error itself
-        # Trace once on shapes: a bad loss term or batch fails here, before compiling.
-        global_first = {
-            k: jax.ShapeDtypeStruct(
-                (batch_size, *np.shape(v)[1:]), np.asarray(v).dtype, sharding=data_sharding
-            )
-            for k, v in first.items()
-        }
-        jax.eval_shape(steps_fns.train_step if check else train_step, state, global_first)
+    return loop.run()
 
-    workdir = Path(workdir) if workdir is not None else None
-    ckpt = None
-    start_step = 0
-    if workdir is not None:
-        workdir.mkdir(parents=True, exist_ok=True)
-        run_config = {
-            "config": _config_dict(config),
-            "fit": {
-                "steps": steps,
-                "batch_size": batch_size,
-                "seed": seed,
-                "input_key": input_key,
-                "grad_accum": grad_accum,
-                "compute_dtype": None if compute_dtype is None else str(compute_dtype),
-                "strategy": strategy,
-                "nonfinite": nonfinite,
-            },
-            "checkpoint": {
-                "every": checkpoint_every,
-                "keep_last": keep_last,
-                "keep_best": keep_best,
-                "best_metric": best_metric,
-                "best_mode": best_mode,
+
+class FitLoop:
+    """One training run: the compiled steps, the data, the run dir and the hooks.
+
+    Hooks receive it: ``settings`` (the `FitConfig`), ``run_dir`` (a `RunDir` or
+    None), ``steps`` (the pure `Steps`), ``start_step``, ``history``, ``lead``
+    (this process writes files), ``final`` (the last checkpoint), ``stop`` (the
+    signal that asked the run to stop), `evaluate` and `request_log`.
+    """
+
+    def __init__(
+        self,
+        model,
+        loss,
+        optimizer,
+        data,
+        *,
+        settings: FitConfig,
+        workdir,
+        eval_data,
+        metrics,
+        hooks: list[Hook],
+        input_key: str,
+        config,
+    ):
+        s = self.settings = settings
+        self.model, self.loss, self.optimizer, self.input_key = model, loss, optimizer, input_key
+        self.eval_data, self.start_step, self.final, self.preemption = eval_data, 0, False, None
+        self._log_requested = False
+        self.strategy = parallel.resolve(s.strategy)
+        if s.debug or s.check:
+            self.strategy = _modes.single_device(self.strategy, "debug" if s.debug else "check")
+        parallel.check_batch(s.batch_size, s.grad_accum, self.strategy)
+        self.mesh = None if self.strategy == "single" else parallel.make_mesh()
+        self.n_proc, self.proc = jax.process_count(), jax.process_index()
+        self.lead = self.proc == 0  # only the first process writes files and draws the bar
+
+        self.data = TrainData(data, s.batch_size, seed=s.seed, shard=(self.proc, self.n_proc))
+        self._check_inputs()
+        self.steps: Steps = build_steps(
+            model,
+            loss,
+            optimizer,
+            input_key=input_key,
+            metrics=metrics,
+            grad_accum=s.grad_accum,
+            compute_dtype=s.compute_dtype,
+            axis_name=parallel.AXIS if self.strategy == "pmap" else None,
+        )
+        self._on_cpu = jax.devices()[0].platform == "cpu"
+        state = self._init_state()
+        self._compile(state)
+
+        self.run_dir = None if workdir is None else RunDir.of(workdir)
+        self.checkpoints, self.history = None, []
+        if self.run_dir is not None:
+            state = self._open_run(state, config)
+        self.state = state
+        self.hooks = self._hooks(hooks)
+
+    # -- setup -------------------------------------------------------------------
+    def _check_inputs(self) -> None:
+        s, first = self.settings, self.data.first
+        self.data.spec.require([self.input_key], "the model's input, input_key")
+        got = np.shape(first[self.input_key])[0]
+        local = s.batch_size // self.n_proc
+        if got != local:
+            raise DataError(
+                f"the first batch has {got} examples but batch_size={s.batch_size}"
+                + (f" over {self.n_proc} processes ({local} each)" if self.n_proc > 1 else "")
+                + "; an iterable must yield batches of that size"
+            )
+        if self.eval_data is not None:
+            self.data.check_eval(self.eval_data)
+
+    def _init_state(self) -> TrainState:
+        first = self.data.first
+        key = jax.random.PRNGKey(self.settings.seed)
+        # Every process initializes from the same (data-independent) sample, so params agree.
+        sample = first if self.n_proc == 1 else {k: np.zeros_like(v[:1]) for k, v in first.items()}
+        self.shardings = self.data_sharding = None
+        if self.settings.debug:
+            with jax.disable_jit():
+                return self.steps.init(key, sample)
+        if self.strategy == "single":
+            return jax.jit(self.steps.init)(key, sample)
+        abstract = jax.eval_shape(self.steps.init, key, sample)
+        self.shardings = parallel.state_shardings(abstract, self.mesh, self.strategy)
+        self.data_sharding = parallel.batch_sharding(self.mesh)
+        return jax.jit(self.steps.init, out_shardings=self.shardings)(key, sample)
+
+    def _compile(self, state: TrainState) -> None:
+        s = self.settings
+        if s.debug:
+            self.train_step, self.eval_step = _modes.debug_steps(
+                self.steps, self.model, self.loss, input_key=self.input_key, grad_accum=s.grad_accum
+            )
+            return  # a debug run compiles nothing; its first step shows any error itself
+        if s.check:
+            self.train_step, self.eval_step = _modes.checked_steps(self.steps)
+        else:
+            self.train_step, self.eval_step = parallel.compile_steps(
+                self.steps, self.strategy, self.mesh, self.shardings
+            )
+        # Trace once on shapes: a bad loss term or batch fails here, before compiling.
+        shapes = {
+            k: jax.ShapeDtypeStruct(
+                (s.batch_size, *np.shape(v)[1:]), np.asarray(v).dtype, sharding=self.data_sharding
+            )
+            for k, v in self.data.first.items()
+        }
+        jax.eval_shape(self.steps.train_step if s.check else self.train_step, state, shapes)
+
+    def _open_run(self, state: TrainState, config) -> TrainState:
+        """Resume from the run dir's newest checkpoint (or start it), then record the run."""
+        s, run = self.settings, self.run_dir
+        run.create()
+        if s.fresh:
+            run.move_aside()
+        if s.debug or run.recorded_debug():
+            run.check_kind(s.debug, fresh=s.fresh)
+        self.checkpoints = run.checkpoints(
+            keep_last=s.keep_last,
+            keep_best=s.keep_best,
+            best_mode=s.best_mode,
+            scores=run.scores(s.best_metric),
+        )
+        record = self._run_record(config)
+        state, self.start_step = resume(self, state, record)
+        run.trim_metrics(self.start_step)
+        self.history = run.metrics()
+        run.mark_debug(s.debug)
+        if self.lead:
+            run.write_config(record)
+        return state
+
+    def _run_record(self, config) -> dict:
+        if config is None:
+            recorded, control = {}, set()
+        elif dataclasses.is_dataclass(config):
+            recorded, control = dataclasses.asdict(config), run_control_fields(type(config))
+        else:
+            recorded, control = dict(config), set()
+        return {
+            "config": normalized(recorded),
+            "fit": self.settings.record() | {"strategy": self.strategy},
+            "run_control": sorted(control | {f for f in FIT_FIELDS if _is_control(f)}),
+            "loss": {
+                "terms": self.loss.term_names,
+                "regularizers": self.loss.regularizer_names,
             },
             "versions": {"jax": jax.__version__},
-            "debug": debug,
+            "debug": self.settings.debug,
         }
-        ckpt = RunCheckpoints(
-            workdir,
-            run_config=run_config,
-            keep_last=keep_last,
-            keep_best=keep_best,
-            best_metric=best_metric,
-            best_mode=best_mode,
-        )
-        if debug or (workdir / "DEBUG_RUN").exists():
-            from jaxmint.debug._modes import check_run_kind, mark_run
 
-            check_run_kind(workdir, debug, fresh=fresh, has_checkpoints=bool(ckpt.steps()))
-            mark_run(workdir, debug)
-        state, start_step = ckpt.restore_or_init(state, fresh=fresh)
-        (workdir / "config.json").write_text(json.dumps(run_config, indent=2, default=str))
+    def _hooks(self, user: list[Hook]) -> list[Hook]:
+        s = self.settings
+        hooks: list[Hook] = [NonFiniteGuard()]
+        if not s.debug:
+            hooks.append(RecompileWatch())
+            if s.diagnose_every:
+                hooks.append(Diagnose(s.diagnose_every))
+        hooks += user
+        if self.checkpoints is not None:
+            hooks.append(Checkpointer(self.checkpoints, s.best_metric))
+        if self.run_dir is not None and self.lead:
+            hooks.append(Writers(self.run_dir))
+        hooks.append(Progress(s.progress and self.lead and not s.debug))
+        return hooks
 
-    eval_bs = eval_batch_size or batch_size
-    diagnose_step = None
-    if diagnose_every and not debug:
-        from jaxmint.diagnose import build_diagnose_step
+    # -- what hooks may call -----------------------------------------------------
+    def request_log(self) -> None:
+        """Log (and call ``on_log``) after the current step, whatever ``log_every`` says."""
+        self._log_requested = True
 
-        diagnose_step = jax.jit(build_diagnose_step(model, loss, optimizer, input_key=input_key))
-    watch = RecompileWatch()
-    eval_bs = -(-eval_bs // jax.device_count()) * jax.device_count()  # divisible by devices
+    @property
+    def stop(self) -> str | None:
+        return self.preemption.signal if self.preemption is not None else None
 
-    on_cpu = jax.devices()[0].platform == "cpu"
+    def put(self, batch):
+        """Place a batch for the step: sharded over the mesh, or as it is on one CPU."""
+        if self.data_sharding is not None:
+            return parallel.to_global(batch, self.data_sharding)
+        # On a CPU the jitted step takes numpy as is: an explicit device_put (and a
+        # prefetch thread to hide it) would only add host work. Accelerators
+        # prefetch: the host-to-device copy overlaps the running step.
+        return batch if self._on_cpu else jax.device_put(batch)
 
-    def put(batch):
-        if data_sharding is None:
-            # On a CPU the jitted step takes numpy as is: an explicit device_put (and a
-            # prefetch thread to hide it) would only add host work. Accelerators
-            # prefetch: the host-to-device copy overlaps the running step.
-            return batch if on_cpu else jax.device_put(batch)
-        return parallel.to_global(batch, data_sharding)
-
-    def run_eval(state) -> dict:
+    def evaluate(self, state: TrainState, eval_data=None) -> dict:
+        """``eval/<name>`` means over all of ``eval_data`` (default: fit's), for ``state``."""
+        eval_data = self.eval_data if eval_data is None else eval_data
+        n_dev = jax.device_count()
+        size = self.settings.eval_batch_size or self.settings.batch_size
+        size = -(-size // n_dev) * n_dev  # divisible by the devices
+        per = size // self.n_proc
         sums: dict[str, float] = {}
         count = 0
-        per = eval_bs // n_proc
-        for batch, n in eval_batches(eval_data, eval_bs):
-            local = {k: v[proc * per : (proc + 1) * per] for k, v in batch.items()}
-            out = parallel.to_host(eval_step(state, put(local), np.int32(n)))
+        for batch, n in eval_batches(eval_data, size):
+            local = {k: v[self.proc * per : (self.proc + 1) * per] for k, v in batch.items()}
+            out = parallel.to_host(self.eval_step(state, self.put(local), np.int32(n)))
             for k, v in out.items():
                 sums[k] = sums.get(k, 0.0) + float(v) * n
             count += n
         return {f"eval/{k}": v / count for k, v in sums.items() if not k.startswith("weight/")}
 
-    # -- loop -----------------------------------------------------------------
-    writers = []
-    if workdir is not None and lead:
-        writers = [JsonlWriter(workdir / "metrics.jsonl"), TensorBoardWriter(workdir / "tb")]
-    history: list[dict] = []
-    if workdir is not None and (workdir / "metrics.jsonl").exists():
-        history = read_metrics(workdir / "metrics.jsonl")  # trimmed to start_step on resume
-    bar = ProgressBar(steps, start_step, enabled=progress and lead)
-    if isinstance(data, Mapping):
-        batches = batches_from(start_step)
-    else:
-        batches = _checked(batches_from(start_step), spec)
-    if on_cpu and data_sharding is None:
-        prefetch = 0
-    batches = prefetch_to_device(batches, prefetch, put=put)
-    for hook in hooks:
-        hook.on_fit_start(state, start_step)
-    # XLA's CPU client can deadlock in a collective when several steps are in flight on
-    # many fake devices sharing few cores; there, wait for each step (GPUs/TPUs never do).
-    sync_each_step = strategy != "single" and jax.devices()[0].platform == "cpu"
-    t_last, s_last = time.perf_counter(), start_step
-    step = start_step
-    try:
-        if ckpt is not None:
-            ckpt.install_signal_handlers()
-        out, logged_step = None, start_step
+    # -- the loop ----------------------------------------------------------------
+    def run(self) -> FitResult:
+        s = self.settings
+        no_prefetch = s.debug or s.check or (self._on_cpu and self.data_sharding is None)
+        prefetch = 0 if no_prefetch else s.prefetch
+        batches = prefetch_to_device(self.data.batches(self.start_step), prefetch, put=self.put)
+        # XLA's CPU client can deadlock in a collective when several steps are in flight on
+        # many fake devices sharing few cores; there, wait for each step (GPUs/TPUs never do).
+        sync_each_step = self.strategy != "single" and self._on_cpu
+        on_step = [h for h in self.hooks if overrides(h, "on_step")]
+        state, result, out, batch = self.state, None, None, None
+        self._t_last, self._s_last = time.perf_counter(), self.start_step
+        step = logged = self.start_step
+        try:
+            for h in self.hooks:
+                h.on_start(self, state)
+            for step in range(self.start_step + 1, s.steps + 1):
+                try:
+                    batch = next(batches)
+                except StopIteration:
+                    step -= 1
+                    log.warning("data ran out after step %d; stopping early", step)
+                    break
+                state, out = self.train_step(state, batch)
+                if sync_each_step:
+                    jax.block_until_ready(out["loss"])
+                for h in on_step:
+                    h.on_step(self, step, state, batch, out)
+                do_eval = self.eval_data is not None and (
+                    step == s.steps or (s.eval_every is not None and step % s.eval_every == 0)
+                )
+                if (
+                    step % s.log_every == 0
+                    or step in (1, s.steps)
+                    or do_eval
+                    or self.stop
+                    or self._log_requested
+                ):
+                    self._log(step, state, batch, out, do_eval)
+                    logged = step
+                if self.stop or (s.checkpoint_every and step % s.checkpoint_every == 0):
+                    self._checkpoint(step, state)
+            if out is not None and logged != step:  # the data ran out between log steps
+                self._log(step, state, batch, out, self.eval_data is not None)
+            if step > self.start_step:
+                self.final = True
+                self._checkpoint(step, state)
+            self.state = state
+            result = FitResult(parallel.to_host(state.params), state, self.history, self._path())
+        finally:
+            for h in self.hooks:
+                h.on_end(self, result)
+        return result
 
-        def log(step, out, do_eval, batch, do_diag=False):
-            nonlocal t_last, s_last, logged_step
-            fetched = parallel.to_host(out)
-            record = {"step": step, **{k: _scalar(v) for k, v in fetched.items()}}
-            now = time.perf_counter()
-            record["steps_per_sec"] = (step - s_last) / max(now - t_last, 1e-9)
-            t_last, s_last, logged_step = now, step, step
-            _check_guard(state, steps_fns, nonfinite, ckpt, workdir)
-            watch.check(train_step, state, batch)
-            if do_eval:
-                record.update(run_eval(state))
-            if do_diag:
-                # The state after this step's update, on this step's batch.
-                diag = parallel.to_host(diagnose_step(state, batch))
-                record.update({k: _scalar(v) for k, v in diag.items()})
-            history.append(record)
-            for w in writers:
-                w.write(record)
-            bar.show(step, record["loss"])
-            for hook in hooks:
-                hook.on_log(step, record)
-            if ckpt is not None:
-                ckpt.on_log(step, state, record, batch_pos=step)
+    def _log(self, step, state, batch, out, do_eval) -> None:
+        self._log_requested = False
+        record = {"step": step, **{k: scalar(v) for k, v in parallel.to_host(out).items()}}
+        now = time.perf_counter()
+        record["steps_per_sec"] = (step - self._s_last) / max(now - self._t_last, 1e-9)
+        self._t_last, self._s_last = now, step
+        if do_eval:
+            NonFiniteGuard.check(self, state)  # name a bad step before evaluating after it
+            record.update(self.evaluate(state))
+            for h in self.hooks:
+                h.on_eval(self, step, state, record)
+        for h in self.hooks:
+            h.on_log(self, step, state, batch, record)
+        self.history.append(record)
 
-        for step in range(start_step + 1, steps + 1):
-            try:
-                batch = next(batches)
-            except StopIteration:
-                step -= 1
-                bar.print(f"data ran out after step {step}; stopping early")
-                break
-            state, out = train_step(state, batch)
-            if sync_each_step:
-                jax.block_until_ready(out["loss"])
-            bar.advance(step)
-            do_eval = eval_data is not None and (
-                step == steps or (eval_every is not None and step % eval_every == 0)
-            )
-            stop_requested = ckpt is not None and ckpt.stop_requested
-            do_diag = diagnose_step is not None and step % diagnose_every == 0
-            if step % log_every == 0 or step == steps or do_eval or stop_requested or do_diag:
-                log(step, out, do_eval, batch, do_diag)
-            if ckpt is not None and (
-                (checkpoint_every and step % checkpoint_every == 0) or ckpt.stop_requested
-            ):
-                _check_guard(state, steps_fns, nonfinite, ckpt, workdir)  # never save poison
-                ckpt.save(step, state, data_position=position(step))
-                if ckpt.stop_requested:
-                    bar.close()
-                    ckpt.exit_after_stop(step)
-        if out is not None and logged_step != step:  # the data ran out between log steps
-            log(step, out, eval_data is not None, batch)
-        if ckpt is not None and step > start_step:
-            _check_guard(state, steps_fns, nonfinite, ckpt, workdir)
-            ckpt.save(step, state, data_position=position(step), final=True)
-    finally:
-        bar.close()
-        for w in writers:
-            w.close()
-        if ckpt is not None:
-            ckpt.close()
-    result = FitResult(parallel.to_host(state.params), state, history, workdir)
-    for hook in hooks:
-        hook.on_fit_end(result)
-    return result
+    def _checkpoint(self, step, state) -> None:
+        for h in self.hooks:
+            h.on_checkpoint(self, step, state)
+        if self.stop:
+            self.preemption.exit(step, self.run_dir.checkpoints_dir)
+
+    def _path(self) -> Path | None:
+        return None if self.run_dir is None else self.run_dir.path
 
 
-def _debug_strategy(strategy: str, debug: bool, check: bool) -> str:
-    if debug and check:
-        raise ValueError(
-            "debug=True and check=True are exclusive: check first to find the failing step, "
-            "then rerun up to that step with debug=True to look at it"
-        )
-    if jax.process_count() > 1:
-        raise ValueError(
-            f"{'debug' if debug else 'check'} mode runs on one device of one process; run it "
-            "without jax.distributed (one process)"
-        )
-    if strategy != "single":
-        log.warning(
-            "%s mode runs on one device: strategy %r ignored",
-            "debug" if debug else "check",
-            strategy,
-        )
-    return "single"
-
-
-def _debug_steps(steps_fns, model, loss, input_key, grad_accum, debug):
-    """``(train_step, eval_step)`` of debug mode (eager) or check mode (checkify)."""
-    from jax.experimental import checkify
-
-    from jaxmint.debug._modes import checked_train_step, debug_steps, raise_check
-
-    if debug:
-        return debug_steps(steps_fns, model, loss, input_key=input_key, grad_accum=grad_accum)
-    checked = checked_train_step(steps_fns.train_step)
-    checked_eval = jax.jit(checkify.checkify(steps_fns.eval_step, errors=checkify.all_checks))
-
-    def train_step(state, batch):
-        error, (state, out) = checked(state, batch)
-        raise_check(error, int(state.step))  # a host sync per step, only in check mode
-        return state, out
-
-    def eval_step(state, batch, num_valid):
-        error, out = checked_eval(state, batch, num_valid)
-        raise_check(error, int(state.step), what="the evaluation after step")
-        return out
-
-    return train_step, eval_step
-
-
-class RecompileWatch:
-    """Warn when the train step compiles again, naming the argument that changed."""
-
-    def __init__(self):
-        self.size = None
-        self.signature = None
-
-    @staticmethod
-    def _signature(state, batch) -> dict:
-        from jaxmint._tree import flat_with_names
-
-        return {
-            name: (
-                tuple(np.shape(x)),
-                str(getattr(x, "dtype", type(x).__name__)),
-                bool(getattr(x, "weak_type", False)),
-            )
-            for name, x in flat_with_names({"state": state, "batch": batch}).items()
-        }
-
-    def check(self, fn, state, batch) -> None:
-        cache_size = getattr(fn, "_cache_size", None)
-        if cache_size is None or batch is None:
-            return
-        size = cache_size()
-        signature = self._signature(state, batch)
-        if self.size is not None and size > self.size:
-            changed = [
-                f"{k}: {self.signature.get(k)} -> {v}"
-                for k, v in signature.items()
-                if self.signature.get(k) != v
-            ]
-            log.warning(
-                "the train step compiled again (%d versions); changed arguments: %s",
-                size,
-                changed[:5] or "none visible (a static value or a weak type in a hook?)",
-            )
-        self.size, self.signature = size, signature
-
-
-def _scalar(v):
-    v = np.asarray(v)
-    return v.item() if v.size == 1 else v.tolist()
-
-
-def _checked(batches, spec: BatchSpec):
-    for i, batch in enumerate(batches):
-        spec.check(batch, what=f"batch {i}")
-        yield batch
-
-
-def _check_eval_data(eval_data, spec: BatchSpec) -> None:
-    if not isinstance(eval_data, Mapping):
-        raise DataError(f"eval_data must be a dict of arrays, got {type(eval_data).__name__}")
-    for key, (shape, dtype) in spec.spec.items():
-        if key not in eval_data:
-            raise DataError(
-                f"eval_data has no key {key!r}; the training batches have keys {sorted(spec.spec)}"
-            )
-        got = np.asarray(eval_data[key])
-        if got.shape[1:] != shape[1:] or got.dtype != dtype:
-            raise DataError(
-                f"eval_data[{key!r}] has per-example shape {got.shape[1:]} and dtype "
-                f"{got.dtype}, but training batches have {shape[1:]} and {dtype}"
-            )
-
-
-def _check_guard(state: TrainState, steps_fns, nonfinite: str, ckpt, workdir=None) -> None:
-    guard = parallel.to_host(state.guard)
-    if nonfinite != "raise" or int(guard["first_bad_step"]) < 0:
-        return
-    names = ["total", *steps_fns.term_names]
-    terms = [n for n, bad in zip(names, guard["bad_terms"], strict=True) if bad]
-    groups = [
-        g
-        for g, bad in zip(steps_fns.param_groups(state.params), guard["bad_groups"], strict=True)
-        if bad
-    ]
-    kept = ""
-    if ckpt is not None and ckpt.latest_step() is not None:
-        kept = f" The last good checkpoint (step {ckpt.latest_step()}) is kept."
-    if workdir is not None and jax.process_index() == 0:
-        # For `jaxmint diagnose RUN_DIR --nan`, which replays this step.
-        record = {"step": int(guard["first_bad_step"]), "terms": terms, "groups": groups}
-        (Path(workdir) / "nonfinite.json").write_text(json.dumps(record) + "\n")
-        kept += f" To see where it appeared: jaxmint diagnose {workdir} --nan."
-    raise NonFiniteError(
-        f"non-finite values at step {int(guard['first_bad_step'])}: loss terms {terms or 'none'}"
-        f", gradients of parameter groups {groups or 'none'}. That update was not applied."
-        f"{kept} Lower the learning rate, check the inputs, or pass nonfinite='skip' to skip "
-        "such steps."
+def _is_control(name: str) -> bool:
+    return next(f for f in dataclasses.fields(FitConfig) if f.name == name).metadata.get(
+        "run_control", False
     )
-
-
-def _check_args(
-    steps, batch_size, strategy, nonfinite, grad_accum, log_every, eval_every, checkpoint_every
-) -> None:
-    for name, value in (
-        ("steps", steps),
-        ("batch_size", batch_size),
-        ("grad_accum", grad_accum),
-        ("log_every", log_every),
-    ):
-        if not isinstance(value, int | np.integer) or value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    for name, value in (("eval_every", eval_every), ("checkpoint_every", checkpoint_every)):
-        if value is not None and (not isinstance(value, int | np.integer) or value < 1):
-            raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
-    if strategy not in STRATEGIES:
-        raise ValueError(f"strategy={strategy!r} is not one of {STRATEGIES}")
-    if nonfinite not in NONFINITE:
-        raise ValueError(f"nonfinite={nonfinite!r} is not one of {NONFINITE}")
-    if batch_size % grad_accum:
-        raise ValueError(
-            f"batch_size={batch_size} is not divisible by grad_accum={grad_accum}; "
-            f"choose grad_accum among {[d for d in range(1, batch_size + 1) if not batch_size % d]}"
-        )

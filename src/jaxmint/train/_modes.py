@@ -1,23 +1,25 @@
-"""Debug mode (un-jitted steps on concrete arrays), checked steps (checkify) and run marks.
+"""Step wrappers: debug mode (un-jitted steps on concrete arrays) and checked steps (checkify).
 
-`fit(..., debug=True)` and `fit(..., check=True)` call into this module; the
-normal path never does, so it stays exactly as fast as before.
+`fit(..., debug=True)` and `fit(..., check=True)` wrap the pure steps with these;
+the normal path never does, so it stays exactly as fast as before.
 """
 
 from __future__ import annotations
 
 import contextlib
 import io
-import json
+import logging
 import os
 import sys
-from pathlib import Path
 
 import jax
 from jax.experimental import checkify
 
-MARKER = "DEBUG_RUN"
-"""The file that marks a run dir as written by a debug run."""
+from jaxmint.losses import LossInputs
+from jaxmint.models._model import join_variables
+from jaxmint.run import DebugRunError
+
+log = logging.getLogger("jaxmint")
 
 # Frames of these files are plumbing; the location of a failed check is the
 # innermost frame elsewhere (the user's model, loss term or metric).
@@ -27,6 +29,7 @@ _PLUMBING = (
     f"{os.sep}flax{os.sep}",
     f"{os.sep}optax{os.sep}",
     f"jaxmint{os.sep}train{os.sep}",
+    f"jaxmint{os.sep}steps{os.sep}",
     f"jaxmint{os.sep}debug{os.sep}",
     f"jaxmint{os.sep}losses{os.sep}_algebra.py",
     f"jaxmint{os.sep}models{os.sep}_flax.py",
@@ -48,8 +51,16 @@ class CheckError(FloatingPointError):
         self.step, self.error, self.where = step, error, where
 
 
-class DebugRunError(RuntimeError):
-    """A run dir written in debug mode was about to be resumed by a normal run, or vice versa."""
+def single_device(strategy: str, mode: str) -> str:
+    """The strategy of a debug or check run: one device of one process."""
+    if jax.process_count() > 1:
+        raise ValueError(
+            f"{mode} mode runs on one device of one process; run it without jax.distributed "
+            "(one process)"
+        )
+    if strategy != "single":
+        log.warning("%s mode runs on one device: strategy %r ignored", mode, strategy)
+    return "single"
 
 
 # -- debug mode -----------------------------------------------------------------
@@ -76,11 +87,10 @@ def debug_steps(steps, model, loss, *, input_key: str, grad_accum: int):
     runs with ``print`` and ``breakpoint()`` silenced, so each fires once per step
     with real values.
     """
-    from jaxmint.losses import LossInputs
 
     def concrete_pass(state, batch):
         key = jax.random.fold_in(state.rng, state.step)
-        variables = {"params": state.params, **state.model_state}
+        variables = join_variables(state.params, state.model_state)
         for i in range(grad_accum):
             # The same micro-batches (rows i, i+k, ...) and keys as the train step.
             mb = batch if grad_accum == 1 else {k: v[i::grad_accum] for k, v in batch.items()}
@@ -179,6 +189,24 @@ def _patch_batched_scatter_check() -> None:
         table[prim] = patched
 
 
+def checked_steps(steps):
+    """``(train_step, eval_step)`` under checkify: each raises `CheckError` when a check fails."""
+    checked = checked_train_step(steps.train_step)
+    checked_eval = jax.jit(checkify.checkify(steps.eval_step, errors=ERRORS))
+
+    def train_step(state, batch):
+        error, (state, out) = checked(state, batch)
+        raise_check(error, int(state.step))  # a host sync per step, only in check mode
+        return state, out
+
+    def eval_step(state, batch, num_valid):
+        error, out = checked_eval(state, batch, num_valid)
+        raise_check(error, int(state.step), what="the evaluation after step")
+        return out
+
+    return train_step, eval_step
+
+
 def raise_check(error, step: int, rerun: str | None = None, *, what: str = "checked step") -> None:
     """Raise a `CheckError` naming ``step`` if checkify's ``error`` is set (a host sync)."""
     exc = error.get_exception()
@@ -207,64 +235,3 @@ def _location(exc) -> str | None:
         if not any(p in frame.file_name for p in _PLUMBING):
             return f"{frame.file_name}:{frame.line_num} ({frame.function_name})"
     return None
-
-
-# -- run marks ------------------------------------------------------------------
-
-
-def recorded_debug(workdir: Path) -> bool | None:
-    """Whether ``workdir`` holds a debug run (True), a normal run (False), or nothing (None)."""
-    if (workdir / MARKER).exists():
-        return True
-    path = workdir / "config.json"
-    if not path.exists():
-        return None
-    try:
-        return bool(json.loads(path.read_text()).get("debug", False))
-    except (OSError, ValueError):
-        return None
-
-
-def check_run_kind(workdir: Path, debug: bool, *, fresh: bool, has_checkpoints: bool) -> None:
-    """Refuse to resume a debug run as a normal one, or the other way round."""
-    recorded = recorded_debug(workdir)
-    if fresh or recorded is None or recorded == debug or not has_checkpoints:
-        return
-    was, now = ("a debug run", "a normal run") if recorded else ("a normal run", "a debug run")
-    raise DebugRunError(
-        f"the run dir {workdir} holds checkpoints of {was}; {now} never resumes them, so the "
-        "two are never mixed. Use another --workdir, or --fresh (fit(..., fresh=True)) to move "
-        "the old checkpoints aside and start over."
-    )
-
-
-def mark_run(workdir: Path, debug: bool) -> None:
-    """Write (debug) or remove (normal) the ``DEBUG_RUN`` marker file."""
-    marker = workdir / MARKER
-    if debug:
-        marker.write_text(
-            "This run dir was written by a debug run (un-jitted steps); a normal run will not "
-            "resume its checkpoints.\n"
-        )
-    elif marker.exists():
-        marker.unlink()
-
-
-def rerun_command(argv: list[str], step: int, workdir: str) -> str:
-    """The command line that replays a failed checked run up to ``step`` in debug mode."""
-    keep: list[str] = []
-    skip_next = False
-    for arg in argv:
-        if skip_next:
-            skip_next = False
-            continue
-        if arg in ("--check", "--debug", "--no-check", "--no-debug", "--fresh", "--no-fresh"):
-            continue
-        if arg in ("--steps", "--workdir"):
-            skip_next = True
-            continue
-        if arg.startswith(("--steps=", "--workdir=")):
-            continue
-        keep.append(arg)
-    debug_dir = f"{workdir.rstrip('/')}-debug"
-    return " ".join([*keep, "--debug", "--fresh", "--steps", str(step), "--workdir", debug_dir])

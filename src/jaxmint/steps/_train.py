@@ -1,7 +1,7 @@
 """Pure train and eval steps built from a model, a loss and an optax optimizer.
 
-Nothing here does I/O or keeps Python state: `fit` jits these functions once
-(donating the state) and drives them from a plain Python loop.
+Nothing here does I/O or keeps Python state: `jaxmint.fit` jits these functions
+once (donating the state) and drives them from a plain Python loop.
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ import jax.numpy as jnp
 import optax
 
 from jaxmint.losses import Loss, LossError, LossInputs
-from jaxmint.models._model import Model, split_variables
-from jaxmint.train._state import TrainState, group_leaves, new_guard, param_groups
+from jaxmint.models._model import Model, join_variables, split_variables
+from jaxmint.state import TrainState, group_leaves, new_guard, param_groups
 
 
 class Steps(NamedTuple):
@@ -24,7 +24,8 @@ class Steps(NamedTuple):
     ``init(key, sample_batch) -> TrainState``;
     ``train_step(state, batch) -> (state, metrics)``;
     ``eval_step(state, batch, num_valid) -> metrics`` (means over the first
-    ``num_valid`` rows, the rest being padding).
+    ``num_valid`` rows, the rest being padding); ``resume(stored, fresh) ->
+    (state, notes)`` the state a resumed run continues with (see `Loss.resume_state`).
     """
 
     init: Callable[..., TrainState]
@@ -32,6 +33,7 @@ class Steps(NamedTuple):
     eval_step: Callable[..., dict]
     term_names: list[str]
     param_groups: Callable[[Any], list[str]]
+    resume: Callable[..., tuple[TrainState, list[str]]]
 
 
 def _cast_floats(tree, dtype):
@@ -105,12 +107,14 @@ def build_steps(
         )
 
     def forward(params, model_state, batch, *, train, key):
-        variables = {"params": _cast_floats(params, compute_dtype), **model_state}
+        variables = join_variables(_cast_floats(params, compute_dtype), model_state)
         inputs = _cast_floats(batch[input_key], compute_dtype)
         outputs, updates = model.forward(variables, inputs, train=train, key=key)
         updates = dict(updates)
         intermediates = _cast_floats(updates.pop("intermediates", {}), jnp.float32)
-        new_model_state = {k: updates.get(k, v) for k, v in model_state.items()}
+        new_model_state = (
+            None if model_state is None else {k: updates.get(k, v) for k, v in model_state.items()}
+        )
         return _cast_floats(outputs, jnp.float32), intermediates, new_model_state
 
     def loss_fn(trainable, model_state, batch, step, loss_weights, key):
@@ -253,4 +257,31 @@ def build_steps(
             )
         return out
 
-    return Steps(init, train_step, eval_step, term_names, param_groups)
+    def resume(stored: dict, fresh: TrainState, stored_terms: list[str] | None):
+        """``(state, notes)``: ``stored`` (a restored state, as a dict) under today's loss.
+
+        Everything is the checkpoint's except the loss weights, which are the code's;
+        the guard's per-term record is reset when the terms changed.
+        """
+        loss_state, notes = loss.resume_state(stored["loss_state"], stored_terms)
+        if "opt_state" not in loss_state:  # learned loss weights read from an older layout
+            loss_state["opt_state"] = optimizer.init(loss_state["params"])
+            for part in ("params", "opt_state"):
+                loss_state[part] = jax.tree_util.tree_map(
+                    lambda new, like: jax.device_put(new, like.sharding),
+                    loss_state[part],
+                    fresh.loss_state[part],
+                )
+        guard = dict(stored["guard"])
+        for key in ("bad_terms", "bad_groups"):
+            if jnp.shape(guard[key]) != jnp.shape(fresh.guard[key]):
+                guard[key] = fresh.guard[key]
+        weights = jax.tree_util.tree_map(
+            lambda new, like: jax.device_put(new, like.sharding),
+            loss_state["weights"],
+            fresh.loss_state["weights"],
+        )
+        state = TrainState(**{**stored, "loss_state": {**loss_state, "weights": weights}})
+        return state._replace(guard=guard), notes
+
+    return Steps(init, train_step, eval_step, term_names, param_groups, resume)

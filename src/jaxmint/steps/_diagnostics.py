@@ -18,8 +18,8 @@ import optax
 
 from jaxmint._tree import flat_with_names
 from jaxmint.losses import Loss, LossInputs
-from jaxmint.models._model import Model
-from jaxmint.train._state import TrainState, group_leaves, param_groups
+from jaxmint.models._model import Model, join_variables
+from jaxmint.state import TrainState, group_leaves, param_groups
 
 SATURATION = 0.97  # |activation| above this counts as saturated (tanh/sigmoid ranges)
 
@@ -66,7 +66,7 @@ def build_diagnose_step(
         key = jax.random.fold_in(state.rng, state.step)
 
         def terms(params):
-            variables = {"params": params, **state.model_state}
+            variables = join_variables(params, state.model_state)
             outputs, updates = model.forward(variables, batch[input_key], train=True, key=key)
             intermediates = dict(updates).get("intermediates", {})
             inputs = LossInputs(outputs, batch, params, intermediates, state.step)

@@ -1,0 +1,204 @@
+"""The hooks `fit` installs: each concern of the loop, written as a plain `Hook`.
+
+In the order the loop calls them: `NonFiniteGuard` (stops before a poisoned
+state is logged or saved), `RecompileWatch`, `Diagnose`, the user's hooks,
+`Checkpointer`, `Writers` and `Progress`.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import jax
+import numpy as np
+
+from jaxmint._tree import flat_with_names
+from jaxmint.checkpoint import RunCheckpoints
+from jaxmint.steps import build_diagnose_step
+from jaxmint.track import JsonlWriter, ProgressBar, TensorBoardWriter
+from jaxmint.train import _parallel as parallel
+from jaxmint.train._hooks import Hook
+from jaxmint.train._preempt import Preemption
+
+log = logging.getLogger("jaxmint")
+
+
+class NonFiniteError(FloatingPointError):
+    """Training produced a non-finite loss or gradient under ``nonfinite="raise"``."""
+
+
+def scalar(v):
+    v = np.asarray(v)
+    return v.item() if v.size == 1 else v.tolist()
+
+
+class NonFiniteGuard(Hook):
+    """``nonfinite="raise"``: stop at the next log or checkpoint after a non-finite step.
+
+    The guard itself is computed in the step (a bad update is never applied); this
+    hook reads it, records the step in the run dir for ``jaxmint diagnose --nan``,
+    and raises `NonFiniteError` naming the terms and parameter groups.
+    """
+
+    def on_log(self, loop, step, state, batch, record):
+        self.check(loop, state)
+
+    def on_checkpoint(self, loop, step, state):
+        self.check(loop, state)  # never save a poisoned state
+
+    @staticmethod
+    def check(loop, state) -> None:
+        guard = parallel.to_host(state.guard)
+        if loop.settings.nonfinite != "raise" or int(guard["first_bad_step"]) < 0:
+            return
+        names = ["total", *loop.steps.term_names]
+        terms = [n for n, bad in zip(names, guard["bad_terms"], strict=True) if bad]
+        groups = loop.steps.param_groups(state.params)
+        groups = [g for g, bad in zip(groups, guard["bad_groups"], strict=True) if bad]
+        bad_step = int(guard["first_bad_step"])
+        kept = ""
+        if loop.checkpoints is not None and loop.checkpoints.latest_step() is not None:
+            kept = f" The last good checkpoint (step {loop.checkpoints.latest_step()}) is kept."
+        if loop.run_dir is not None and loop.lead:
+            loop.run_dir.write_nonfinite({"step": bad_step, "terms": terms, "groups": groups})
+            kept += f" To see where it appeared: jaxmint diagnose {loop.run_dir.path} --nan."
+        raise NonFiniteError(
+            f"non-finite values at step {bad_step}: loss terms {terms or 'none'}, gradients of "
+            f"parameter groups {groups or 'none'}. That update was not applied.{kept} Lower the "
+            "learning rate, check the inputs, or pass nonfinite='skip' to skip such steps."
+        )
+
+
+class RecompileWatch(Hook):
+    """Warn when the train step compiles again, naming the argument that changed."""
+
+    def __init__(self):
+        self.size = None
+        self.signature = None
+
+    @staticmethod
+    def _signature(state, batch) -> dict:
+        return {
+            name: (
+                tuple(np.shape(x)),
+                str(getattr(x, "dtype", type(x).__name__)),
+                bool(getattr(x, "weak_type", False)),
+            )
+            for name, x in flat_with_names({"state": state, "batch": batch}).items()
+        }
+
+    def on_log(self, loop, step, state, batch, record):
+        self.check(loop.train_step, state, batch)
+
+    def check(self, fn, state, batch) -> None:
+        cache_size = getattr(fn, "_cache_size", None)
+        if cache_size is None or batch is None:
+            return
+        size = cache_size()
+        signature = self._signature(state, batch)
+        if self.size is not None and size > self.size:
+            changed = [
+                f"{k}: {self.signature.get(k)} -> {v}"
+                for k, v in signature.items()
+                if self.signature.get(k) != v
+            ]
+            log.warning(
+                "the train step compiled again (%d versions); changed arguments: %s",
+                size,
+                changed[:5] or "none visible (a static value or a weak type in a hook?)",
+            )
+        self.size, self.signature = size, signature
+
+
+class Diagnose(Hook):
+    """Every ``every`` steps, log per-term gradient statistics, per-layer norms and
+    update ratios, and activation statistics (``diag/...``), from a separately
+    jitted step on the state after the update and that step's batch."""
+
+    def __init__(self, every: int):
+        self.every = every
+        self.step_fn = None
+        self.pending = None
+
+    def on_start(self, loop, state):
+        self.step_fn = jax.jit(
+            build_diagnose_step(loop.model, loop.loss, loop.optimizer, input_key=loop.input_key)
+        )
+
+    def on_step(self, loop, step, state, batch, out):
+        if step % self.every == 0:
+            self.pending = self.step_fn(state, batch)
+            loop.request_log()
+
+    def on_log(self, loop, step, state, batch, record):
+        if self.pending is not None:
+            diag = parallel.to_host(self.pending)
+            record.update({k: scalar(v) for k, v in diag.items()})
+            self.pending = None
+
+
+class Checkpointer(Hook):
+    """Saves every ``checkpoint_every`` steps, at the end and on preemption.
+
+    Records each step's ``best_metric`` for the keep policy, and installs the
+    SIGTERM/SIGINT handlers that make the loop save and stop at the next step.
+    """
+
+    def __init__(self, checkpoints: RunCheckpoints, best_metric: str):
+        self.checkpoints = checkpoints
+        self.best_metric = best_metric
+        self.preemption = Preemption()
+
+    def on_start(self, loop, state):
+        self.preemption.install()
+        loop.preemption = self.preemption
+
+    def on_log(self, loop, step, state, batch, record):
+        if isinstance(record.get(self.best_metric), int | float):
+            self.checkpoints.record_score(step, record[self.best_metric])
+
+    def on_checkpoint(self, loop, step, state):
+        meta = {"data_position": loop.data.position(step), "loss_terms": loop.steps.term_names}
+        self.checkpoints.save(step, state, meta=meta, final=loop.final)
+        if self.preemption.signal:
+            self.checkpoints.wait()
+
+    def on_end(self, loop, result):
+        self.preemption.uninstall()
+        self.checkpoints.close()
+
+
+class Writers(Hook):
+    """``metrics.jsonl`` and TensorBoard events (written by the first process only)."""
+
+    def __init__(self, run_dir):
+        self.writers = [JsonlWriter(run_dir.metrics_file), TensorBoardWriter(run_dir.events_dir)]
+
+    def on_log(self, loop, step, state, batch, record):
+        for w in self.writers:
+            w.write(record)
+
+    def on_end(self, loop, result):
+        for w in self.writers:
+            w.close()
+
+
+class Progress(Hook):
+    """The live progress bar."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self.bar = None
+
+    def on_start(self, loop, state):
+        self.bar = ProgressBar(loop.settings.steps, loop.start_step, enabled=self.enabled)
+
+    def on_step(self, loop, step, state, batch, out):
+        self.bar.advance(step)
+
+    def on_log(self, loop, step, state, batch, record):
+        self.bar.show(step, record["loss"])
+
+    def on_end(self, loop, result):
+        if self.bar is not None:
+            self.bar.close()

@@ -1,0 +1,184 @@
+"""Imports go down only: walk every module of ``src/jaxmint`` with ``ast``.
+
+The layers are those of docs/architecture.md. A module may import its own layer
+and the layers below; never a higher one, and the packages never form a cycle.
+A function-level import is kept only for a slow optional dependency, named in
+``LAZY_OK``; a function-level import of jaxmint itself is always an error.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+SRC = Path(__file__).parents[2] / "src" / "jaxmint"
+
+LAYERS = {
+    **dict.fromkeys(
+        ["models", "losses", "data", "track", "config", "state", "steps", "metrics", "_tree"], 0
+    ),
+    "checkpoint": 1,
+    "run": 2,
+    "train": 3,
+    **dict.fromkeys(["diagnose", "debug", "export", "sweep"], 4),
+    **dict.fromkeys(["experiment", "cli"], 5),
+}
+
+# Slow or optional third-party imports that may wait until a function needs them.
+LAZY_OK = {
+    "optuna",
+    "submitit",
+    "ray",
+    "matplotlib",
+    "onnx",
+    "jax2onnx",
+    "onnxruntime",
+    "iree",
+    "tensorboardX",
+    "sklearn",
+}
+
+
+def _package(module: str) -> str | None:
+    """``jaxmint.losses._algebra`` -> ``losses``; the facade ``jaxmint`` -> None."""
+    parts = module.split(".")
+    return parts[1] if parts[0] == "jaxmint" and len(parts) > 1 else None
+
+
+def _module_name(path: Path) -> str:
+    rel = path.relative_to(SRC.parent).with_suffix("")
+    parts = list(rel.parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def _imports(tree: ast.Module):
+    """``(target module, line, at function level)`` for every import in ``tree``."""
+    functions = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+            functions.update(id(n) for n in ast.walk(node) if n is not node)
+    type_checking = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            type_checking.update(id(n) for n in ast.walk(node))
+    for node in ast.walk(tree):
+        if id(node) in type_checking:
+            continue  # annotations only: never executed
+        lazy = id(node) in functions
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                yield alias.name, node.lineno, lazy
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            if node.module == "jaxmint":  # from jaxmint import losses: the subpackage
+                for alias in node.names:
+                    yield f"jaxmint.{alias.name}", node.lineno, lazy
+            else:
+                yield node.module, node.lineno, lazy
+
+
+def _walk():
+    edges, problems = {}, []
+    for path in sorted(SRC.rglob("*.py")):
+        source = _package(_module_name(path))
+        if source is None:
+            continue  # the facade re-exports every layer
+        for target, line, lazy in _imports(ast.parse(path.read_text(), str(path))):
+            where = f"{path.relative_to(SRC.parent)}:{line}"
+            dest = _package(target)
+            if lazy and target.split(".")[0] == "jaxmint":
+                problems.append(f"{where}: function-level import of {target}")
+            elif lazy and target.split(".")[0] not in LAZY_OK:
+                problems.append(f"{where}: function-level import of {target} (not a slow extra)")
+            if dest is None or dest == source:
+                continue
+            if LAYERS[dest] > LAYERS[source]:
+                problems.append(f"{where}: {source} (layer {LAYERS[source]}) imports up: {target}")
+            edges.setdefault(source, set()).add(dest)
+    return edges, problems
+
+
+def _cycles(edges: dict[str, set[str]]) -> list[list[str]]:
+    found, state = [], {}
+
+    def visit(node, stack):
+        state[node] = "open"
+        for nxt in sorted(edges.get(node, ())):
+            if state.get(nxt) == "open":
+                found.append([*stack[stack.index(nxt) :], nxt])
+            elif nxt not in state:
+                visit(nxt, [*stack, nxt])
+        state[node] = "done"
+
+    for node in sorted(edges):
+        if node not in state:
+            visit(node, [node])
+    return found
+
+
+def test_every_package_has_a_layer():
+    packages = {_package(_module_name(p)) for p in SRC.rglob("*.py")} - {None}
+    assert packages <= set(LAYERS), sorted(packages - set(LAYERS))
+
+
+# Edges still to remove, without line numbers; the list only shrinks.
+KNOWN = {
+    "jaxmint/cli/__init__.py: function-level import of jax (not a slow extra)",
+    "jaxmint/cli/__init__.py: function-level import of jaxmint",
+    "jaxmint/cli/__init__.py: function-level import of jaxmint.cli._debug",
+    "jaxmint/cli/__init__.py: function-level import of jaxmint.cli._diagnose",
+    "jaxmint/cli/__init__.py: function-level import of jaxmint.cli._sweep",
+    "jaxmint/cli/__init__.py: function-level import of jaxmint.export",
+    "jaxmint/cli/__init__.py: function-level import of jaxmint.track",
+    "jaxmint/cli/__init__.py: function-level import of jaxmint_runtime (not a slow extra)",
+    "jaxmint/cli/__init__.py: function-level import of rich.console (not a slow extra)",
+    "jaxmint/cli/__init__.py: function-level import of rich.table (not a slow extra)",
+    "jaxmint/cli/_debug.py: function-level import of jaxmint.checkpoint",
+    "jaxmint/cli/_debug.py: function-level import of jaxmint.debug",
+    "jaxmint/cli/_debug.py: function-level import of jaxmint.export",
+    "jaxmint/cli/_diagnose.py: function-level import of jaxmint.cli._sweep",
+    "jaxmint/cli/_diagnose.py: function-level import of jaxmint.config",
+    "jaxmint/cli/_diagnose.py: function-level import of jaxmint.diagnose",
+    "jaxmint/cli/_diagnose.py: function-level import of jaxmint.experiment",
+    "jaxmint/cli/_diagnose.py: function-level import of jaxmint.track",
+    "jaxmint/cli/_sweep.py: function-level import of jaxmint.sweep",
+    "jaxmint/cli/_sweep.py: function-level import of rich.console (not a slow extra)",
+    "jaxmint/cli/_sweep.py: function-level import of rich.table (not a slow extra)",
+    "jaxmint/config.py: function-level import of json (not a slow extra)",
+    "jaxmint/diagnose/_nan.py: function-level import of traceback (not a slow extra)",
+    "jaxmint/experiment.py: function-level import of jax (not a slow extra)",
+    "jaxmint/experiment.py: function-level import of jaxmint.checkpoint",
+    "jaxmint/experiment.py: function-level import of jaxmint.data",
+    "jaxmint/experiment.py: function-level import of jaxmint.debug",
+    "jaxmint/experiment.py: function-level import of jaxmint.losses",
+    "jaxmint/experiment.py: function-level import of jaxmint.models",
+    "jaxmint/experiment.py: function-level import of jaxmint.train",
+    "jaxmint/export/_targets.py: function-level import of importlib.metadata (not a slow extra)",
+    "jaxmint/models/_flax.py: function-level import of flax (not a slow extra)",
+    "jaxmint/sweep/_launch.py: function-level import of ctypes (not a slow extra)",
+    "jaxmint/sweep/_launch.py: function-level import of jaxmint.sweep",
+    "jaxmint/sweep/_launch.py: function-level import of jaxmint.sweep._worker",
+    "jaxmint/sweep/_report.py: function-level import of jaxmint.sweep._worker",
+    "jaxmint/sweep/_worker.py: function-level import of jaxmint.config",
+    "jaxmint/sweep/_worker.py: function-level import of jaxmint.experiment",
+    "jaxmint/sweep/_worker.py: sweep (layer 4) imports up: jaxmint.experiment",
+    "jaxmint/track/_writers.py: function-level import of rich.progress (not a slow extra)",
+    "jaxmint/train/_modes.py: function-level import of jax._src (not a slow extra)",
+    "jaxmint/train/_parallel.py: function-level import of jax.experimental (not a slow extra)",
+}
+
+
+def test_imports_go_down_only():
+    _, problems = _walk()
+    found = {p.split(":", 1)[0] + ":" + p.split(":", 2)[2] for p in problems}
+    new = sorted(p for p in problems if p.split(":", 1)[0] + ":" + p.split(":", 2)[2] not in KNOWN)
+    assert not new, "\n".join(new)
+    gone = sorted(KNOWN - found)
+    assert not gone, "fixed, so remove from KNOWN:\n" + "\n".join(gone)
+
+
+def test_packages_form_no_cycle():
+    edges, _ = _walk()
+    cycles = _cycles(edges)
+    assert not cycles, "\n".join(" -> ".join(c) for c in cycles)
