@@ -49,7 +49,9 @@ def resume(loop: FitLoop, state: TrainState, record: dict) -> tuple[TrainState, 
         stored = ckpt.stored_structure(step) or {}
         target = {k: v for k, v in _abstract(fresh).items() if k not in _LOSS_PARTS}
         for part in _LOSS_PARTS:
-            if part in stored:  # shapes as stored, placed like the (replicated) step counter
+            if part in stored and _layout(stored[part]) == _layout(fresh[part]):
+                target[part] = _abstract(fresh[part])  # unchanged: today's types (NamedTuples)
+            elif part in stored:  # shapes as stored, placed like the (replicated) step counter
                 target[part] = jax.tree_util.tree_map(
                     lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=step_sharding),
                     stored[part],
@@ -110,6 +112,20 @@ def _abstract(tree):
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
         tree,
     )
+
+
+def _layout(tree) -> dict[str, tuple]:
+    """``{path: shape}`` with every path written alike, whether a level is a NamedTuple
+    (as built) or a dict or list (as a checkpoint's metadata gives it back)."""
+
+    def part(key) -> str:
+        for attr in ("name", "key", "idx"):
+            if hasattr(key, attr):
+                return str(getattr(key, attr))
+        return str(key)
+
+    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {"/".join(part(k) for k in path): tuple(np.shape(x)) for path, x in flat}
 
 
 def _shapes(tree) -> dict[str, tuple]:
