@@ -42,7 +42,7 @@ def _weights(record):
 
 def _first_resumed_loss_is_the_codes(toy, workdir, loss, result, at=20):
     """The logged loss of step ``at + 1`` equals the code's loss on the checkpoint's params."""
-    weights, step = load_params(workdir, at)
+    weights, _ = load_params(workdir, at)
     batch = next(TrainData(toy, 32, seed=0).batches(at))
     outputs = MODEL.apply({"params": weights["params"]}, batch["x"])
     state = loss.init()
