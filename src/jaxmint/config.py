@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -44,7 +45,6 @@ def run_control_fields(config_cls) -> frozenset[str]:
 
 def normalized(values: Any) -> Any:
     """``values`` as JSON would give it back (tuples become lists): what a run dir records."""
-    import json
 
     return json.loads(json.dumps(values, default=str))
 

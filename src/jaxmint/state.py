@@ -7,6 +7,8 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from jaxmint.models import join_variables
+
 
 class TrainState(NamedTuple):
     """The whole state of a run, as arrays.
@@ -30,6 +32,11 @@ class TrainState(NamedTuple):
     loss_state: Any
     rng: jax.Array
     guard: dict
+
+    @property
+    def variables(self) -> Any:
+        """What the model's ``apply`` takes: the parameters, with any other collections."""
+        return join_variables(self.params, self.model_state)
 
 
 def param_groups(params) -> list[str]:

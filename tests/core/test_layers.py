@@ -122,60 +122,9 @@ def test_every_package_has_a_layer():
     assert packages <= set(LAYERS), sorted(packages - set(LAYERS))
 
 
-# Edges still to remove, without line numbers; the list only shrinks.
-KNOWN = {
-    "jaxmint/cli/__init__.py: function-level import of jax (not a slow extra)",
-    "jaxmint/cli/__init__.py: function-level import of jaxmint",
-    "jaxmint/cli/__init__.py: function-level import of jaxmint.cli._debug",
-    "jaxmint/cli/__init__.py: function-level import of jaxmint.cli._diagnose",
-    "jaxmint/cli/__init__.py: function-level import of jaxmint.cli._sweep",
-    "jaxmint/cli/__init__.py: function-level import of jaxmint.export",
-    "jaxmint/cli/__init__.py: function-level import of jaxmint.track",
-    "jaxmint/cli/__init__.py: function-level import of jaxmint_runtime (not a slow extra)",
-    "jaxmint/cli/__init__.py: function-level import of rich.console (not a slow extra)",
-    "jaxmint/cli/__init__.py: function-level import of rich.table (not a slow extra)",
-    "jaxmint/cli/_debug.py: function-level import of jaxmint.checkpoint",
-    "jaxmint/cli/_debug.py: function-level import of jaxmint.debug",
-    "jaxmint/cli/_debug.py: function-level import of jaxmint.export",
-    "jaxmint/cli/_diagnose.py: function-level import of jaxmint.cli._sweep",
-    "jaxmint/cli/_diagnose.py: function-level import of jaxmint.config",
-    "jaxmint/cli/_diagnose.py: function-level import of jaxmint.diagnose",
-    "jaxmint/cli/_diagnose.py: function-level import of jaxmint.experiment",
-    "jaxmint/cli/_diagnose.py: function-level import of jaxmint.track",
-    "jaxmint/cli/_sweep.py: function-level import of jaxmint.sweep",
-    "jaxmint/cli/_sweep.py: function-level import of rich.console (not a slow extra)",
-    "jaxmint/cli/_sweep.py: function-level import of rich.table (not a slow extra)",
-    "jaxmint/config.py: function-level import of json (not a slow extra)",
-    "jaxmint/diagnose/_nan.py: function-level import of traceback (not a slow extra)",
-    "jaxmint/experiment.py: function-level import of jax (not a slow extra)",
-    "jaxmint/experiment.py: function-level import of jaxmint.checkpoint",
-    "jaxmint/experiment.py: function-level import of jaxmint.data",
-    "jaxmint/experiment.py: function-level import of jaxmint.debug",
-    "jaxmint/experiment.py: function-level import of jaxmint.losses",
-    "jaxmint/experiment.py: function-level import of jaxmint.models",
-    "jaxmint/experiment.py: function-level import of jaxmint.train",
-    "jaxmint/export/_targets.py: function-level import of importlib.metadata (not a slow extra)",
-    "jaxmint/models/_flax.py: function-level import of flax (not a slow extra)",
-    "jaxmint/sweep/_launch.py: function-level import of ctypes (not a slow extra)",
-    "jaxmint/sweep/_launch.py: function-level import of jaxmint.sweep",
-    "jaxmint/sweep/_launch.py: function-level import of jaxmint.sweep._worker",
-    "jaxmint/sweep/_report.py: function-level import of jaxmint.sweep._worker",
-    "jaxmint/sweep/_worker.py: function-level import of jaxmint.config",
-    "jaxmint/sweep/_worker.py: function-level import of jaxmint.experiment",
-    "jaxmint/sweep/_worker.py: sweep (layer 4) imports up: jaxmint.experiment",
-    "jaxmint/track/_writers.py: function-level import of rich.progress (not a slow extra)",
-    "jaxmint/train/_modes.py: function-level import of jax._src (not a slow extra)",
-    "jaxmint/train/_parallel.py: function-level import of jax.experimental (not a slow extra)",
-}
-
-
 def test_imports_go_down_only():
     _, problems = _walk()
-    found = {p.split(":", 1)[0] + ":" + p.split(":", 2)[2] for p in problems}
-    new = sorted(p for p in problems if p.split(":", 1)[0] + ":" + p.split(":", 2)[2] not in KNOWN)
-    assert not new, "\n".join(new)
-    gone = sorted(KNOWN - found)
-    assert not gone, "fixed, so remove from KNOWN:\n" + "\n".join(gone)
+    assert not problems, "\n".join(problems)
 
 
 def test_packages_form_no_cycle():

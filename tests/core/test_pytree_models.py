@@ -1,9 +1,13 @@
 """A model whose init returns a plain pytree: the whole tree is its parameters."""
 
+import dataclasses
+import functools
 import importlib.util
 import signal
 from pathlib import Path
+from typing import NamedTuple
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -111,3 +115,39 @@ def test_plain_pytree_nonfinite_report_names_the_parameter(tmp_path, toy):
     model = jaxmint.Model(lambda k, x: {"w": jnp.ones((x.shape[-1], 3))}, apply)
     with pytest.raises(jaxmint.train.NonFiniteError, match=r"\['w'\]|'w'"):
         _train(toy, tmp_path / "nan", model=model, steps=3)
+
+
+class Linear(NamedTuple):
+    w: jax.Array
+    b: jax.Array
+
+
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["w", "b"], meta_fields=[])
+@dataclasses.dataclass
+class LinearDC:
+    w: jax.Array
+    b: jax.Array
+
+
+CONTAINERS = {
+    "list": lambda w, b: [w, b],
+    "tuple": lambda w, b: (w, b),
+    "namedtuple": Linear,
+    "dataclass": LinearDC,
+}
+
+
+@pytest.mark.parametrize("kind", sorted(CONTAINERS))
+def test_any_pytree_container_trains_checkpoints_and_resumes(tmp_path, toy, kind):
+    make = CONTAINERS[kind]
+
+    def apply(p, x, *, train=False, key=None):
+        w, b = jax.tree.leaves(p)  # [w, b] in every container here
+        return x @ w + b
+
+    model = jaxmint.Model(lambda k, x: make(jnp.zeros((x.shape[-1], 3)), jnp.zeros(3)), apply)
+    first = _train(toy, tmp_path, model=model, steps=10, checkpoint_every=5)
+    assert type(first.params) is type(make(0, 0))
+    resumed = _train(toy, tmp_path, model=model, steps=20)
+    assert resumed.history[-1]["step"] == 20 and np.isfinite(resumed.history[-1]["loss"])
+    assert type(resumed.state.params) is type(make(0, 0))

@@ -6,16 +6,21 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 
-DEFAULT_ONNX_OPSET = 21  # jaxmint.export's default, without importing jax to build --help
+import jax
+from rich.console import Console
+from rich.table import Table
+
+import jaxmint
+from jaxmint.cli._debug import add_parsers as add_debug_parsers
+from jaxmint.cli._diagnose import add_commands as add_diagnose_parsers
+from jaxmint.cli._sweep import add_parsers as add_sweep_parsers
+from jaxmint.export import DEFAULT_ONNX_OPSET, ExportError, export_run
+from jaxmint.run import RunDir, RunDirError
+from jaxmint_runtime import ArtifactError, inspect_artifact
 
 
 def _info(args) -> int:
-    import jax
-
-    import jaxmint
-
     print(f"jaxmint {jaxmint.__version__}, jax {jax.__version__}, backend {jax.default_backend()}")
     for d in jax.devices():
         print(f"  {d.id}: {d.device_kind} ({d.platform})")
@@ -23,20 +28,14 @@ def _info(args) -> int:
 
 
 def _show(args) -> int:
-    from rich.console import Console
-    from rich.table import Table
-
-    from jaxmint.track import read_metrics
-
-    run = Path(args.run_dir)
-    if not (run / "metrics.jsonl").exists():
-        print(f"error: {run} is not a run dir (no metrics.jsonl)", file=sys.stderr)
+    run = RunDir(args.run_dir)
+    try:
+        records = run.require_metrics()
+        config = run.read_config()
+    except RunDirError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
-    config = json.loads((run / "config.json").read_text()) if (run / "config.json").exists() else {}
-    records = read_metrics(run)
-    ckpts = sorted(
-        int(p.name) for p in (run / "checkpoints").glob("*") if p.is_dir() and p.name.isdigit()
-    )
+    ckpts = run.checkpoint_steps()
     console = Console()
     experiment = config.get("config", {}).get("experiment", "?")
     console.print(f"[bold]{run}[/]  experiment: {experiment}")
@@ -62,8 +61,6 @@ def _ints(text: str) -> list[int]:
 
 
 def _export(args) -> int:
-    from jaxmint.export import ExportError, export_run
-
     step = "best" if args.best else args.step
     try:
         out = export_run(
@@ -83,7 +80,6 @@ def _export(args) -> int:
     except (ExportError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    from jaxmint_runtime import inspect_artifact
 
     report = inspect_artifact(out, analyze=False)
     step = report["experiment"].get("step")
@@ -116,8 +112,6 @@ def _inspect_details(name: str, t: dict) -> str:
 
 
 def _inspect(args) -> int:
-    from jaxmint_runtime import ArtifactError, inspect_artifact
-
     try:
         report = inspect_artifact(args.artifact, analyze=not args.no_analysis)
     except ArtifactError as e:
@@ -126,8 +120,6 @@ def _inspect(args) -> int:
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
-    from rich.console import Console
-    from rich.table import Table
 
     c = Console()
     c.print(
@@ -231,13 +223,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--no-analysis", action="store_true", help="skip XLA's cost analysis")
     p.set_defaults(fn=_inspect)
-    from jaxmint.cli._debug import add_parsers as add_debug_parsers
 
     add_debug_parsers(sub)
-    from jaxmint.cli._sweep import add_parsers as add_sweep_parsers
 
     add_sweep_parsers(sub)
-    from jaxmint.cli._diagnose import add_commands as add_diagnose_parsers
 
     add_diagnose_parsers(sub)
     args = parser.parse_args(argv)

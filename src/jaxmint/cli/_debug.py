@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import sys
 
+from jaxmint.checkpoint import CheckpointError
+from jaxmint.debug import inspect_run
+from jaxmint.export import ExportError
+
 
 def add_parsers(sub) -> None:
     """Register the debugging subcommands on the ``jaxmint`` parser."""
@@ -17,10 +21,6 @@ def add_parsers(sub) -> None:
 
 
 def _inspect_step(args) -> int:
-    from jaxmint.checkpoint import CheckpointError
-    from jaxmint.debug import inspect_run
-    from jaxmint.export import ExportError
-
     try:
         report, step = inspect_run(args.run_dir, args.step)
     except (CheckpointError, ExportError, FileNotFoundError, ValueError) as e:

@@ -5,6 +5,12 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from jaxmint.cli._sweep import _OverridesParser
+from jaxmint.config import parse
+from jaxmint.diagnose import diagnose_run, localize_nonfinite, lr_find, plot_metrics
+from jaxmint.experiment import load_module
+from jaxmint.run import RunDir, RunDirError
+
 
 def add_commands(sub) -> None:
     p = sub.add_parser("diagnose", help="flag training pathologies in a run dir; write plots")
@@ -33,18 +39,17 @@ def add_commands(sub) -> None:
     p.add_argument("--lr-max", type=float, default=1.0)
     p.add_argument("--out", default="lr_find.png", help="PNG to write (default %(default)s)")
     p.description = "Arguments after -- are config flags of the experiment, e.g. -- --smoke."
-    from jaxmint.cli._sweep import _OverridesParser
 
     p.__class__ = _OverridesParser  # keeps everything after -- as `overrides`
     p.set_defaults(fn=_lr_find)
 
 
 def _diagnose(args) -> int:
-    from jaxmint.diagnose import diagnose_run, localize_nonfinite
-
-    run = Path(args.run_dir)
-    if not (run / "metrics.jsonl").exists():
-        print(f"error: {run} is not a run dir (no metrics.jsonl)", file=sys.stderr)
+    run = RunDir(args.run_dir)
+    try:
+        run.require_metrics()
+    except RunDirError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
     if args.nan:
         try:
@@ -58,15 +63,13 @@ def _diagnose(args) -> int:
 
 
 def _plot(args) -> int:
-    from jaxmint.diagnose import plot_metrics
-    from jaxmint.track import read_metrics
-
     runs = {}
     for d in args.run_dirs:
-        if not (Path(d) / "metrics.jsonl").exists():
-            print(f"error: {d} is not a run dir (no metrics.jsonl)", file=sys.stderr)
+        try:
+            runs[str(d)] = RunDir(d).require_metrics()
+        except RunDirError as e:
+            print(f"error: {e}", file=sys.stderr)
             return 2
-        runs[str(d)] = read_metrics(d)
     try:
         out = plot_metrics(runs, args.metric or ["loss"], Path(args.out))
     except ValueError as e:
@@ -77,10 +80,6 @@ def _plot(args) -> int:
 
 
 def _lr_find(args) -> int:
-    from jaxmint.config import parse
-    from jaxmint.diagnose import lr_find
-    from jaxmint.experiment import load_module
-
     module = load_module(args.experiment)
     config = parse(module.Config, args.overrides, smoke=getattr(module, "SMOKE", None))
     exp = module.build(config)

@@ -7,6 +7,12 @@ import gc
 import sys
 from pathlib import Path
 
+from rich.console import Console
+from rich.table import Table
+
+from jaxmint import sweep
+from jaxmint.sweep import SweepError, report
+
 
 def _devices(text: str) -> list[str]:
     return [d.strip() for d in text.split(",") if d.strip()]
@@ -80,8 +86,6 @@ def add_parsers(sub) -> None:
 
 
 def _sweep(args) -> int:
-    from jaxmint import sweep
-
     overrides = list(args.overrides)
     sweep_dir = Path(args.sweep_dir).resolve()
     try:
@@ -145,8 +149,6 @@ def _sweep(args) -> int:
 
 
 def _report(args) -> int:
-    from jaxmint.sweep import SweepError
-
     try:
         return _print_report(Path(args.sweep_dir), plots=not args.no_plots)
     except SweepError as e:
@@ -155,11 +157,6 @@ def _report(args) -> int:
 
 
 def _print_report(sweep_dir: Path, plots: bool) -> int:
-    from rich.console import Console
-    from rich.table import Table
-
-    from jaxmint.sweep import report
-
     found = report(sweep_dir, plots=plots)
     table = found["rows"]
     names = sorted({k for r in table for k in r if k.startswith("params/")})

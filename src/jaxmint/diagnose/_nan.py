@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import traceback
 from pathlib import Path
 
 import jax
@@ -81,7 +82,6 @@ def localize_nonfinite(run_dir: str | os.PathLike) -> str:
 
 def _first_nonfinite_op(train_step, state, batch) -> str:
     """Run one step op by op; name the first primitive whose output is NaN or inf."""
-    import traceback
 
     try:
         with jax.disable_jit(), jax.debug_nans(True), jax.debug_infs(True):

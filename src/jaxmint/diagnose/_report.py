@@ -8,7 +8,7 @@ import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from jaxmint.track import read_metrics
+from jaxmint.run import RunDir
 
 # Thresholds of the flags; each is tested by a run that provokes it.
 DOMINANT_SHARE = 0.9  # one term's share of the total gradient
@@ -255,8 +255,9 @@ def plot_metrics(runs: dict[str, list[dict]], metrics: list[str], out: Path, tit
 
 def diagnose_run(run_dir: str | os.PathLike, *, plots: bool = True) -> Report:
     """Flag pathologies in a run dir's metrics and write ``diagnosis/*.png`` plots."""
-    run_dir = Path(run_dir)
-    records = read_metrics(run_dir)
+    run = RunDir.of(run_dir)
+    records = run.metrics()
+    run_dir = run.path
     report = Report(run_dir, find_flags(records))
     report.summary = {
         "logged steps": len(records),

@@ -8,6 +8,7 @@ convert. The exporter then skips only that target.
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
 import logging
 import platform
@@ -314,8 +315,6 @@ def _first_line(text: str) -> str:
 
 
 def _version(dist: str) -> str:
-    import importlib.metadata
-
     try:
         return importlib.metadata.version(dist)
     except importlib.metadata.PackageNotFoundError:

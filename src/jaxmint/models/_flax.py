@@ -7,6 +7,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
+from flax import nnx
 
 from jaxmint.models._model import Model
 
@@ -90,7 +91,6 @@ def from_nnx(module_or_factory) -> Model:
 
         model = jaxmint.models.from_nnx(lambda rngs: nnx.Linear(64, 10, rngs=rngs))
     """
-    from flax import nnx
 
     if isinstance(module_or_factory, nnx.Module):
         template = module_or_factory

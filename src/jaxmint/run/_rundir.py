@@ -115,6 +115,12 @@ class RunDir:
         """The logged records (``[]`` before the first log)."""
         return read_metrics(self.metrics_file) if self.metrics_file.exists() else []
 
+    def require_metrics(self) -> list[dict]:
+        """The logged records; `RunDirError` when this is not a run dir that logged any."""
+        if not self.metrics_file.is_file():
+            raise RunDirError(f"{self.path} is not a run dir (no {self.METRICS})")
+        return self.metrics()
+
     def trim_metrics(self, step: int) -> None:
         """Drop logged records past ``step``: a resumed run writes them again."""
         path = self.metrics_file

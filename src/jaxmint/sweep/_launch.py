@@ -10,6 +10,7 @@ preempted array task saves its trial's checkpoint and is requeued.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import shutil
 import signal
@@ -19,7 +20,9 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from jaxmint.sweep import _study
 from jaxmint.sweep._space import SweepError
+from jaxmint.sweep._worker import base_config, load_sweep
 
 EXECUTORS = ("local", "slurm", "ray")
 
@@ -55,8 +58,6 @@ def _die_with_parent() -> None:
     # Linux: the worker gets SIGTERM if the job process that started it dies (SIGKILL
     # included), so a cancelled job never leaves an orphan worker holding a device.
     if sys.platform.startswith("linux"):
-        import ctypes
-
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
@@ -227,8 +228,6 @@ def prepare(
     Everything is checked here, before any worker starts: the script's ``sweep()``,
     that its space names config fields, and that the overrides parse.
     """
-    from jaxmint.sweep import _study
-    from jaxmint.sweep._worker import base_config, load_sweep
 
     experiment = str(Path(experiment).resolve())
     sweep_dir = Path(sweep_dir).resolve()

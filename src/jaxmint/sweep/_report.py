@@ -8,6 +8,7 @@ from pathlib import Path
 
 from jaxmint.sweep import _study
 from jaxmint.sweep._space import decode
+from jaxmint.sweep._worker import load_sweep
 
 
 def rows(study) -> list[dict]:
@@ -137,7 +138,6 @@ def _save(fig, path: Path, plt) -> Path:
 
 def report(sweep_dir: str | Path, *, plots: bool = True) -> dict:
     """Load a sweep dir's study; write ``trials.csv`` (and plots). Returns what it found."""
-    from jaxmint.sweep._worker import load_sweep
 
     sweep_dir = Path(sweep_dir)
     state = _study.read_state(sweep_dir)

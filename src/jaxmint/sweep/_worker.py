@@ -8,15 +8,15 @@ import time
 import traceback
 from pathlib import Path
 
+from jaxmint.config import parse
+from jaxmint.run import load_module
 from jaxmint.sweep import _study
 from jaxmint.sweep._space import Spec, SweepError, apply, suggest
-from jaxmint.train import Hook
+from jaxmint.train import Hook, fit_experiment
 
 
 def load_sweep(experiment: str | Path):
     """Import an experiment script and call its ``sweep()``; returns ``(module, Spec)``."""
-    from jaxmint.experiment import load_module
-
     module = load_module(experiment)
     if not hasattr(module, "sweep"):
         raise SweepError(
@@ -32,7 +32,6 @@ def load_sweep(experiment: str | Path):
 
 def base_config(module, overrides):
     """The experiment's config from the sweep's ``-- OVERRIDES`` (its own parser, --smoke too)."""
-    from jaxmint.config import parse
 
     return parse(module.Config, list(overrides), smoke=getattr(module, "SMOKE", None))
 
@@ -64,8 +63,6 @@ class ReportHook(Hook):
 
 def run_trial(trial, module, spec: Spec, base, sweep_dir: Path) -> float:
     """Build and train one trial in ``trials/<slot>``; returns the objective's last value."""
-    from jaxmint.experiment import fit_experiment
-
     params = suggest(trial, spec)
     slot = int(trial.user_attrs.get(_study.SLOT, trial.number))
     workdir = sweep_dir / "trials" / str(slot)

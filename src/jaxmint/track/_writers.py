@@ -9,6 +9,15 @@ import time
 from pathlib import Path
 from typing import Any
 
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
 
 def _clean(value: Any) -> Any:
     """JSON-safe value: non-finite floats become strings JSON readers understand."""
@@ -80,14 +89,6 @@ class ProgressBar:
         self._progress = None
         if not enabled:
             return
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeElapsedColumn,
-            TimeRemainingColumn,
-        )
 
         self._progress = Progress(
             TextColumn("[bold]train"),

@@ -6,6 +6,8 @@ from jaxmint.steps import build_steps as build_steps
 from jaxmint.train._builtin import NonFiniteError as NonFiniteError
 from jaxmint.train._config import FitConfig as FitConfig
 from jaxmint.train._distributed import initialize as initialize_distributed
+from jaxmint.train._experiment import Experiment as Experiment
+from jaxmint.train._experiment import fit_experiment as fit_experiment
 from jaxmint.train._fit import FitLoop as FitLoop
 from jaxmint.train._fit import FitResult as FitResult
 from jaxmint.train._fit import fit as fit
@@ -15,6 +17,7 @@ from jaxmint.train._modes import is_concrete as is_concrete
 
 __all__ = [
     "CheckError",
+    "Experiment",
     "FitConfig",
     "FitLoop",
     "FitResult",
@@ -24,6 +27,7 @@ __all__ = [
     "TrainState",
     "build_steps",
     "fit",
+    "fit_experiment",
     "initialize_distributed",
     "is_concrete",
 ]

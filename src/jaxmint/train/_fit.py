@@ -47,12 +47,14 @@ class FitResult:
       state: the final `TrainState` (on device).
       history: the logged records, the same dicts that are in ``metrics.jsonl``.
       workdir: the run directory, or None.
+      stopped: why a hook ended the run early (`FitLoop.request_stop`), or None.
     """
 
     params: Any
     state: TrainState
     history: list[dict]
     workdir: Path | None
+    stopped: str | None = None
 
     @property
     def final_eval(self) -> dict:
@@ -135,7 +137,7 @@ class FitLoop:
     Hooks receive it: ``settings`` (the `FitConfig`), ``run_dir`` (a `RunDir` or
     None), ``steps`` (the pure `Steps`), ``start_step``, ``history``, ``lead``
     (this process writes files), ``final`` (the last checkpoint), ``stop`` (the
-    signal that asked the run to stop), `evaluate` and `request_log`.
+    signal that asked the run to stop), `evaluate`, `request_log` and `request_stop`.
     """
 
     def __init__(
@@ -157,6 +159,7 @@ class FitLoop:
         self.model, self.loss, self.optimizer, self.input_key = model, loss, optimizer, input_key
         self.eval_data, self.start_step, self.final, self.preemption = eval_data, 0, False, None
         self._log_requested = False
+        self.stopped: str | None = None
         self.strategy = parallel.resolve(s.strategy)
         if s.debug or s.check:
             self.strategy = _modes.single_device(self.strategy, "debug" if s.debug else "check")
@@ -303,6 +306,11 @@ class FitLoop:
         """Log (and call ``on_log``) after the current step, whatever ``log_every`` says."""
         self._log_requested = True
 
+    def request_stop(self, reason: str) -> None:
+        """End the run after the current step, as if it were the last: it is logged
+        (and evaluated), checkpointed, and `fit` returns with ``result.stopped``."""
+        self.stopped = reason
+
     @property
     def stop(self) -> str | None:
         return self.preemption.signal if self.preemption is not None else None
@@ -375,13 +383,18 @@ class FitLoop:
                     logged = step
                 if self.stop or (s.checkpoint_every and step % s.checkpoint_every == 0):
                     self._checkpoint(step, state)
-            if out is not None and logged != step:  # the data ran out between log steps
+                if self.stopped:
+                    log.info("stopping at step %d: %s", step, self.stopped)
+                    break
+            if out is not None and logged != step:  # stopped or out of data between log steps
                 self._log(step, state, batch, out, self.eval_data is not None)
             if step > self.start_step:
                 self.final = True
                 self._checkpoint(step, state)
             self.state = state
-            result = FitResult(parallel.to_host(state.params), state, self.history, self._path())
+            result = FitResult(
+                parallel.to_host(state.params), state, self.history, self._path(), self.stopped
+            )
         finally:
             for h in self.hooks:
                 h.on_end(self, result)

@@ -13,6 +13,7 @@ import os
 import sys
 
 import jax
+from jax._src import checkify as impl
 from jax.experimental import checkify
 
 from jaxmint.losses import LossInputs
@@ -168,7 +169,6 @@ def _patch_batched_scatter_check() -> None:
     cross-entropy. Those scatters only transpose a gather whose indices are checked
     in the forward pass, so nothing is lost; NaN checks still apply to them.
     """
-    from jax._src import checkify as impl
 
     table = getattr(impl, "error_checks", None)
     oob = getattr(impl, "OOBError", None)

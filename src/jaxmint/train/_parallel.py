@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -106,7 +107,6 @@ def to_host(tree):
     """Fetch a (possibly multi-process, replicated or sharded) pytree as numpy."""
     if jax.process_count() == 1:
         return jax.device_get(tree)
-    from jax.experimental import multihost_utils
 
     def fetch(x):
         if not isinstance(x, jax.Array):
