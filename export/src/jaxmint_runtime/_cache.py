@@ -16,13 +16,18 @@ depend on the directory's path.
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import os
 import shutil
 import threading
+import time
 from collections import Counter
 from pathlib import Path
 
 import jax
+
+log = logging.getLogger("jaxmint_runtime")
 
 _EVENTS: Counter = Counter()
 _LOCK = threading.Lock()
@@ -62,19 +67,49 @@ def configure(directory: str | os.PathLike | None = None) -> Path:
     return path
 
 
-def install(entries: list[Path], cache_dir: Path) -> int:
-    """Copy cache entries into ``cache_dir`` (atomically); return how many were new."""
+def install(entries: list[tuple[Path, str]], cache_dir: Path) -> list[Path]:
+    """Put verified cache entries into ``cache_dir``; return their paths there.
+
+    ``entries`` are ``(file, sha256)`` pairs already verified against the artifact's
+    manifest. The shared cache is not trusted: an entry already there is read and
+    compared with that digest, and one that differs (written by a damaged or hostile
+    artifact) is set aside with a warning naming it and replaced. Writes are atomic
+    (a temporary file, then a rename).
+    """
     cache_dir.mkdir(parents=True, exist_ok=True)
-    new = 0
-    for src in entries:
+    installed = []
+    for src, digest in entries:
         dst = cache_dir / src.name
-        if dst.exists():
+        if dst.is_file() and not dst.is_symlink() and _sha256(dst) == digest:
+            installed.append(dst)
             continue
+        if dst.exists() or dst.is_symlink():
+            set_aside(dst, "its content differs from the artifact's verified entry")
         tmp = cache_dir / f".{src.name}.{os.getpid()}.tmp"
         shutil.copyfile(src, tmp)
         os.replace(tmp, dst)
-        new += 1
-    return new
+        installed.append(dst)
+    return installed
+
+
+def set_aside(entry: Path, why: str) -> None:
+    """Move a cache entry to ``<cache>/set-aside/`` (kept for inspection, never read)."""
+    folder = entry.parent / "set-aside"
+    folder.mkdir(exist_ok=True)
+    target = folder / f"{entry.name}.{time.strftime('%Y%m%d-%H%M%S')}.{os.getpid()}"
+    try:
+        os.replace(entry, target)
+    except FileNotFoundError:
+        return
+    log.warning("set aside the compilation cache entry %s (%s): moved to %s", entry, why, target)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def platform_key() -> dict:

@@ -17,6 +17,7 @@ Format version log (the manifest's ``format_version``):
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import struct
@@ -25,15 +26,18 @@ from pathlib import Path
 
 import numpy as np
 
+from jaxmint_runtime._trust import (
+    MANIFEST,
+    ArtifactError,
+    check_files,
+    check_schema,
+    read_json_bounded,
+)
+
 FORMAT_NAME = "jaxmint-artifact"
 FORMAT_VERSION = 2
-MANIFEST = "manifest.json"
 WEIGHTS = "weights.safetensors"
 COMPAT_DAYS = 180  # jax.export keeps backward compatibility for 6 months
-
-
-class ArtifactError(ValueError):
-    """An artifact cannot be loaded safely; the message names the file and the reason."""
 
 
 def sha256_file(path: str | os.PathLike) -> str:
@@ -105,7 +109,12 @@ def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, np.ndarray]
 
 
 def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """Memory-map a safetensors file: arrays are read-only views, no copy into RAM."""
+    """Memory-map a safetensors file: arrays are read-only views, no copy into RAM.
+
+    The header is untrusted: it must be a JSON object of tensors, each with a known
+    dtype, a shape of non-negative integers and integer offsets inside the file whose
+    length matches the shape; tensors may not overlap.
+    """
     path = Path(path)
     size = path.stat().st_size
     with open(path, "rb") as f:
@@ -117,37 +126,67 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
             raise ArtifactError(f"{path.name}: header size {n} does not fit the file")
         try:
             header = json.loads(f.read(n))
-        except ValueError as e:
+        except (ValueError, UnicodeDecodeError) as e:
             raise ArtifactError(f"{path.name}: unreadable header ({e})") from None
+    if not isinstance(header, dict):
+        raise ArtifactError(f"{path.name}: the header must be a JSON object of tensors")
     data_start = 8 + n
-    memory = np.memmap(path, dtype=np.uint8, mode="r")
-    tensors = {}
+    spans = []
+    entries = {}
     for name, info in header.items():
         if name == "__metadata__":
             continue
-        begin, end = info["data_offsets"]
+        dtype, shape, begin, end = _tensor_entry(path.name, name, info)
         if not 0 <= begin <= end <= size - data_start:
             raise ArtifactError(f"{path.name}: tensor {name!r} lies outside the file")
-        dtype = np_dtype(_DTYPES[info["dtype"]])
-        shape = tuple(info["shape"])
         if (end - begin) != int(np.prod(shape, dtype=np.int64)) * dtype.itemsize:
             raise ArtifactError(f"{path.name}: tensor {name!r} has the wrong byte size")
-        tensors[name] = memory[data_start + begin : data_start + end].view(dtype).reshape(shape)
-    return tensors
+        spans.append((begin, end, name))
+        entries[name] = (dtype, shape, begin, end)
+    spans.sort()
+    for (_, end_a, a), (begin_b, _, b) in itertools.pairwise(spans):
+        if begin_b < end_a:
+            raise ArtifactError(f"{path.name}: tensors {a!r} and {b!r} overlap")
+    memory = np.memmap(path, dtype=np.uint8, mode="r") if entries else None
+    return {
+        name: memory[data_start + begin : data_start + end].view(dtype).reshape(shape)
+        for name, (dtype, shape, begin, end) in entries.items()
+    }
+
+
+def _tensor_entry(file: str, name: str, info) -> tuple[np.dtype, tuple, int, int]:
+    """``(dtype, shape, begin, end)`` of one header entry, every field type-checked."""
+    if not isinstance(info, dict):
+        raise ArtifactError(f"{file}: tensor {name!r}: the entry must be an object")
+    code = info.get("dtype")
+    if not isinstance(code, str) or code not in _DTYPES:
+        raise ArtifactError(
+            f"{file}: tensor {name!r}: unknown dtype {str(code)[:20]!r}; known: {sorted(_DTYPES)}"
+        )
+    shape, offsets = info.get("shape"), info.get("data_offsets")
+    if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
+        raise ArtifactError(f"{file}: tensor {name!r}: shape must be a list of integers >= 0")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(map(_is_int, offsets))):
+        raise ArtifactError(f"{file}: tensor {name!r}: data_offsets must be two integers")
+    return np_dtype(_DTYPES[code]), tuple(shape), offsets[0], offsets[1]
+
+
+def _is_int(value) -> bool:
+    return type(value) is int
 
 
 def read_manifest(directory: str | os.PathLike) -> dict:
+    """The manifest, bounded in size and checked against the schema (see `_trust`)."""
     path = Path(directory) / MANIFEST
-    if not path.is_file():
-        raise ArtifactError(f"{directory} is not an artifact: it has no {MANIFEST}")
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except ValueError as e:
-        raise ArtifactError(f"{path}: not valid JSON ({e})") from None
+    manifest = read_json_bounded(path)
     if manifest.get("format") != FORMAT_NAME:
         raise ArtifactError(f"{path}: not a {FORMAT_NAME} manifest")
     version = manifest.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
+    if type(version) is not int or version < 1:
+        raise ArtifactError(
+            f"{path}: field 'format_version' must be a positive integer, got {str(version)[:20]}"
+        )
+    if version > FORMAT_VERSION:
         raise ArtifactError(
             f"{path}: artifact format version {version} is newer than this runtime reads "
             f"(up to {FORMAT_VERSION}); upgrade jaxmint-runtime"
@@ -155,30 +194,15 @@ def read_manifest(directory: str | os.PathLike) -> dict:
     if "targets" not in manifest:  # version 1: the XLA target's fields at the top level
         keys = ("modules", "platforms", "precompiled", "parity", "expires", "versions")
         manifest["targets"] = {"xla": {k: manifest[k] for k in keys if k in manifest}}
+    check_schema(manifest, path)
     return manifest
 
 
-def verify_files(directory: str | os.PathLike, manifest: dict) -> None:
-    """Check every file against the manifest's sha256; refuse unknown files."""
-    directory = Path(directory)
-    listed = manifest.get("files", {})
-    for rel, info in listed.items():
-        path = directory / rel
-        if not path.is_file():
-            raise ArtifactError(f"{path}: listed in the manifest but missing")
-        if path.stat().st_size != info["bytes"]:
-            raise ArtifactError(
-                f"{path}: {path.stat().st_size} bytes, the manifest says {info['bytes']} "
-                "(truncated or replaced)"
-            )
-        if sha256_file(path) != info["sha256"]:
-            raise ArtifactError(f"{path}: sha256 does not match the manifest (file was modified)")
-    for path in directory.rglob("*"):
-        rel = path.relative_to(directory).as_posix()
-        if path.is_file() and rel != MANIFEST and rel not in listed:
-            raise ArtifactError(
-                f"{path}: not part of the artifact (not in the manifest); remove it"
-            )
+def verify_files(directory: str | os.PathLike, manifest: dict, *, hashes: bool = True) -> None:
+    """Every file confined, listed, regular and of its listed size; with ``hashes``, of
+    its listed sha256 too. Unknown files, links and references to unlisted files are
+    refused (see `_trust`)."""
+    check_files(Path(directory), manifest, hashes=hashes)
 
 
 def read_weights(directory: str | os.PathLike, manifest: dict) -> list[np.ndarray]:

@@ -14,6 +14,7 @@ import numpy as np
 
 from jaxmint_runtime import backends
 from jaxmint_runtime._format import (
+    MANIFEST,
     ArtifactError,
     np_dtype,
     read_manifest,
@@ -288,12 +289,17 @@ def load(
     """
     directory = Path(path)
     manifest = read_manifest(directory)
-    if verify:
-        verify_files(directory, manifest)
+    verify_files(directory, manifest, hashes=verify)  # confinement always; sha256 if verify
     name = backends.choose(list(manifest["targets"]), backend)
     target = manifest["targets"][name]
-    if "expires" in target:
-        expires = dt.date.fromisoformat(target["expires"])
+    if name == "xla":
+        try:
+            expires = dt.date.fromisoformat(target["expires"])
+        except ValueError:
+            raise ArtifactError(
+                f"{directory / MANIFEST}: field 'targets/xla/expires' is not a date: "
+                f"{target['expires'][:20]!r}"
+            ) from None
         if dt.date.today() > expires and not allow_expired:
             raise ArtifactError(
                 f"{directory}: exported with jax {target['versions']['jax']} on "

@@ -194,6 +194,7 @@ def export_model(
                 skipped[target] = str(e)
                 del written[target]
                 _remove_target(tmp, target)
+                _write_manifest(tmp, manifest, final=False)  # the draft lists what is left
         reasons = "\n".join(f"  {t}: {why}" for t, why in skipped.items())
         if not written:
             raise ExportError(f"no target could be exported; nothing was written:\n{reasons}")
@@ -281,13 +282,15 @@ def _remove_target(directory: Path, target: str) -> None:
 
 
 def _write_manifest(directory: Path, manifest: dict, *, final: bool = True) -> None:
-    """Write the manifest; the ``final`` one lists every file with its sha256 (a draft,
-    read by the parity check without verification, skips hashing the weights twice)."""
+    """Write the manifest; the ``final`` one lists every file with its sha256. A draft,
+    read by the parity check with ``verify=False`` (sizes and confinement checked, not
+    hashes), lists a placeholder digest: the weights are not hashed twice."""
     files = {}
-    for path in sorted(directory.rglob("*")) if final else ():
+    for path in sorted(directory.rglob("*")):
         rel = path.relative_to(directory).as_posix()
         if path.is_file() and rel != MANIFEST:
-            files[rel] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
+            digest = sha256_file(path) if final else "0" * 64
+            files[rel] = {"sha256": digest, "bytes": path.stat().st_size}
     manifest["files"] = files
     (directory / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
 

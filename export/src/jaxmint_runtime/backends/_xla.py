@@ -26,6 +26,8 @@ class XlaBackend:
         self.single_output = manifest.get("single_output", len(outputs) == 1)
         self.output_names = [s.name for s in outputs]
         self.input_name = inputs[0].name if len(inputs) == 1 else None
+        self.manifest_files = manifest["files"]
+        self._installed: list[Path] = []  # cache entries this artifact put in place
         self._weights = [jax.device_put(np.asarray(w)) for w in read_weights(directory, manifest)]
         self._modules: dict[int | None, Any] = {}
         for m in self.target["modules"]:
@@ -42,13 +44,26 @@ class XlaBackend:
         return self._modules[key] if key in self._modules else self._modules[None]
 
     def call(self, key: int | None, arrays: dict[str, np.ndarray]) -> list[np.ndarray]:
-        out = self._fn(key)(self._weights, arrays)
+        out = self._run(key, arrays)
         if self.single_output:
             return [np.asarray(out)]
         return [np.asarray(out[k]) for k in self.output_names]
 
     def call1(self, key: int | None, x: np.ndarray) -> np.ndarray:
-        return np.asarray(self._fn(key)(self._weights, {self.input_name: x}))
+        return np.asarray(self._run(key, {self.input_name: x}))
+
+    def _run(self, key: int | None, arrays: dict[str, np.ndarray]):
+        try:
+            return self._fn(key)(self._weights, arrays)
+        except Exception as e:  # jaxlib raises its own types for an executable it cannot load
+            if not self._installed:
+                raise
+            # A precompiled executable that does not run is never trusted again: set it
+            # aside and compile the portable module instead.
+            for entry in self._installed:
+                _cache.set_aside(entry, f"XLA could not load it: {str(e).splitlines()[0][:120]}")
+            self._installed = []
+            return self._fn(key)(self._weights, arrays)
 
     def use_precompiled(self) -> None:
         """Install the artifact's XLA cache entries that match this platform and jaxlib."""
@@ -63,12 +78,17 @@ class XlaBackend:
                 )
             return
         cache_dir = _cache.configure()
+        files = self.manifest_files
         for entry in matching:
-            _cache.install([self.directory / f for f in entry["files"]], cache_dir)
+            pairs = [(self.directory / f, files[f]["sha256"]) for f in entry["files"]]
+            self._installed += _cache.install(pairs, cache_dir)
 
     def warm(self, key: int | None, arrays: dict[str, np.ndarray]) -> str:
         before = _cache.cache_events().get("cache_hits", 0)
+        had_precompiled = bool(self._installed)
         self.call(key, arrays)
+        if had_precompiled and not self._installed:
+            return "compiled"  # its precompiled executable was set aside
         hits = _cache.cache_events().get("cache_hits", 0) - before
         return "precompiled" if hits else "compiled"
 
