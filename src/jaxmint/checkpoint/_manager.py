@@ -7,6 +7,8 @@ policy, and the train loop decides what the state is.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import time
@@ -19,6 +21,9 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
 log = logging.getLogger("jaxmint")
+
+DIGEST = "jaxmint_digest.json"
+"""Written inside each step's folder once its save completes: the sha256 of every file."""
 
 
 class CheckpointError(RuntimeError):
@@ -63,6 +68,7 @@ class RunCheckpoints:
         self.keep_last, self.keep_best, self.best_mode = keep_last, keep_best, best_mode
         self._scores: dict[int, float] = dict(scores or {})
         self._manager = None
+        self._undigested: list[int] = []  # saved, digest not yet written
 
     # -- lifecycle -------------------------------------------------------------
     @property
@@ -76,13 +82,17 @@ class RunCheckpoints:
 
     def close(self) -> None:
         if self._manager is not None:
-            self._manager.wait_until_finished()
+            self.wait()
             self._manager.close()
             self._manager = None
 
     def wait(self) -> None:
+        """Wait for saves in flight, then write the digests of the steps they completed."""
         if self._manager is not None:
             self._manager.wait_until_finished()
+        for step in self._undigested:
+            write_digest(self.directory / str(step))
+        self._undigested = []
 
     def latest_step(self) -> int | None:
         steps = self.steps()
@@ -98,14 +108,16 @@ class RunCheckpoints:
         self._scores[step] = float(value)
 
     def kept_steps(self, steps: list[int]) -> set[int]:
-        """The last ``keep_last`` steps plus the best ``keep_best`` by their scores."""
+        """The last ``keep_last`` steps plus the best ``keep_best`` by their scores, and
+        always the newest step whose digest is written (the last verified one)."""
         keep = set(sorted(steps)[-self.keep_last :])
         scored = [s for s in steps if s in self._scores]
         ranked = sorted(scored, key=self._scores.get, reverse=self.best_mode == "max")
-        return keep | set(ranked[: self.keep_best])
+        verified = [s for s in steps if (self.directory / str(s) / DIGEST).is_file()]
+        return keep | set(ranked[: self.keep_best]) | set(sorted(verified)[-1:])
 
     def _prune(self, upcoming: int | None = None) -> None:
-        self.manager.wait_until_finished()  # never delete under a save in flight
+        self.wait()  # never delete under a save in flight; digest what completed
         steps = self.steps()
         keep = self.kept_steps(steps + ([upcoming] if upcoming is not None else []))
         for step in steps:
@@ -120,6 +132,8 @@ class RunCheckpoints:
         term names): what a resumed run needs besides the state.
         """
         if step in self.manager.all_steps():
+            if final:
+                self._prune()  # the step's digest is written now: older ones may go
             return
         # The next train step donates (reuses) the state's buffers, so the
         # background writer gets its own copy: one device memcpy of the state.
@@ -133,8 +147,8 @@ class RunCheckpoints:
             ),
             force=True,
         )
+        self._undigested.append(step)
         if final:
-            self.manager.wait_until_finished()
             self._prune()
 
     # -- restore ---------------------------------------------------------------
@@ -152,7 +166,13 @@ class RunCheckpoints:
         )
 
     def restore(self, step: int, target: Any = None) -> tuple[dict, dict]:
-        """``(state, meta)`` of ``step``; ``target`` (abstract arrays with shardings) places it."""
+        """``(state, meta)`` of ``step``; ``target`` (abstract arrays with shardings) places it.
+
+        The step's files are checked against its digest first; a difference raises
+        `CheckpointError` naming the file. A step without a digest (saved by an older
+        version, or stopped before its digest was written) is restored with a warning.
+        """
+        check_digest(self.directory / str(step), step)
         restore = ocp.args.StandardRestore(target) if target is not None else None
         args = ocp.args.Composite(
             state=restore or ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()
@@ -204,6 +224,51 @@ class RunCheckpoints:
                 src.rename(self.damaged_dir / f"{step}-{stamp}")
                 log.warning("moved the unreadable checkpoint %s to %s", src, self.damaged_dir)
         self.close()  # re-list the steps
+
+
+def write_digest(step_dir: Path) -> None:
+    """Record the sha256 of every file of a completed step, atomically."""
+    if not step_dir.is_dir():
+        return  # deleted by the keep policy before its digest was due
+    digests = _digests(step_dir)
+    tmp = step_dir / f".{DIGEST}.tmp"
+    tmp.write_text(json.dumps(digests, indent=1, sort_keys=True))
+    os.replace(tmp, step_dir / DIGEST)
+
+
+def check_digest(step_dir: Path, step: int) -> None:
+    """Raise `CheckpointError` if a file of the step differs from its digest."""
+    path = step_dir / DIGEST
+    if not path.is_file():
+        log.warning(
+            "the checkpoint at step %d has no digest (saved by an older version, or stopped "
+            "before the digest was written): restoring it unverified",
+            step,
+        )
+        return
+    try:
+        want = json.loads(path.read_text())
+    except ValueError:
+        raise CheckpointError(f"step {step}: its digest file {path} is damaged") from None
+    have = _digests(step_dir)
+    bad = sorted(k for k in set(want) | set(have) if want.get(k) != have.get(k))
+    if bad:
+        raise CheckpointError(
+            f"step {step} is damaged: {len(bad)} file(s) differ from the digest written when "
+            f"it was saved ({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''})"
+        )
+
+
+def _digests(step_dir: Path) -> dict[str, str]:
+    out = {}
+    for path in sorted(step_dir.rglob("*")):
+        if path.is_file() and path.name not in (DIGEST, f".{DIGEST}.tmp"):
+            digest = hashlib.sha256()
+            with open(path, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(chunk)
+            out[path.relative_to(step_dir).as_posix()] = digest.hexdigest()
+    return out
 
 
 def _handlers() -> dict:
