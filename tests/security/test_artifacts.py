@@ -362,3 +362,59 @@ def test_the_published_schema_is_the_one_the_loader_uses():
     page = (Path(__file__).parents[2] / "docs" / "artifact-format.md").read_text()
     published = page.split("### The manifest's JSON Schema", 1)[1].split("```json", 1)[1]
     assert json.loads(published.split("```", 1)[0]) == schema()
+
+
+def _onnx_artifact(directory, location):
+    """A one-MatMul ONNX-only artifact whose weight lives in external data at ``location``."""
+    onnx = pytest.importorskip("onnx")
+    from onnx import TensorProto, helper, numpy_helper
+
+    directory.mkdir()
+    (directory / "onnx").mkdir()
+    weight = numpy_helper.from_array(np.full((8, 3), 0.5, np.float32), name="w")
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["output"])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 8])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["batch", 3])],
+        initializer=[weight],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    path = directory / "onnx" / "model.onnx"
+    onnx.save_model(
+        model, str(path), save_as_external_data=True, location="w.data", size_threshold=0
+    )
+    proto = onnx.load(str(path), load_external_data=False)
+    for kv in proto.graph.initializer[0].external_data:
+        if kv.key == "location":
+            kv.value = location
+    onnx.save_model(proto, str(path))
+    files = ["onnx/model.onnx"]
+    if location == "w.data":
+        files.append("onnx/w.data")
+    else:
+        (directory / "onnx" / "w.data").rename(directory.parent / "w.data")
+    write_manifest(
+        directory,
+        {
+            "format": "jaxmint-artifact",
+            "format_version": 2,
+            "name": "onnx-only",
+            "inputs": [{"name": "x", "dtype": "float32", "shape": ["batch", 8]}],
+            "outputs": [{"name": "output", "dtype": "float32", "shape": ["batch", 3]}],
+            "batch_sizes": [1],
+            "targets": {"onnx": {"file": "onnx/model.onnx", "files": files, "opset": 17}},
+        },
+        rehash=True,
+    )
+
+
+@pytest.mark.parametrize("location", ["../w.data", "/etc/hostname"])
+def test_onnx_external_data_outside_the_artifact_is_refused(tmp_path, location, sample):
+    pytest.importorskip("onnxruntime")
+    _onnx_artifact(tmp_path / "good", "w.data")
+    good = _load(tmp_path / "good", backend="onnx")
+    np.testing.assert_allclose(good(sample), sample @ np.full((8, 3), 0.5, np.float32), rtol=1e-5)
+    _onnx_artifact(tmp_path / "bad", location)
+    with pytest.raises(ArtifactError, match=r"onnx/model.onnx: ONNX Runtime cannot load it"):
+        _load(tmp_path / "bad", backend="onnx")
