@@ -173,7 +173,7 @@ def test_pipelined_requests_are_answered_in_order(server, predictor, inputs):
         else:
             body = json_body(inputs[i : i + 1], str(i))
             stream += http_post(INFER, body).replace(b"Connection: close\r\n", b"")
-    stream += b"GET /v2/health/ready HTTP/1.1\r\nConnection: close\r\n\r\n"
+    stream += b"GET /v2/health/ready HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
     answers = parse_responses(raw_exchange(server.port, stream))
     assert len(answers) == 41 and all(status == 200 for status, _, _ in answers)
     for i, (status, headers, body) in enumerate(answers[:40]):
@@ -187,10 +187,14 @@ def test_pipelined_requests_are_answered_in_order(server, predictor, inputs):
 
 
 def test_headers_too_large_and_chunked_bodies(server):
-    data = b"GET /v2 HTTP/1.1\r\nX-Big: " + b"a" * 70_000 + b"\r\n\r\n"
+    data = b"GET /v2 HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 70_000 + b"\r\n\r\n"
     ((status, _, _),) = parse_responses(raw_exchange(server.port, data))
     assert status == 431
-    data = b"POST " + INFER.encode() + b" HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
+    data = (
+        b"POST "
+        + INFER.encode()
+        + b" HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
+    )
     ((status, _, _),) = parse_responses(raw_exchange(server.port, data))
     assert status == 501
     ((status, _, _),) = parse_responses(raw_exchange(server.port, b"GET /v2 HTTP/2.0\r\n\r\n"))

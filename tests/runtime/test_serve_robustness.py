@@ -188,7 +188,7 @@ def test_fuzz_malformed_requests_then_correct_answers(make_server, predictor, in
 
 def test_slow_clients_time_out(make_server):
     server = make_server(read_timeout_s=0.5)
-    partial = b"POST " + INFER.encode() + b" HTTP/1.1\r\nContent-Length: 100\r\n\r\n{"
+    partial = b"POST " + INFER.encode() + b" HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{"
     import socket
 
     with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:

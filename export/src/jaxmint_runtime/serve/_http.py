@@ -1,15 +1,24 @@
-"""A small HTTP/1.1 server on asyncio: keep-alive, limits, graceful drain.
+"""HTTP/1.1 on asyncio with h11 as the parser: keep-alive, limits, graceful drain.
 
-Only what an inference endpoint needs, with every size and time bounded:
+The bytes on the wire are parsed and written by h11, a maintained HTTP/1.1
+implementation, so framing (line endings, header syntax, Host, Content-Length)
+follows the RFC exactly as other servers read it; a request it cannot parse gets
+its 400 and the connection is closed, since the stream can no longer be trusted.
+Around it, only what an inference endpoint needs, with every size and time bounded:
 
-- requests with ``Content-Length`` bodies (chunked request bodies get 501), at most
-  ``max_body_bytes`` (413, before reading the body) and ``max_header_bytes`` of
+- requests with ``Content-Length`` bodies (any ``Transfer-Encoding`` gets 501), at
+  most ``max_body_bytes`` (413, before reading the body) and ``max_header_bytes`` of
   request line and headers (431); ``Expect: 100-continue`` is honoured;
+- the application's ``admit(request)`` sees the request line and headers before
+  the body is read (the bearer token is checked there); a refusal closes the
+  connection without reading the body;
+- HEAD responses carry the headers of the GET answer and no body;
 - keep-alive by default on HTTP/1.1, pipelined requests answered in order, one at
   a time per connection; reading pauses while a connection has a request in
   flight and a full request buffered behind it;
 - a connection idle for ``idle_timeout_s`` is closed, one that takes longer than
-  ``read_timeout_s`` to send a request gets 408; past ``max_connections`` a new
+  ``read_timeout_s`` to send a request gets 408 (counted from its first byte: more
+  bytes of noise do not reset it); past ``max_connections`` a new
   connection gets 503 and is closed;
 - `Connections.drain` stops accepting, closes idle connections and lets busy ones
   finish their request (answered with ``Connection: close``).
@@ -21,6 +30,7 @@ asyncio future of one, and ``responded(status)`` called for every response sent.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import email.utils
 import json
 import logging
@@ -28,6 +38,8 @@ import time
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import Any, Protocol
+
+import h11
 
 log = logging.getLogger("jaxmint_runtime.serve")
 
@@ -72,6 +84,8 @@ def error(status: int, message: str, *, close: bool = False, headers=()) -> Resp
 
 
 class App(Protocol):
+    def admit(self, request: Request) -> Response | None: ...
+
     def handle(self, request: Request) -> Response | asyncio.Future: ...
 
     def responded(self, status: int) -> None: ...
@@ -125,11 +139,13 @@ class HttpProtocol(asyncio.Protocol):
         self.limits = connections.limits
         self.app = connections.app
         self.transport: Any = None
-        self.buf = bytearray()
-        self.busy = False  # a request is being handled; later ones wait in buf
+        self.h11 = h11.Connection(
+            h11.SERVER, max_incomplete_event_size=self.limits.max_header_bytes
+        )
+        self.request: Request | None = None  # head received, body arriving
+        self.body = bytearray()
+        self.busy = False  # a request is being handled; later ones wait in h11's buffer
         self.closed = False
-        self.head: tuple | None = None  # the parsed request line and headers awaiting a body
-        self.continued = False  # "100 Continue" already sent for this request
         self.last_activity = time.monotonic()
         self.partial_since: float | None = None  # when the first byte of a request arrived
         self.reading = True
@@ -137,8 +153,12 @@ class HttpProtocol(asyncio.Protocol):
         self.eof = False
 
     @property
+    def buffered(self) -> int:
+        return len(self.h11.trailing_data[0])
+
+    @property
     def idle(self) -> bool:
-        return not self.busy and not self.buf
+        return not self.busy and self.request is None and not self.buffered
 
     # -- asyncio callbacks ---------------------------------------------------------------
     def connection_made(self, transport) -> None:
@@ -148,7 +168,7 @@ class HttpProtocol(asyncio.Protocol):
             transport.close()
             return
         if len(self.connections.open) >= self.limits.max_connections:
-            self._send(error(503, "too many open connections; retry later", close=True), False)
+            self._send_raw(error(503, "too many open connections; retry later", close=True))
             return
         self.connections.open.add(self)
 
@@ -159,6 +179,7 @@ class HttpProtocol(asyncio.Protocol):
     def eof_received(self) -> bool:
         # The client sent all it will send; keep the socket open to answer its request.
         self.eof = True
+        self.h11.receive_data(b"")
         return self.busy
 
     def pause_writing(self) -> None:
@@ -185,35 +206,111 @@ class HttpProtocol(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.closed:
             return
-        now = time.monotonic()
-        self.last_activity = now
-        if not self.buf and not self.busy:
-            self.partial_since = now
-        self.buf += data
+        if self.partial_since is None:
+            self.partial_since = time.monotonic()
+        try:
+            self.h11.receive_data(data)
+        except RuntimeError:  # data after the client's EOF: nothing to answer
+            self.close()
+            return
         if self.busy or not self.writing:
-            if len(self.buf) > self.limits.max_body_bytes + self.limits.max_header_bytes:
+            if self.buffered > self.limits.max_body_bytes + self.limits.max_header_bytes:
                 self._pause_reading()
             return
         self._next()
 
     # -- requests ------------------------------------------------------------------------
     def _next(self) -> None:
-        while not self.busy and not self.closed and self.writing and self.buf:
-            request = self._parse()
-            if request is None:
-                break
+        while not self.busy and not self.closed and self.writing:
             try:
-                result = self.app.handle(request)
-            except Exception as e:  # a bug must cost one request, not the connection
-                log.exception("handler failed on %s %s", request.method, request.path[:200])
-                result = error(500, f"internal error: {e}")
-            if isinstance(result, Response):
-                self._send(result, request.keep_alive)
-                continue
-            self.busy = True
-            result.add_done_callback(lambda f, r=request: self._finish(f, r))
-        if self.eof and not self.busy and self.writing:
+                event = self.h11.next_event()
+            except h11.RemoteProtocolError as e:
+                status = e.error_status_hint if e.error_status_hint >= 400 else 400
+                self._fail(status, f"malformed request: {str(e)[:200]}")
+                return
+            if event is h11.NEED_DATA:
+                if self.request is None and self.buffered > self.limits.max_header_bytes:
+                    self._fail(
+                        431, f"request line and headers exceed {self.limits.max_header_bytes} bytes"
+                    )
+                break
+            if event is h11.PAUSED or isinstance(event, h11.ConnectionClosed):
+                break
+            if isinstance(event, h11.Request):
+                if not self._start(event):
+                    return
+            elif isinstance(event, h11.Data):
+                self.body += event.data
+                if len(self.body) > self.limits.max_body_bytes:  # only a lying client gets here
+                    self._fail(413, "request body exceeds its Content-Length")
+                    return
+            elif isinstance(event, h11.EndOfMessage):
+                request, self.request = self.request, None
+                request.body = bytes(self.body)
+                self.body = bytearray()
+                self._dispatch(request)
+        if self.eof and not self.busy and self.writing and self.request is None:
             self.close()  # the client sent its last request and it is answered
+
+    def _start(self, event: h11.Request) -> bool:
+        """A request's head: check it before a byte of its body is read."""
+        if event.http_version not in (b"1.0", b"1.1"):
+            version = event.http_version.decode("latin-1")[:10]
+            return self._fail(505, f"HTTP version {version!r} is not supported; use HTTP/1.1")
+        headers: dict[str, str] = {}
+        size = len(event.method) + len(event.target) + 12
+        for name, value in event.headers:
+            key = name.decode("latin-1")
+            size += len(name) + len(value) + 4
+            if key in headers and key != "content-length":
+                headers[key] += ", " + value.decode("latin-1")
+            else:
+                headers[key] = value.decode("latin-1")
+        if size > self.limits.max_header_bytes:
+            return self._fail(
+                431, f"request line and headers exceed {self.limits.max_header_bytes} bytes"
+            )
+        if "transfer-encoding" in headers:
+            return self._fail(501, "chunked request bodies are not supported; send Content-Length")
+        length = int(headers.get("content-length", "0"))  # h11 checked its syntax
+        if length > self.limits.max_body_bytes:
+            return self._fail(
+                413,
+                f"request body of {length} bytes exceeds the limit of "
+                f"{self.limits.max_body_bytes} (--max-body-bytes)",
+            )
+        request = Request(
+            event.method.decode("ascii"),
+            event.target.decode("latin-1"),
+            headers,
+            b"",
+            keep_alive="close" not in _connection_tokens(headers)
+            and (event.http_version == b"1.1" or "keep-alive" in _connection_tokens(headers)),
+        )
+        refusal = self.app.admit(request)
+        if refusal is not None:  # answered without reading the body
+            self._send(request, dataclasses.replace(refusal, close=refusal.close or length > 0))
+            return not self.closed
+        self.request = request
+        if self.h11.client_is_waiting_for_100_continue:
+            self._write(
+                self.h11.send(
+                    h11.InformationalResponse(status_code=100, headers=[], reason=b"Continue")
+                )
+            )
+        return True
+
+    def _dispatch(self, request: Request) -> None:
+        try:
+            result = self.app.handle(request)
+        except Exception as e:  # a bug must cost one request, not the connection
+            log.exception("handler failed on %s %s", request.method, request.path[:200])
+            result = error(500, f"internal error: {e}")
+        if isinstance(result, Response):
+            self._send(request, result)
+            return
+        self.busy = True
+        result.add_done_callback(lambda f, r=request: self._finish(f, r))
 
     def _finish(self, future: asyncio.Future, request: Request) -> None:
         self.busy = False
@@ -224,99 +321,72 @@ class HttpProtocol(asyncio.Protocol):
             response = error(500, f"internal error: {future.exception()}")
         else:
             response = future.result()
-        self._send(response, request.keep_alive)
+        self._send(request, response)
         if not self.closed and self.writing:
             self._resume_reading()
             self._next()
 
-    def _parse(self) -> Request | None:
-        if self.head is None:
-            while self.buf.startswith(b"\r\n"):  # stray line ends between requests
-                del self.buf[:2]
-            end = self.buf.find(b"\r\n\r\n", 0, self.limits.max_header_bytes + 4)
-            if end < 0:
-                if len(self.buf) > self.limits.max_header_bytes:
-                    self._fail(
-                        431, f"request line and headers exceed {self.limits.max_header_bytes} bytes"
-                    )
-                return None
-            self.head = self._parse_head(bytes(self.buf[:end]), end + 4)
-            if self.head is None:
-                return None
-        method, target, version, headers, start, length = self.head
-        if len(self.buf) < start + length:
-            if (
-                not self.continued
-                and version == "HTTP/1.1"
-                and headers.get("expect", "").lower() == "100-continue"
-            ):
-                self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-                self.continued = True
-            return None
-        body = bytes(self.buf[start : start + length])
-        del self.buf[: start + length]
-        self.head, self.continued = None, False
-        connection = headers.get("connection", "").lower()
-        keep_alive = connection != "close" if version == "HTTP/1.1" else connection == "keep-alive"
-        return Request(method, target, headers, body, keep_alive)
-
-    def _parse_head(self, raw: bytes, start: int) -> tuple | None:
-        lines = raw.decode("latin-1").split("\r\n")
-        parts = lines[0].split(" ")
-        if len(parts) != 3 or not parts[0].isalpha() or not parts[1]:
-            return self._fail(400, f"malformed request line {lines[0][:100]!r}")
-        method, target, version = parts
-        if version not in ("HTTP/1.1", "HTTP/1.0"):
-            return self._fail(505, f"HTTP version {version[:20]!r} is not supported; use HTTP/1.1")
-        headers: dict[str, str] = {}
-        for line in lines[1:]:
-            name, colon, value = line.partition(":")
-            if not colon or not name or name != name.strip():
-                return self._fail(400, f"malformed header line {line[:100]!r}")
-            key = name.lower()
-            value = value.strip()
-            if key == "content-length" and headers.get(key, value) != value:
-                return self._fail(400, "conflicting Content-Length headers")
-            headers[key] = value
-        if "transfer-encoding" in headers:
-            return self._fail(501, "chunked request bodies are not supported; send Content-Length")
-        length_text = headers.get("content-length", "0")
-        if not length_text.isdigit() or len(length_text) > 18:
-            return self._fail(400, f"invalid Content-Length {length_text[:30]!r}")
-        length = int(length_text)
-        if length > self.limits.max_body_bytes:
-            return self._fail(
-                413,
-                f"request body of {length} bytes exceeds the limit of "
-                f"{self.limits.max_body_bytes} (--max-body-bytes)",
-            )
-        return method, target, version, headers, start, length
-
-    def _fail(self, status: int, message: str) -> None:
-        """Answer an unparseable request and close: the stream cannot be trusted after it."""
-        self._send(error(status, message, close=True), False)
-        self.buf.clear()
-        return None
+    def _fail(self, status: int, message: str) -> bool:
+        """Answer a request that cannot be read and close: the stream is not trusted after it."""
+        self._send_raw(error(status, message, close=True))
+        return False
 
     # -- responses -----------------------------------------------------------------------
-    def _send(self, response: Response, keep_alive: bool) -> None:
+    def _headers(self, response: Response, close: bool) -> list[tuple[bytes, bytes]]:
+        headers = [
+            (b"Date", _date()),
+            (b"Content-Type", response.content_type.encode("latin-1")),
+            (b"Content-Length", b"%d" % len(response.body)),
+        ]
+        headers += [(n.encode("latin-1"), v.encode("latin-1")) for n, v in response.headers]
+        if close:
+            headers.append((b"Connection", b"close"))
+        return headers
+
+    def _send(self, request: Request, response: Response) -> None:
+        """Answer ``request`` through h11 (HEAD: the headers, no body)."""
         if self.closed:
             return
-        close = response.close or not keep_alive or self.connections.draining
-        head = [
-            b"HTTP/1.1 %d %s\r\n" % (response.status, _REASONS.get(response.status, "").encode()),
-            b"Date: %s\r\nContent-Type: %s\r\nContent-Length: %d\r\n"
-            % (_date(), response.content_type.encode(), len(response.body)),
-        ]
-        for name, value in response.headers:
-            head.append(b"%s: %s\r\n" % (name.encode("latin-1"), value.encode("latin-1")))
-        head.append(b"Connection: close\r\n\r\n" if close else b"\r\n")
-        self.transport.write(b"".join([*head, response.body]))
-        self.last_activity = time.monotonic()
-        self.partial_since = self.last_activity if self.buf else None
+        close = response.close or not request.keep_alive or self.connections.draining
+        try:
+            data = self.h11.send(
+                h11.Response(
+                    status_code=response.status,
+                    headers=self._headers(response, close),
+                    reason=_REASONS.get(response.status, "").encode(),
+                )
+            )
+            if response.body and request.method != "HEAD":
+                data += self.h11.send(h11.Data(data=response.body))
+            data += self.h11.send(h11.EndOfMessage())
+        except h11.LocalProtocolError:  # the request was refused before its body was read
+            self._send_raw(response)
+            return
+        self._write(data)
         self.app.responded(response.status)
-        if close:
+        self.last_activity = time.monotonic()
+        self.partial_since = self.last_activity if self.buffered else None
+        if close or self.h11.our_state is h11.MUST_CLOSE or self.h11.their_state is not h11.DONE:
             self.close()
+            return
+        self.h11.start_next_cycle()
+
+    def _send_raw(self, response: Response) -> None:
+        """An answer outside h11's request cycle (a refused connection or request), then close."""
+        if self.closed:
+            return
+        head = b"HTTP/1.1 %d %s\r\n" % (
+            response.status,
+            _REASONS.get(response.status, "").encode(),
+        )
+        head += b"".join(b"%s: %s\r\n" % kv for kv in self._headers(response, True))
+        self._write(head + b"\r\n" + response.body)
+        self.app.responded(response.status)
+        self.close()
+
+    def _write(self, data: bytes) -> None:
+        if not self.closed:
+            self.transport.write(data)
 
     def close(self) -> None:
         if not self.closed:
@@ -327,18 +397,15 @@ class HttpProtocol(asyncio.Protocol):
     def check_timeouts(self, now: float) -> None:
         if self.busy or self.closed:
             return
-        if self.buf or self.head is not None:
+        if self.request is not None or self.buffered:
             if (
                 self.partial_since is not None
                 and now - self.partial_since > self.limits.read_timeout_s
             ):
-                self._send(
-                    error(
-                        408,
-                        f"request not received within {self.limits.read_timeout_s:g} s",
-                        close=True,
-                    ),
-                    False,
-                )
+                self._fail(408, f"request not received within {self.limits.read_timeout_s:g} s")
         elif now - self.last_activity > self.limits.idle_timeout_s:
             self.close()
+
+
+def _connection_tokens(headers: dict[str, str]) -> set[str]:
+    return {t.strip().lower() for t in headers.get("connection", "").split(",")}

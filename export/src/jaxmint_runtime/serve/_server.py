@@ -242,7 +242,8 @@ class Server:
     def responded(self, status: int) -> None:
         self.metrics.http.inc(str(status))
 
-    def handle(self, request: Request) -> Response | asyncio.Future:
+    def admit(self, request: Request) -> Response | None:
+        """Before the body is read: refuse a request without the bearer token."""
         path = request.path.rstrip("/") or "/"
         if self._token is not None and path not in OPEN_PATHS and not self._authorized(request):
             return error(
@@ -250,6 +251,13 @@ class Server:
                 "missing or wrong bearer token: send 'Authorization: Bearer TOKEN'",
                 headers=[("WWW-Authenticate", "Bearer")],
             )
+        return None
+
+    def handle(self, request: Request) -> Response | asyncio.Future:
+        refusal = self.admit(request)
+        if refusal is not None:
+            return refusal
+        path = request.path.rstrip("/") or "/"
         parts = [unquote(p) for p in path.split("/")[1:]]
         if parts == ["metrics"]:
             return self._get(request) or Response(200, self.metrics.render(), CONTENT_TYPE)
@@ -298,10 +306,10 @@ class Server:
 
     @staticmethod
     def _get(request: Request) -> Response | None:
-        """None for a GET; else the 405 to answer."""
-        if request.method == "GET":
+        """None for a GET or HEAD (the transport sends HEAD's headers only); else a 405."""
+        if request.method in ("GET", "HEAD"):
             return None
-        return error(405, f"{request.path} takes GET", headers=[("Allow", "GET")])
+        return error(405, f"{request.path} takes GET", headers=[("Allow", "GET, HEAD")])
 
     @staticmethod
     def _not_found(request: Request) -> Response:

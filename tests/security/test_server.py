@@ -1,0 +1,187 @@
+"""Hostile clients of a real `jaxmint-serve` server on loopback.
+
+Each attack is followed by a correct request on a fresh connection to the same
+server, which must get the correct answer. Every loop is bounded in time.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+
+import numpy as np
+import pytest
+from security_helpers import parse_responses, raw_exchange
+
+import jaxmint_runtime
+from jaxmint_runtime.serve import Server
+
+INFER = "/v2/models/tiny/infer"
+
+
+@pytest.fixture(scope="module")
+def tiny(genuine):
+    return jaxmint_runtime.load(genuine[0])
+
+
+@pytest.fixture
+def serve(tiny):
+    started = []
+
+    def make(**config):
+        server = Server([tiny], port=0, **config).start()
+        started.append(server)
+        return server
+
+    yield make
+    for server in started:
+        assert server.stop(timeout=10)
+
+
+def _infer_body(x: np.ndarray) -> bytes:
+    tensor = {"name": "x", "shape": list(x.shape), "datatype": "FP32", "data": x.ravel().tolist()}
+    return json.dumps({"inputs": [tensor]}).encode()
+
+
+def _post(body: bytes, extra: str = "", target: str = INFER) -> bytes:
+    return (
+        f"POST {target} HTTP/1.1\r\nHost: a\r\nContent-Length: {len(body)}\r\n{extra}\r\n"
+    ).encode() + body
+
+
+def _correct_answer_follows(server, tiny, sample, headers: str = ""):
+    x = sample[:2]
+    (status, _, body), *_ = parse_responses(
+        raw_exchange(server.port, _post(_infer_body(x), headers + "Connection: close\r\n"))
+    )
+    assert status == 200, body[:300]
+    (out,) = json.loads(body)["outputs"]
+    np.testing.assert_allclose(
+        np.array(out["data"]).reshape(out["shape"]), tiny(x), rtol=1e-5, atol=1e-6
+    )
+
+
+@pytest.mark.parametrize(
+    ("raw", "status"),
+    [
+        (b"GET /v2 HTTP/1.1\r\nHost: a\r\nBad Name: x\r\n\r\n", 400),
+        (b"GET /v2 HTTP/1.1\r\nHost: a\r\nBa\x00d: x\r\n\r\n", 400),
+        (b"GET /v2 HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", 400),
+        (b"GET /v2 HTTP/1.1\r\n\r\n", 400),
+        ("POST /v2 HTTP/1.1\r\nHost: a\r\nContent-Length: ²\r\n\r\n".encode(), 400),
+        (b"GET /" + b"a" * 70_000 + b" HTTP/1.1\r\nHost: a\r\n\r\n", 431),
+        (b"GET /v2 HTTP/1.1\r\nHost: a\r\nX: " + b"b" * 70_000 + b"\r\n\r\n", 431),
+        # CL.TE and TE.CL smuggling: any Transfer-Encoding is refused before the body.
+        (
+            b"POST /v2 HTTP/1.1\r\nHost: a\r\nContent-Length: 6\r\nTransfer-Encoding: chunked"
+            b"\r\n\r\n0\r\n\r\nGET /v2/health/live HTTP/1.1\r\nHost: a\r\n\r\n",
+            501,
+        ),
+        (
+            b"POST /v2 HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nContent-Length: 3"
+            b"\r\n\r\n8\r\nSMUGGLED\r\n0\r\n\r\n",
+            501,
+        ),
+    ],
+    ids=[
+        "space-in-name",
+        "nul-in-name",
+        "duplicate-host",
+        "missing-host",
+        "superscript-length",
+        "long-request-line",
+        "long-header",
+        "cl-te",
+        "te-cl",
+    ],
+)
+def test_framing_attacks_get_one_answer_and_a_closed_connection(serve, tiny, sample, raw, status):
+    server = serve()
+    answers = parse_responses(raw_exchange(server.port, raw))
+    assert [a[0] for a in answers] == [status]  # and nothing smuggled after it
+    assert answers[0][1].get("connection") == "close"
+    assert "error" in json.loads(answers[0][2])
+    _correct_answer_follows(server, tiny, sample)
+
+
+def test_a_bare_lf_never_desynchronizes_the_stream(serve, tiny, sample):
+    server = serve()
+    body = b"GET /v2/health/live HTTP/1.1\r\nHost: a\r\n\r\n"  # would be a smuggled request
+    raw = (
+        b"POST /v2/models/tiny/ready HTTP/1.1\r\nHost: a\nContent-Length: %d\r\n\r\n" % len(body)
+    ) + body
+    answers = parse_responses(raw_exchange(server.port, raw))
+    # One request with a body, or a refusal: never the body answered as a second request.
+    assert len(answers) == 1, answers
+    _correct_answer_follows(server, tiny, sample)
+
+
+def test_obs_fold_is_read_as_one_header(serve, tiny, sample):
+    server = serve()
+    raw = b"GET /v2/health/live HTTP/1.1\r\nHost: a\r\nX-Folded: one\r\n two\r\n\r\n"
+    answers = parse_responses(raw_exchange(server.port, raw))
+    assert [a[0] for a in answers] == [200]
+    _correct_answer_follows(server, tiny, sample)
+
+
+def test_pipelining_with_a_bad_request_in_the_middle(serve, tiny, sample):
+    server = serve()
+    good = b"GET /v2/health/live HTTP/1.1\r\nHost: a\r\n\r\n"
+    raw = good + b"GET /v2 HTTP/1.1\r\nHost: a\r\nBad Name: x\r\n\r\n" + good
+    answers = parse_responses(raw_exchange(server.port, raw))
+    assert [a[0] for a in answers] == [200, 400]  # the stream is closed after the bad one
+    _correct_answer_follows(server, tiny, sample)
+
+
+def test_head_replies_carry_no_body(serve):
+    server = serve()
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
+        s.sendall(b"HEAD /v2/health/live HTTP/1.1\r\nHost: a\r\n\r\n")
+        s.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    head_end = data.index(b"\r\n\r\n") + 4
+    head = data[:head_end].decode()
+    assert head.startswith("HTTP/1.1 200") and "content-length: 13" in head.lower()
+    ((status, _, body),) = parse_responses(data[head_end:])  # the GET follows at once
+    assert status == 200 and json.loads(body) == {"live": True}
+
+
+def test_the_token_is_checked_before_the_body_is_read(serve, tiny, sample):
+    server = serve(token="s3cret")
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
+        # A 60 MiB body announced, not a byte of it sent: the answer comes at once.
+        s.sendall(
+            f"POST {INFER} HTTP/1.1\r\nHost: a\r\nContent-Length: {60 << 20}\r\n\r\n".encode()
+        )
+        t0 = time.monotonic()
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    assert time.monotonic() - t0 < 5
+    ((status, headers, _),) = parse_responses(data)
+    assert status == 401 and headers.get("connection") == "close"
+    _correct_answer_follows(server, tiny, sample, headers="Authorization: Bearer s3cret\r\n")
+
+
+def test_noise_bytes_do_not_keep_a_connection_open(serve, tiny, sample):
+    server = serve(read_timeout_s=0.5, idle_timeout_s=60.0)
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
+        deadline = time.monotonic() + 5
+        closed = False
+        while time.monotonic() < deadline:
+            try:
+                s.sendall(b"\r\n")
+                if s.recv(65536, socket.MSG_DONTWAIT) == b"":
+                    closed = True
+                    break
+            except BlockingIOError:
+                pass
+            except (BrokenPipeError, ConnectionResetError):
+                closed = True
+                break
+            time.sleep(0.1)
+    assert closed, "a connection sending only line ends was kept open"
+    _correct_answer_follows(server, tiny, sample)
