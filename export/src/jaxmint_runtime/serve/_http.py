@@ -1,9 +1,13 @@
-"""HTTP/1.1 on asyncio with h11 as the parser: keep-alive, limits, graceful drain.
+"""HTTP/1.1 on asyncio with llhttp as the parser: keep-alive, limits, graceful drain.
 
-The bytes on the wire are parsed and written by h11, a maintained HTTP/1.1
-implementation, so framing (line endings, header syntax, Host, Content-Length)
-follows the RFC exactly as other servers read it; a request it cannot parse gets
-its 400 and the connection is closed, since the stream can no longer be trusted.
+Requests are parsed by llhttp (Node.js's HTTP parser, through the ``httptools``
+binding that uvicorn uses), strict by default: a bare LF, obs-fold, a space or NUL
+in a header name, a malformed Content-Length, or Content-Length beside
+Transfer-Encoding are errors, so framing is read exactly as other servers read it.
+A request it cannot parse gets its 400 and the connection is closed, since the
+stream can no longer be trusted; this module adds one Host header per HTTP/1.1
+request. (h11 was measured too: 0.63 of the hand-written parser's requests/s at 64
+connections, against 0.9 asked; llhttp parses a request in about 1 us.)
 Around it, only what an inference endpoint needs, with every size and time bounded:
 
 - requests with ``Content-Length`` bodies (any ``Transfer-Encoding`` gets 501), at
@@ -30,6 +34,7 @@ asyncio future of one, and ``responded(status)`` called for every response sent.
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import email.utils
 import json
@@ -39,7 +44,7 @@ from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import Any, Protocol
 
-import h11
+import httptools
 
 log = logging.getLogger("jaxmint_runtime.serve")
 
@@ -133,32 +138,38 @@ class Connections:
             conn.close()
 
 
+class _Stop(Exception):
+    """Raised from a parser callback once the request has been answered and closed."""
+
+
 class HttpProtocol(asyncio.Protocol):
+    MAX_QUEUED = 64  # pipelined requests buffered behind the one in flight
+
     def __init__(self, connections: Connections):
         self.connections = connections
         self.limits = connections.limits
         self.app = connections.app
         self.transport: Any = None
-        self.h11 = h11.Connection(
-            h11.SERVER, max_incomplete_event_size=self.limits.max_header_bytes
-        )
+        self.parser = httptools.HttpRequestParser(self)
+        self.queue: collections.deque[Request] = collections.deque()  # complete requests
         self.request: Request | None = None  # head received, body arriving
+        self.in_message = False
         self.body = bytearray()
-        self.busy = False  # a request is being handled; later ones wait in h11's buffer
+        self.failure: tuple[int, str] | None = None  # answered after the queued requests
+        self.busy = False  # a request is being handled; later ones wait in the queue
         self.closed = False
         self.last_activity = time.monotonic()
-        self.partial_since: float | None = None  # when the first byte of a request arrived
+        self.partial_since: float | None = None  # first byte of a request not yet complete
         self.reading = True
         self.writing = True  # False while the transport's write buffer is over its limit
         self.eof = False
-
-    @property
-    def buffered(self) -> int:
-        return len(self.h11.trailing_data[0])
+        self._url = bytearray()
+        self._headers: list[tuple[bytes, bytes]] = []
+        self._head_bytes = 0
 
     @property
     def idle(self) -> bool:
-        return not self.busy and self.request is None and not self.buffered
+        return not self.busy and not self.queue and not self.in_message
 
     # -- asyncio callbacks ---------------------------------------------------------------
     def connection_made(self, transport) -> None:
@@ -177,10 +188,9 @@ class HttpProtocol(asyncio.Protocol):
         self.connections.open.discard(self)
 
     def eof_received(self) -> bool:
-        # The client sent all it will send; keep the socket open to answer its request.
+        # The client sent all it will send; keep the socket open to answer its requests.
         self.eof = True
-        self.h11.receive_data(b"")
-        return self.busy
+        return self.busy or bool(self.queue)
 
     def pause_writing(self) -> None:
         # The client does not read its responses: stop reading its requests until it does.
@@ -199,106 +209,129 @@ class HttpProtocol(asyncio.Protocol):
             self.reading = False
 
     def _resume_reading(self) -> None:
-        if not self.reading and not self.closed:
+        if not self.reading and not self.closed and self.failure is None:
             self.transport.resume_reading()
             self.reading = True
 
     def data_received(self, data: bytes) -> None:
-        if self.closed:
+        if self.closed or self.failure is not None:
             return
         if self.partial_since is None:
-            self.partial_since = time.monotonic()
+            self.partial_since = time.monotonic()  # not reset by more bytes, only by a request
         try:
-            self.h11.receive_data(data)
-        except RuntimeError:  # data after the client's EOF: nothing to answer
-            self.close()
+            self.parser.feed_data(data)
+        except _Stop:
             return
-        if self.busy or not self.writing:
-            if self.buffered > self.limits.max_body_bytes + self.limits.max_header_bytes:
-                self._pause_reading()
-            return
+        except httptools.HttpParserCallbackError as e:
+            if isinstance(e.__context__, _Stop) or self.closed:
+                return
+            self.failure = (400, f"malformed request: {e}")
+        except httptools.HttpParserUpgrade:
+            self.failure = (501, "protocol upgrades are not supported")
+        except httptools.HttpParserError as e:
+            self.failure = (400, f"malformed request: {str(e)[:200]}")
+        if self.failure is not None:
+            self._pause_reading()  # answer what came before it, then the failure, then close
+        elif len(self.queue) >= self.MAX_QUEUED:
+            self._pause_reading()
         self._next()
 
-    # -- requests ------------------------------------------------------------------------
-    def _next(self) -> None:
-        while not self.busy and not self.closed and self.writing:
-            try:
-                event = self.h11.next_event()
-            except h11.RemoteProtocolError as e:
-                status = e.error_status_hint if e.error_status_hint >= 400 else 400
-                self._fail(status, f"malformed request: {str(e)[:200]}")
-                return
-            if event is h11.NEED_DATA:
-                if self.request is None and self.buffered > self.limits.max_header_bytes:
-                    self._fail(
-                        431, f"request line and headers exceed {self.limits.max_header_bytes} bytes"
-                    )
-                break
-            if event is h11.PAUSED or isinstance(event, h11.ConnectionClosed):
-                break
-            if isinstance(event, h11.Request):
-                if not self._start(event):
-                    return
-            elif isinstance(event, h11.Data):
-                self.body += event.data
-                if len(self.body) > self.limits.max_body_bytes:  # only a lying client gets here
-                    self._fail(413, "request body exceeds its Content-Length")
-                    return
-            elif isinstance(event, h11.EndOfMessage):
-                request, self.request = self.request, None
-                request.body = bytes(self.body)
-                self.body = bytearray()
-                self._dispatch(request)
-        if self.eof and not self.busy and self.writing and self.request is None:
-            self.close()  # the client sent its last request and it is answered
+    # -- parser callbacks (llhttp) -------------------------------------------------------
+    def on_message_begin(self) -> None:
+        self.in_message = True
+        self._url, self._headers, self._head_bytes = bytearray(), [], 0
 
-    def _start(self, event: h11.Request) -> bool:
-        """A request's head: check it before a byte of its body is read."""
-        if event.http_version not in (b"1.0", b"1.1"):
-            version = event.http_version.decode("latin-1")[:10]
-            return self._fail(505, f"HTTP version {version!r} is not supported; use HTTP/1.1")
-        headers: dict[str, str] = {}
-        size = len(event.method) + len(event.target) + 12
-        for name, value in event.headers:
-            key = name.decode("latin-1")
-            size += len(name) + len(value) + 4
-            if key in headers and key != "content-length":
-                headers[key] += ", " + value.decode("latin-1")
-            else:
-                headers[key] = value.decode("latin-1")
-        if size > self.limits.max_header_bytes:
-            return self._fail(
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+        self._grow(len(url))
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._headers.append((name, value))
+        self._grow(len(name) + len(value) + 4)
+
+    def _grow(self, n: int) -> None:
+        self._head_bytes += n
+        if self._head_bytes > self.limits.max_header_bytes:
+            self._refuse(
                 431, f"request line and headers exceed {self.limits.max_header_bytes} bytes"
             )
+
+    def on_headers_complete(self) -> None:
+        """A request's head: check it before a byte of its body is read."""
+        version = self.parser.get_http_version()
+        if version not in ("1.0", "1.1"):
+            self._refuse(505, f"HTTP version {version[:10]!r} is not supported; use HTTP/1.1")
+        headers: dict[str, str] = {}
+        hosts = 0
+        for name, value in self._headers:
+            key = name.decode("latin-1").lower()
+            hosts += key == "host"
+            text = value.decode("latin-1")
+            headers[key] = f"{headers[key]}, {text}" if key in headers else text
+        if version == "1.1" and hosts != 1:
+            self._refuse(400, "an HTTP/1.1 request needs exactly one Host header")
         if "transfer-encoding" in headers:
-            return self._fail(501, "chunked request bodies are not supported; send Content-Length")
-        length = int(headers.get("content-length", "0"))  # h11 checked its syntax
+            self._refuse(501, "chunked request bodies are not supported; send Content-Length")
+        length = int(headers.get("content-length", "0"))  # llhttp checked its syntax
         if length > self.limits.max_body_bytes:
-            return self._fail(
+            self._refuse(
                 413,
                 f"request body of {length} bytes exceeds the limit of "
                 f"{self.limits.max_body_bytes} (--max-body-bytes)",
             )
         request = Request(
-            event.method.decode("ascii"),
-            event.target.decode("latin-1"),
+            self.parser.get_method().decode("ascii"),
+            self._url.decode("latin-1"),
             headers,
             b"",
-            keep_alive="close" not in _connection_tokens(headers)
-            and (event.http_version == b"1.1" or "keep-alive" in _connection_tokens(headers)),
+            keep_alive=self.parser.should_keep_alive(),
         )
-        refusal = self.app.admit(request)
+        refusal = None if self.queue or self.busy else self.app.admit(request)
         if refusal is not None:  # answered without reading the body
-            self._send(request, dataclasses.replace(refusal, close=refusal.close or length > 0))
-            return not self.closed
-        self.request = request
-        if self.h11.client_is_waiting_for_100_continue:
-            self._write(
-                self.h11.send(
-                    h11.InformationalResponse(status_code=100, headers=[], reason=b"Continue")
-                )
-            )
-        return True
+            self._send(request, dataclasses.replace(refusal, close=True))
+            raise _Stop
+        self.request, self.body = request, bytearray()
+        expects = headers.get("expect", "").lower() == "100-continue"
+        if version == "1.1" and expects and not self.queue and not self.busy:
+            self._write(b"HTTP/1.1 100 Continue\r\n\r\n")
+
+    def on_body(self, body: bytes) -> None:
+        self.body += body
+
+    def on_message_complete(self) -> None:
+        request, self.request = self.request, None
+        request.body = bytes(self.body)
+        self.body = bytearray()
+        self.in_message = False
+        self.queue.append(request)
+        self.partial_since = None
+
+    def _refuse(self, status: int, message: str) -> None:
+        """From a callback: answer (after what is queued) and stop reading this stream."""
+        if self.queue or self.busy:
+            self.failure = (status, message)
+            self._pause_reading()
+        else:
+            self._fail(status, message)
+        raise _Stop
+
+    # -- requests ------------------------------------------------------------------------
+    def _next(self) -> None:
+        while not self.busy and not self.closed and self.writing and self.queue:
+            request = self.queue.popleft()
+            refusal = self.app.admit(request)
+            if refusal is not None:
+                self._send(request, refusal)
+                continue
+            self._dispatch(request)
+        if self.closed or self.busy or self.queue or not self.writing:
+            return
+        if self.failure is not None:
+            self._fail(*self.failure)
+        elif self.eof and not self.in_message:
+            self.close()  # the client sent its last request and it is answered
+        else:
+            self._resume_reading()
 
     def _dispatch(self, request: Request) -> None:
         try:
@@ -323,64 +356,42 @@ class HttpProtocol(asyncio.Protocol):
             response = future.result()
         self._send(request, response)
         if not self.closed and self.writing:
-            self._resume_reading()
             self._next()
 
-    def _fail(self, status: int, message: str) -> bool:
+    def _fail(self, status: int, message: str) -> None:
         """Answer a request that cannot be read and close: the stream is not trusted after it."""
         self._send_raw(error(status, message, close=True))
-        return False
 
     # -- responses -----------------------------------------------------------------------
-    def _headers(self, response: Response, close: bool) -> list[tuple[bytes, bytes]]:
-        headers = [
-            (b"Date", _date()),
-            (b"Content-Type", response.content_type.encode("latin-1")),
-            (b"Content-Length", b"%d" % len(response.body)),
+    @staticmethod
+    def _head(response: Response, close: bool) -> bytes:
+        head = [
+            b"HTTP/1.1 %d %s\r\n" % (response.status, _REASONS.get(response.status, "").encode()),
+            b"Date: %s\r\nContent-Type: %s\r\nContent-Length: %d\r\n"
+            % (_date(), response.content_type.encode("latin-1"), len(response.body)),
         ]
-        headers += [(n.encode("latin-1"), v.encode("latin-1")) for n, v in response.headers]
-        if close:
-            headers.append((b"Connection", b"close"))
-        return headers
+        for name, value in response.headers:
+            head.append(b"%s: %s\r\n" % (name.encode("latin-1"), value.encode("latin-1")))
+        head.append(b"Connection: close\r\n\r\n" if close else b"\r\n")
+        return b"".join(head)
 
     def _send(self, request: Request, response: Response) -> None:
-        """Answer ``request`` through h11 (HEAD: the headers, no body)."""
+        """Answer ``request`` (HEAD: the headers, no body)."""
         if self.closed:
             return
         close = response.close or not request.keep_alive or self.connections.draining
-        try:
-            data = self.h11.send(
-                h11.Response(
-                    status_code=response.status,
-                    headers=self._headers(response, close),
-                    reason=_REASONS.get(response.status, "").encode(),
-                )
-            )
-            if response.body and request.method != "HEAD":
-                data += self.h11.send(h11.Data(data=response.body))
-            data += self.h11.send(h11.EndOfMessage())
-        except h11.LocalProtocolError:  # the request was refused before its body was read
-            self._send_raw(response)
-            return
-        self._write(data)
+        body = b"" if request.method == "HEAD" else response.body
+        self._write(self._head(response, close) + body)
         self.app.responded(response.status)
         self.last_activity = time.monotonic()
-        self.partial_since = self.last_activity if self.buffered else None
-        if close or self.h11.our_state is h11.MUST_CLOSE or self.h11.their_state is not h11.DONE:
+        if close:
             self.close()
-            return
-        self.h11.start_next_cycle()
 
     def _send_raw(self, response: Response) -> None:
-        """An answer outside h11's request cycle (a refused connection or request), then close."""
+        """An answer outside a request (a refused connection or request), then close."""
         if self.closed:
             return
-        head = b"HTTP/1.1 %d %s\r\n" % (
-            response.status,
-            _REASONS.get(response.status, "").encode(),
-        )
-        head += b"".join(b"%s: %s\r\n" % kv for kv in self._headers(response, True))
-        self._write(head + b"\r\n" + response.body)
+        self._write(self._head(response, True) + response.body)
         self.app.responded(response.status)
         self.close()
 
@@ -395,17 +406,10 @@ class HttpProtocol(asyncio.Protocol):
             self.transport.close()  # flushes what was written first
 
     def check_timeouts(self, now: float) -> None:
-        if self.busy or self.closed:
+        if self.busy or self.closed or self.queue:
             return
-        if self.request is not None or self.buffered:
-            if (
-                self.partial_since is not None
-                and now - self.partial_since > self.limits.read_timeout_s
-            ):
+        if self.partial_since is not None:
+            if now - self.partial_since > self.limits.read_timeout_s:
                 self._fail(408, f"request not received within {self.limits.read_timeout_s:g} s")
         elif now - self.last_activity > self.limits.idle_timeout_s:
             self.close()
-
-
-def _connection_tokens(headers: dict[str, str]) -> set[str]:
-    return {t.strip().lower() for t in headers.get("connection", "").split(",")}
