@@ -10,12 +10,15 @@ import json
 import socket
 import time
 
+import hypothesis
+import hypothesis.strategies as st
 import numpy as np
 import pytest
 from security_helpers import parse_responses, raw_exchange
 
 import jaxmint_runtime
 from jaxmint_runtime.serve import Server
+from jaxmint_runtime.serve._protocol import ProtocolError, decode_infer
 
 INFER = "/v2/models/tiny/infer"
 
@@ -187,3 +190,76 @@ def test_noise_bytes_do_not_keep_a_connection_open(serve, tiny, sample):
             time.sleep(0.1)
     assert closed, "a connection sending only line ends was kept open"
     _correct_answer_follows(server, tiny, sample)
+
+
+def test_repeated_output_names_are_refused_before_any_work(serve, tiny, sample):
+    server = serve()
+    tensor = {"name": "x", "shape": [1, 8], "datatype": "FP32", "data": [0.0] * 8}
+    body = json.dumps({"inputs": [tensor], "outputs": [{"name": "output"}] * 20_000}).encode()
+    ((status, _, answer),) = parse_responses(
+        raw_exchange(server.port, _post(body, "Connection: close\r\n"))
+    )
+    assert status == 400 and len(answer) < 1000
+    assert "outputs" in json.loads(answer)["error"]
+    _correct_answer_follows(server, tiny, sample)
+
+
+@pytest.mark.parametrize("shape", [[2**62, 0], [0, 2**62], [2**40, 2**40, 0]])
+def test_huge_dimensions_are_a_400_not_a_500(serve, tiny, sample, shape):
+    server = serve()
+    tensor = {"name": "x", "shape": shape, "datatype": "FP32", "data": []}
+    body = json.dumps({"inputs": [tensor]}).encode()
+    ((status, _, answer),) = parse_responses(
+        raw_exchange(server.port, _post(body, "Connection: close\r\n"))
+    )
+    assert status == 400, answer
+    assert "dimension" in json.loads(answer)["error"]
+    assert server.metrics.requests.get("tiny", "500") == 0
+    _correct_answer_follows(server, tiny, sample)
+
+
+_JSON = st.recursive(
+    st.one_of(
+        st.none(),
+        st.booleans(),
+        st.integers(-(2**64), 2**64),
+        st.floats(),
+        st.text(max_size=8),
+    ),
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=8), inner, max_size=4)
+    ),
+    max_leaves=20,
+)
+
+
+def _request_like(draw_value, shape, data, outputs):
+    tensor = {"name": "x", "shape": shape, "datatype": "FP32", "data": data}
+    request = {"inputs": [tensor]}
+    if outputs is not None:
+        request["outputs"] = outputs
+    if draw_value is not None:
+        request["parameters"] = draw_value
+    return json.dumps(request).encode()
+
+
+@hypothesis.settings(max_examples=300, deadline=None, derandomize=True)
+@hypothesis.given(
+    extra=_JSON,
+    shape=st.one_of(_JSON, st.lists(st.integers(-3, 2**63), max_size=4)),
+    data=st.one_of(_JSON, st.lists(st.floats(width=32), max_size=20)),
+    outputs=st.one_of(st.none(), _JSON),
+    header_length=st.one_of(st.none(), st.integers(-5, 400)),
+    tail=st.binary(max_size=64),
+)
+def test_decoders_answer_every_input_with_a_request_or_a_protocol_error(
+    tiny, extra, shape, data, outputs, header_length, tail
+):
+    body = _request_like(extra, shape, data, outputs) + (tail if header_length else b"")
+    try:
+        decoded = decode_infer(body, header_length, tiny, max_elements=1 << 20)
+    except ProtocolError as e:
+        assert 400 <= e.status < 500
+        return
+    assert decoded.arrays["x"].shape[1:] == (8,)
+    assert len({name for name, _ in decoded.outputs}) == len(decoded.outputs)

@@ -189,6 +189,11 @@ def _shape(shape: Any, name: str, max_elements: int) -> list[int]:
         raise ProtocolError(f"input {name!r}: 'shape' must be a list of non-negative integers")
     if len(shape) > 32:
         raise ProtocolError(f"input {name!r}: {len(shape)} dimensions is too many")
+    if any(d > max_elements for d in shape):  # e.g. [2**62, 0]: no elements, no valid array
+        raise ProtocolError(
+            f"input {name!r}: shape {shape[:8]} has a dimension above the {max_elements} "
+            "elements a tensor may have (--max-elements)"
+        )
     count = math.prod(shape)
     if count > max_elements:
         raise ProtocolError(
@@ -251,11 +256,17 @@ def _outputs(request: dict, predictor: Predictor, binary_default: bool) -> list[
         return [(n, binary_default) for n in names]
     if not isinstance(wanted, list):
         raise ProtocolError("'outputs' must be a list of {name, parameters} objects")
+    if len(wanted) > len(names):
+        raise ProtocolError(
+            f"'outputs' lists {len(wanted)} entries; this model has {len(names)} outputs {names}"
+        )
     result = []
     for i, item in enumerate(wanted):
         name = item.get("name") if isinstance(item, dict) else None
         if name not in names:
             raise ProtocolError(f"outputs[{i}] asks for {name!r}; this model's outputs are {names}")
+        if any(name == n for n, _ in result):  # an answer may not be larger than asked for
+            raise ProtocolError(f"outputs[{i}] asks for {name!r} again; name each output once")
         params = _parameters(item, f"output {name!r}")
         if "classification" in params or "shared_memory_region" in params:
             raise ProtocolError(
