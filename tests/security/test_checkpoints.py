@@ -102,7 +102,9 @@ def test_the_keep_policy_never_deletes_the_last_verified_checkpoint(tmp_path):
     ckpt.wait()
     ckpt.save(20, state)
     ckpt.wait()
-    (tmp_path / "c" / "20" / DIGEST).unlink()  # 20 can no longer be verified
+    ckpt.close()
+    (tmp_path / "c" / "20" / DIGEST).unlink()  # as if killed between its save and its digest
+    ckpt = RunCheckpoints(tmp_path / "c", keep_last=1)
     ckpt.save(30, state)  # in flight: not yet verified either
     assert ckpt.steps() == [10, 30]  # 10, the last verified, survives keep_last=1
     ckpt.close()

@@ -69,6 +69,7 @@ class RunCheckpoints:
         self._scores: dict[int, float] = dict(scores or {})
         self._manager = None
         self._undigested: list[int] = []  # saved, digest not yet written
+        self._verified: set[int] | None = None  # steps with a digest (read from disk once)
 
     # -- lifecycle -------------------------------------------------------------
     @property
@@ -91,8 +92,21 @@ class RunCheckpoints:
         if self._manager is not None:
             self._manager.wait_until_finished()
         for step in self._undigested:
-            write_digest(self.directory / str(step))
+            if jax.process_index() == 0:  # one writer; every process knows the step is done
+                write_digest(self.directory / str(step))
+            self._verified_steps().add(step)
         self._undigested = []
+
+    def _verified_steps(self) -> set[int]:
+        """Steps with a digest: read from disk once, then kept in step on every process
+        (so that all processes of a run apply the same keep policy)."""
+        if self._verified is None:
+            self._verified = {
+                int(p.parent.name)
+                for p in self.directory.glob(f"*/{DIGEST}")
+                if p.parent.name.isdigit()
+            }
+        return self._verified
 
     def latest_step(self) -> int | None:
         steps = self.steps()
@@ -113,7 +127,7 @@ class RunCheckpoints:
         keep = set(sorted(steps)[-self.keep_last :])
         scored = [s for s in steps if s in self._scores]
         ranked = sorted(scored, key=self._scores.get, reverse=self.best_mode == "max")
-        verified = [s for s in steps if (self.directory / str(s) / DIGEST).is_file()]
+        verified = [s for s in steps if s in self._verified_steps()]
         return keep | set(ranked[: self.keep_best]) | set(sorted(verified)[-1:])
 
     def _prune(self, upcoming: int | None = None) -> None:
@@ -231,7 +245,7 @@ def write_digest(step_dir: Path) -> None:
     if not step_dir.is_dir():
         return  # deleted by the keep policy before its digest was due
     digests = _digests(step_dir)
-    tmp = step_dir / f".{DIGEST}.tmp"
+    tmp = step_dir / f".{DIGEST}.{os.getpid()}.tmp"
     tmp.write_text(json.dumps(digests, indent=1, sort_keys=True))
     os.replace(tmp, step_dir / DIGEST)
 
@@ -262,7 +276,7 @@ def check_digest(step_dir: Path, step: int) -> None:
 def _digests(step_dir: Path) -> dict[str, str]:
     out = {}
     for path in sorted(step_dir.rglob("*")):
-        if path.is_file() and path.name not in (DIGEST, f".{DIGEST}.tmp"):
+        if path.is_file() and path.name != DIGEST and not path.name.startswith(f".{DIGEST}"):
             digest = hashlib.sha256()
             with open(path, "rb") as f:
                 for chunk in iter(lambda: f.read(1 << 20), b""):
