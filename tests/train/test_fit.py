@@ -250,3 +250,37 @@ def test_hooks_of_the_first_protocol_keep_working(toy):
 
     _fit(toy, steps=4, batch_size=16, log_every=2, hooks=[Old()])
     assert seen == [("start", 0), ("log", 1, True), ("log", 2, True), ("log", 4, True), ("end", 4)]
+
+
+def test_builtin_hooks_can_be_replaced_and_removed(tmp_path, toy):
+    from jaxmint.train import Checkpointer, Progress, RecompileWatch, without
+
+    class QuietProgress(Progress):
+        def __init__(self):
+            super().__init__(enabled=False)
+            self.shown = []
+
+        def on_log(self, loop, step, state, batch, record):
+            self.shown.append(step)
+
+    seen = {}
+
+    class Spy(jaxmint.Hook):
+        def on_start(self, loop, state):
+            seen["hooks"] = [type(h).__name__ for h in loop.hooks]
+
+    mine = QuietProgress()
+    _fit(toy, steps=4, batch_size=16, log_every=2, hooks=[Spy(), mine])
+    assert mine.shown == [1, 2, 4]
+    assert seen["hooks"] == ["NonFiniteGuard", "RecompileWatch", "Spy", "QuietProgress"]
+    _fit(
+        toy,
+        steps=4,
+        batch_size=16,
+        workdir=tmp_path,
+        hooks=[Spy(), without(RecompileWatch, Progress, Checkpointer)],
+    )
+    assert seen["hooks"] == ["NonFiniteGuard", "Spy", "Writers"]
+    assert not (tmp_path / "checkpoints").exists()  # no checkpointer, no checkpoints
+    with pytest.raises(TypeError, match="hook classes"):
+        without("progress")

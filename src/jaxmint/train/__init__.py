@@ -3,7 +3,13 @@
 from jaxmint.state import TrainState as TrainState
 from jaxmint.steps import Steps as Steps
 from jaxmint.steps import build_steps as build_steps
+from jaxmint.train._builtin import Checkpointer as Checkpointer
+from jaxmint.train._builtin import Diagnose as Diagnose
 from jaxmint.train._builtin import NonFiniteError as NonFiniteError
+from jaxmint.train._builtin import NonFiniteGuard as NonFiniteGuard
+from jaxmint.train._builtin import Progress as Progress
+from jaxmint.train._builtin import RecompileWatch as RecompileWatch
+from jaxmint.train._builtin import Writers as Writers
 from jaxmint.train._config import FitConfig as FitConfig
 from jaxmint.train._distributed import initialize as initialize_distributed
 from jaxmint.train._experiment import Experiment as Experiment
@@ -12,22 +18,30 @@ from jaxmint.train._fit import FitLoop as FitLoop
 from jaxmint.train._fit import FitResult as FitResult
 from jaxmint.train._fit import fit as fit
 from jaxmint.train._hooks import Hook as Hook
+from jaxmint.train._hooks import without as without
 from jaxmint.train._modes import CheckError as CheckError
 from jaxmint.train._modes import is_concrete as is_concrete
 
 __all__ = [
     "CheckError",
+    "Checkpointer",
+    "Diagnose",
     "Experiment",
     "FitConfig",
     "FitLoop",
     "FitResult",
     "Hook",
     "NonFiniteError",
+    "NonFiniteGuard",
+    "Progress",
+    "RecompileWatch",
     "Steps",
     "TrainState",
+    "Writers",
     "build_steps",
     "fit",
     "fit_experiment",
     "initialize_distributed",
     "is_concrete",
+    "without",
 ]

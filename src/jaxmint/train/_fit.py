@@ -32,7 +32,7 @@ from jaxmint.train._builtin import (
     scalar,
 )
 from jaxmint.train._config import FIT_FIELDS, FitConfig, resolve_settings
-from jaxmint.train._hooks import Hook, as_hooks, overrides
+from jaxmint.train._hooks import Hook, Without, as_hooks, overrides
 from jaxmint.train._resume import resume
 
 log = logging.getLogger("jaxmint")
@@ -287,19 +287,34 @@ class FitLoop:
         }
 
     def _hooks(self, user: list[Hook]) -> list[Hook]:
+        """The built-in hooks around the user's; a user hook that is an instance of a
+        built-in's class takes its place, and `without` removes built-ins."""
         s = self.settings
-        hooks: list[Hook] = [NonFiniteGuard()]
+        removed = tuple(c for h in user if isinstance(h, Without) for c in h.classes)
+        user = [h for h in user if not isinstance(h, Without)]
+        computing: list[Hook] = [NonFiniteGuard()]
         if not s.debug:
-            hooks.append(RecompileWatch())
+            computing.append(RecompileWatch())
             if s.diagnose_every:
-                hooks.append(Diagnose(s.diagnose_every))
-        hooks += user
+                computing.append(Diagnose(s.diagnose_every))
+        writing: list[Hook] = []
         if self.checkpoints is not None:
-            hooks.append(Checkpointer(self.checkpoints, s.best_metric))
+            writing.append(Checkpointer(self.checkpoints, s.best_metric))
         if self.run_dir is not None and self.lead:
-            hooks.append(Writers(self.run_dir))
-        hooks.append(Progress(s.progress and self.lead and not s.debug))
-        return hooks
+            writing.append(Writers(self.run_dir))
+        writing.append(Progress(s.progress and self.lead and not s.debug))
+
+        def place(builtin: Hook) -> list[Hook]:
+            if isinstance(builtin, removed):
+                return []
+            mine = [h for h in user if isinstance(h, type(builtin))]
+            for h in mine:
+                user.remove(h)
+            return mine or [builtin]
+
+        first = [h for b in computing for h in place(b)]
+        last = [h for b in writing for h in place(b)]
+        return first + user + last
 
     # -- what hooks may call -----------------------------------------------------
     def request_log(self) -> None:

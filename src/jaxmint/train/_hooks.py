@@ -97,11 +97,34 @@ def _is_legacy(hook) -> bool:
     )
 
 
+class Without:
+    """Built-in hooks to leave out of a run: ``fit(..., hooks=[without(Progress)])``."""
+
+    def __init__(self, *classes: type):
+        for c in classes:
+            if not (isinstance(c, type) and issubclass(c, Hook)):
+                raise TypeError(f"without() takes hook classes, got {c!r}")
+        self.classes = classes
+
+
+def without(*classes: type) -> Without:
+    """Leave the built-in hooks of these classes out of a `fit` run.
+
+    Example::
+
+        from jaxmint.train import Progress, RecompileWatch, without
+        jaxmint.fit(..., hooks=[without(Progress, RecompileWatch)])
+    """
+    return Without(*classes)
+
+
 def as_hooks(hooks: Sequence) -> list[Hook]:
     """``hooks`` as `Hook` objects: a callable ``(step, record)`` is called at each log."""
     out = []
     for h in hooks:
-        if isinstance(h, Hook):
+        if isinstance(h, Without):
+            out.append(h)
+        elif isinstance(h, Hook):
             out.append(_LegacyHook(h) if _is_legacy(h) else h)
         elif isinstance(h, type) and issubclass(h, Hook):
             raise TypeError(f"pass an instance of the hook class {h.__name__}, not the class")
