@@ -264,7 +264,7 @@ def diagnose_run(run_dir: str | os.PathLike, *, plots: bool = True) -> Report:
         "last step": records[-1]["step"] if records else None,
     }
     if plots and records:
-        out = run_dir / "diagnosis"
+        out = run.diagnosis_dir
         out.mkdir(exist_ok=True)
         runs = {run_dir.name: records}
         terms = ["loss", *_keys(records, "loss/"), *_keys(records, "eval/loss")]

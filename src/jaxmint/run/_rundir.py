@@ -9,6 +9,7 @@ A run directory holds what a run wrote and what any later command needs::
     checkpoints.damaged/ unreadable steps set aside on resume (kept, never deleted)
     DEBUG_RUN            marks a run written by debug mode
     nonfinite.json       the first non-finite step of a run that stopped on one
+    diagnosis/           the plots of ``jaxmint diagnose``
 
 Every other module asks a `RunDir` for these instead of spelling the names.
 """
@@ -55,6 +56,7 @@ class RunDir:
     CHECKPOINTS = "checkpoints"
     DAMAGED = "checkpoints.damaged"
     NONFINITE = "nonfinite.json"
+    DIAGNOSIS = "diagnosis"
 
     def __init__(self, path: str | os.PathLike, *, experiment: str | os.PathLike | None = None):
         self.path = Path(path)
@@ -83,6 +85,11 @@ class RunDir:
     @property
     def events_dir(self) -> Path:
         return self.path / self.EVENTS
+
+    @property
+    def diagnosis_dir(self) -> Path:
+        """Where ``jaxmint diagnose`` writes its plots."""
+        return self.path / self.DIAGNOSIS
 
     @property
     def checkpoints_dir(self) -> Path:
