@@ -263,3 +263,23 @@ def test_decoders_answer_every_input_with_a_request_or_a_protocol_error(
         return
     assert decoded.arrays["x"].shape[1:] == (8,)
     assert len({name for name, _ in decoded.outputs}) == len(decoded.outputs)
+
+
+def test_one_client_cannot_hold_every_connection(serve, tiny, sample):
+    server = serve(max_connections_per_client=3, max_connections=100)
+    silent = [socket.create_connection(("127.0.0.1", server.port), timeout=10) for _ in range(3)]
+    try:
+        time.sleep(0.2)  # let the server count them
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
+            data = b""
+            while chunk := s.recv(65536):
+                data += chunk
+        ((status, headers, body),) = parse_responses(data)
+        assert status == 429 and headers.get("retry-after") == "1"
+        assert "--max-connections-per-client" in json.loads(body)["error"]
+    finally:
+        silent.pop().close()
+    time.sleep(0.2)  # one slot is free again
+    _correct_answer_follows(server, tiny, sample)
+    for s in silent:
+        s.close()

@@ -90,6 +90,12 @@ def parser() -> argparse.ArgumentParser:
         help="open connections before new ones get 503 (default %(default)s)",
     )
     p.add_argument(
+        "--max-connections-per-client",
+        type=int,
+        default=_D.max_connections_per_client,
+        help="open connections from one address before new ones get 429 (default %(default)s)",
+    )
+    p.add_argument(
         "--backend",
         default="auto",
         choices=["auto", *BACKENDS],
@@ -115,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         ("--max-body-bytes", args.max_body_bytes),
         ("--max-elements", args.max_elements),
         ("--max-connections", args.max_connections),
+        ("--max-connections-per-client", args.max_connections_per_client),
         ("--max-batch-size", args.max_batch_size or 1),
     ]:
         if value < 1:
@@ -144,6 +151,7 @@ def main(argv: list[str] | None = None) -> int:
         drain_timeout_s=args.drain_timeout,
         idle_timeout_s=args.idle_timeout,
         max_connections=args.max_connections,
+        max_connections_per_client=args.max_connections_per_client,
     )
     try:
         server = Server(models, config)

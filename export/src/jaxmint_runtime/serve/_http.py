@@ -22,7 +22,8 @@ Around it, only what an inference endpoint needs, with every size and time bound
   flight and a full request buffered behind it;
 - a connection idle for ``idle_timeout_s`` is closed, one that takes longer than
   ``read_timeout_s`` to send a request gets 408 (counted from its first byte: more
-  bytes of noise do not reset it); past ``max_connections`` a new
+  bytes of noise do not reset it); past ``max_connections`` (or
+  ``max_connections_per_client`` from one address) a new
   connection gets 503 and is closed;
 - `Connections.drain` stops accepting, closes idle connections and lets busy ones
   finish their request (answered with ``Connection: close``).
@@ -56,6 +57,7 @@ class Limits:
     idle_timeout_s: float = 60.0
     read_timeout_s: float = 30.0
     max_connections: int = 1024
+    max_connections_per_client: int = 256
 
 
 @dataclass
@@ -97,6 +99,7 @@ class App(Protocol):
 
 
 _REASONS = {s.value: s.phrase for s in HTTPStatus}
+_RETRY = (("Retry-After", "1"),)
 _date_cache: list = [0, b""]
 
 
@@ -113,6 +116,7 @@ class Connections:
     def __init__(self, app: App, limits: Limits):
         self.app, self.limits = app, limits
         self.open: set[HttpProtocol] = set()
+        self.per_client: dict[str | None, int] = {}  # open connections by peer address
         self.draining = False
 
     def protocol(self) -> HttpProtocol:
@@ -150,6 +154,7 @@ class HttpProtocol(asyncio.Protocol):
         self.limits = connections.limits
         self.app = connections.app
         self.transport: Any = None
+        self.client: str | None = None
         self.parser = httptools.HttpRequestParser(self)
         self.queue: collections.deque[Request] = collections.deque()  # complete requests
         self.request: Request | None = None  # head received, body arriving
@@ -179,13 +184,39 @@ class HttpProtocol(asyncio.Protocol):
             transport.close()
             return
         if len(self.connections.open) >= self.limits.max_connections:
-            self._send_raw(error(503, "too many open connections; retry later", close=True))
+            self._send_raw(
+                error(503, "too many open connections; retry later", close=True, headers=_RETRY)
+            )
             return
+        peer = transport.get_extra_info("peername")
+        self.client = peer[0] if isinstance(peer, tuple) else None
+        per_client = self.connections.per_client
+        if per_client.get(self.client, 0) >= self.limits.max_connections_per_client:
+            self._send_raw(
+                error(
+                    429,
+                    f"this client has {self.limits.max_connections_per_client} connections open "
+                    "(--max-connections-per-client); reuse them or retry later",
+                    close=True,
+                    headers=_RETRY,
+                )
+            )
+            return
+        per_client[self.client] = per_client.get(self.client, 0) + 1
         self.connections.open.add(self)
 
     def connection_lost(self, exc) -> None:
         self.closed = True
-        self.connections.open.discard(self)
+        self._forget()
+
+    def _forget(self) -> None:
+        """Stop counting this connection (once), in the totals and for its client."""
+        if self in self.connections.open:
+            self.connections.open.discard(self)
+            per_client = self.connections.per_client
+            per_client[self.client] -= 1
+            if not per_client[self.client]:
+                del per_client[self.client]
 
     def eof_received(self) -> bool:
         # The client sent all it will send; keep the socket open to answer its requests.
@@ -402,7 +433,7 @@ class HttpProtocol(asyncio.Protocol):
     def close(self) -> None:
         if not self.closed:
             self.closed = True
-            self.connections.open.discard(self)
+            self._forget()
             self.transport.close()  # flushes what was written first
 
     def check_timeouts(self, now: float) -> None:

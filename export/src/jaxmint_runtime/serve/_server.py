@@ -54,6 +54,7 @@ class ServeConfig:
     idle_timeout_s: float = 60.0
     read_timeout_s: float = 30.0
     max_connections: int = 1024
+    max_connections_per_client: int = 256
 
 
 @dataclass(eq=False)
@@ -132,7 +133,12 @@ class Server:
             )
         c = self.config
         limits = Limits(
-            c.max_body_bytes, 64 * 1024, c.idle_timeout_s, c.read_timeout_s, c.max_connections
+            c.max_body_bytes,
+            64 * 1024,
+            c.idle_timeout_s,
+            c.read_timeout_s,
+            c.max_connections,
+            c.max_connections_per_client,
         )
         self._connections = Connections(self, limits)
         try:
