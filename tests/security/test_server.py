@@ -283,3 +283,27 @@ def test_one_client_cannot_hold_every_connection(serve, tiny, sample):
     _correct_answer_follows(server, tiny, sample)
     for s in silent:
         s.close()
+
+
+def test_batch_sizes_fall_in_buckets_compiled_at_start(serve, tiny, sample):
+    server = serve(max_batch_size=8)
+    ((status, _, body),) = parse_responses(
+        raw_exchange(server.port, b"GET /v2/models/tiny HTTP/1.1\r\nHost: a\r\n\r\n")
+    )
+    assert json.loads(body)["parameters"]["batch_buckets"] == [1, 2, 4, 8]
+    served = server.models["tiny"]
+    assert set(served.executables) == {1, 2, 4, 8}  # warmed when the server started
+    rng = np.random.default_rng(0)
+    cases = [rng.normal(size=(n, 8)).astype(np.float32) for n in (3, 5, 6, 7, 9, 13, 17)]
+    wants = [np.concatenate([tiny(x[i : i + 1]) for i in range(len(x))]) for x in cases]
+    symbolic = served.backend._fn(None)  # the jitted symbolic module: one entry per size
+    compiled = symbolic._cache_size()
+    for x, want in zip(cases, wants, strict=True):  # padded or chunked, never compiled
+        (status, _, answer), *_ = parse_responses(
+            raw_exchange(server.port, _post(_infer_body(x), "Connection: close\r\n"))
+        )
+        assert status == 200, answer[:200]
+        (out,) = json.loads(answer)["outputs"]
+        got = np.array(out["data"]).reshape(out["shape"])
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    assert symbolic._cache_size() == compiled

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import datetime as dt
 import logging
 import os
@@ -66,6 +67,7 @@ class Predictor:
         self.batch_sizes: list[int] = sorted(manifest.get("batch_sizes") or [])
         self.check_finite = check_finite
         self.backend = backend
+        self.buckets: list[int] | None = None  # see `bucketed`
         self.executables: dict[int, str] = {}  # filled by warmup()
         self._fast: dict[tuple, Any] = {}  # (shape, dtype) -> module key, validated once
 
@@ -169,10 +171,31 @@ class Predictor:
             raise InputError(f"input {self.inputs[0].name!r} contains NaN or infinity")
         return self.backend.call1(key, x)
 
+    def bucketed(self, max_batch: int) -> Predictor:
+        """This predictor (sharing its loaded backend) with a bounded set of batch sizes.
+
+        A backend that compiles per batch size (XLA) runs every batch at a *bucket*:
+        the declared sizes and the powers of two up to ``max_batch``, and
+        ``max_batch`` itself. A batch is padded up to the next bucket and a larger one
+        split into chunks of ``max_batch``, so a server compiles at most that many
+        executables, all of them at `warmup`, none on the request path.
+        """
+        view = copy.copy(self)
+        view._fast, view.executables = {}, {}
+        powers = {1 << i for i in range(max_batch.bit_length()) if 1 << i <= max_batch}
+        declared = {s for s in self.batch_sizes if s <= max_batch}
+        view.buckets = sorted(powers | declared | {max_batch})
+        return view
+
     def _plan(self, n: int) -> tuple[str, int | None, int]:
         """How to run ``n`` examples: ``(how, module key, size it runs at)``, with how
         one of ``direct`` (run n as is), ``pad`` (pad to the size) or ``chunk``."""
         b = self.backend
+        if self.buckets is not None and b.any_size and b.specialized and n not in b.fixed:
+            target = next((s for s in self.buckets if s >= n), None)
+            if target is None:
+                return "chunk", None, self.buckets[-1]
+            return ("direct", None, n) if target == n else ("pad", None, target)
         if n in b.fixed:
             return "direct", n, n
         if b.any_size and (not b.specialized or n in self.batch_sizes):
@@ -207,7 +230,7 @@ class Predictor:
     def warmup(self) -> dict[int, str]:
         """Run each declared batch size once; return how each executable was obtained,
         e.g. ``"precompiled"`` (from the artifact) or ``"compiled"`` (here, at load)."""
-        for b in self.batch_sizes:
+        for b in self.buckets or self.batch_sizes:
             if b in self.executables:
                 continue
             _, key, size = self._plan(b)

@@ -75,13 +75,16 @@ def model_metadata(predictor: Predictor) -> dict:
     def tensor(spec):
         return {"name": spec.name, "datatype": DATATYPES[spec.dtype], "shape": v2_shape(spec.shape)}
 
-    return {
+    metadata = {
         "name": predictor.name,
         "versions": [MODEL_VERSION],
         "platform": f"jaxmint/{predictor.backend_name}",
         "inputs": [tensor(s) for s in predictor.inputs],
         "outputs": [tensor(s) for s in predictor.outputs],
     }
+    if predictor.buckets is not None:  # the batch sizes that run without a compile
+        metadata["parameters"] = {"batch_buckets": predictor.buckets}
+    return metadata
 
 
 # -- decoding --------------------------------------------------------------------------

@@ -88,7 +88,10 @@ class Server:
                 raise ValueError(
                     f"two artifacts are named {predictor.name!r}; model names must be unique"
                 )
-            self.models[predictor.name] = predictor
+            # Bounded batch sizes, all compiled now: never an XLA compile on the request path.
+            bucketed = predictor.bucketed(self.bucket_max(predictor))
+            bucketed.warmup()
+            self.models[predictor.name] = bucketed
         if not self.models:
             raise ValueError("give at least one artifact to serve")
         self.batchers: dict[str, Batcher] = {}
@@ -109,6 +112,12 @@ class Server:
     @property
     def url(self) -> str:
         return f"http://{self.config.host}:{self.port}"
+
+    def bucket_max(self, predictor: Predictor) -> int:
+        """The largest batch one executable runs; larger requests run in chunks."""
+        if self.config.max_batch_size is not None:
+            return self.config.max_batch_size
+        return max(predictor.batch_sizes, default=DEFAULT_MAX_BATCH)
 
     def max_batch_size(self, predictor: Predictor) -> int:
         if not self.config.batching:
@@ -338,6 +347,7 @@ class Server:
             if self.config.batching
             else None,
             "declared_batch_sizes": predictor.batch_sizes,
+            "batch_buckets": predictor.buckets,
             "input": _protocol.model_metadata(predictor)["inputs"],
             "output": _protocol.model_metadata(predictor)["outputs"],
         }
