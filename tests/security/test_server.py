@@ -195,7 +195,7 @@ def test_noise_bytes_do_not_keep_a_connection_open(serve, tiny, sample):
 def test_repeated_output_names_are_refused_before_any_work(serve, tiny, sample):
     server = serve()
     tensor = {"name": "x", "shape": [1, 8], "datatype": "FP32", "data": [0.0] * 8}
-    body = json.dumps({"inputs": [tensor], "outputs": [{"name": "output"}] * 20_000}).encode()
+    body = json.dumps({"inputs": [tensor], "outputs": [{"name": "output"}] * 2_000}).encode()
     ((status, _, answer),) = parse_responses(
         raw_exchange(server.port, _post(body, "Connection: close\r\n"))
     )
@@ -307,3 +307,18 @@ def test_batch_sizes_fall_in_buckets_compiled_at_start(serve, tiny, sample):
         got = np.array(out["data"]).reshape(out["shape"])
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
     assert symbolic._cache_size() == compiled
+
+
+def test_a_huge_json_body_that_does_not_match_its_shape_is_refused_unparsed(serve, tiny, sample):
+    server = serve(max_body_bytes=64 << 20)
+    tensor = {"name": "x", "shape": [1, 8], "datatype": "FP32", "data": [0.5] * 4_000_000}
+    body = json.dumps({"inputs": [tensor]}).encode()
+    assert len(body) > 16 << 20
+    t0 = time.monotonic()
+    ((status, _, answer),) = parse_responses(
+        raw_exchange(server.port, _post(body, "Connection: close\r\n"), timeout=30)
+    )
+    elapsed = time.monotonic() - t0
+    assert status == 400 and "declare 8 elements" in json.loads(answer)["error"]
+    assert elapsed < 5, f"refusing took {elapsed:.1f} s"
+    _correct_answer_follows(server, tiny, sample)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -103,6 +104,7 @@ def decode_infer(
       max_elements: the most elements one input tensor may declare.
     """
     if header_length is None:
+        _check_json_size(body)
         head, binary = body, b""
     else:
         if not 0 < header_length <= len(body):
@@ -176,6 +178,37 @@ def decode_infer(
     if not isinstance(binary_default, bool):
         raise ProtocolError("parameters.binary_data_output must be true or false")
     return InferRequest(request_id, arrays, batch, _outputs(request, predictor, binary_default))
+
+
+_SHAPE = re.compile(rb'(?<!\\)"shape"\s*:\s*\[([0-9,\s]*)\]')
+_CHARS_PER_VALUE = 40  # "-1.2345678901234567e-300, " and nesting, generously
+_JSON_SLACK = 64 * 1024
+
+
+def _check_json_size(body: bytes) -> None:
+    """Refuse a JSON body far larger than its declared shapes can need, before parsing.
+
+    Parsing builds Python objects several times the body's size, so a 64 MB body
+    whose ``data`` does not match its ``shape`` would cost most of a gigabyte and
+    seconds of the event loop before the mismatch shows. The shapes are found with a
+    cheap scan; a body without them is parsed and checked as usual.
+    """
+    if len(body) <= _JSON_SLACK:
+        return
+    shapes = _SHAPE.findall(body)
+    if not shapes:
+        return
+    declared = 0
+    for dims in shapes:
+        values = [int(d) for d in dims.split(b",") if d.strip()]
+        declared += math.prod(values)
+    bound = _JSON_SLACK + declared * _CHARS_PER_VALUE
+    if len(body) > bound:
+        raise ProtocolError(
+            f"the JSON body has {len(body)} bytes but its inputs declare {declared} elements "
+            f"in all, which need at most about {bound}; send data that matches 'shape', or "
+            "binary tensors for large inputs"
+        )
 
 
 def _parameters(obj: dict, where: str) -> dict:
