@@ -322,3 +322,34 @@ def test_a_huge_json_body_that_does_not_match_its_shape_is_refused_unparsed(serv
     assert status == 400 and "declare 8 elements" in json.loads(answer)["error"]
     assert elapsed < 5, f"refusing took {elapsed:.1f} s"
     _correct_answer_follows(server, tiny, sample)
+
+
+def test_a_slow_body_gets_408_from_its_first_byte(serve, tiny, sample):
+    server = serve(read_timeout_s=0.6)
+    body = _infer_body(sample[:1])
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
+        s.sendall(_post(body)[: -len(body) // 2])
+        t0 = time.monotonic()
+        for _ in range(20):  # a trickle of bytes does not extend the deadline
+            time.sleep(0.1)
+            try:
+                s.sendall(b" ")
+            except (BrokenPipeError, ConnectionResetError):
+                break
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    ((status, _, _),) = parse_responses(data)
+    assert status == 408 and time.monotonic() - t0 < 5
+    _correct_answer_follows(server, tiny, sample)
+
+
+def test_a_client_that_half_closes_mid_request_is_let_go(serve, tiny, sample):
+    server = serve()
+    with socket.create_connection(("127.0.0.1", server.port), timeout=5) as s:
+        s.sendall(_post(b'{"inputs": [')[:-4])
+        s.shutdown(socket.SHUT_WR)
+        t0 = time.monotonic()
+        assert s.recv(65536) == b""  # closed without an answer to half a request
+    assert time.monotonic() - t0 < 2
+    _correct_answer_follows(server, tiny, sample)
