@@ -79,3 +79,8 @@ def test_backends_quick(tmp_path):
     assert set(result["batch1_latency_us"]) == {"xla", "onnx", "iree"}
     # Both shipped experiments export to every target.
     assert result["transformer_targets"] == {"written": ["xla", "onnx", "iree"], "skipped": {}}
+
+
+def test_http_parsers_quick(tmp_path):
+    run("benchmarks/http_parsers.py", "--quick", "--out", tmp_path / "h.json")
+    assert json.loads((tmp_path / "h.json").read_text())["us_per_request"]

@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import json
-import socket
+import sys
 from pathlib import Path
 
 from jaxmint_runtime._format import sha256_file
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "runtime"))
+from runtime_helpers import parse_responses, raw_exchange
+
+__all__ = ["manifest", "parse_responses", "raw_exchange", "write_manifest"]
 
 
 def manifest(directory: Path) -> dict:
@@ -26,37 +31,3 @@ def write_manifest(directory: Path, data: dict, *, rehash: bool = False) -> None
             if p.is_file() and not p.is_symlink() and p.name != "manifest.json"
         }
     (directory / "manifest.json").write_text(json.dumps(data))
-
-
-def raw_exchange(port: int, data: bytes, timeout: float = 10) -> bytes:
-    """Send raw bytes, half-close, and read everything the server sends until it closes."""
-    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
-        try:
-            s.sendall(data)
-            s.shutdown(socket.SHUT_WR)
-        except (BrokenPipeError, ConnectionResetError):
-            pass  # the server may answer and close before reading everything
-        chunks = []
-        while True:
-            try:
-                chunk = s.recv(65536)
-            except ConnectionResetError:
-                break
-            if not chunk:
-                break
-            chunks.append(chunk)
-    return b"".join(chunks)
-
-
-def parse_responses(data: bytes) -> list[tuple[int, dict, bytes]]:
-    """Split a byte stream into HTTP responses (Content-Length framed)."""
-    out = []
-    while data:
-        end = data.index(b"\r\n\r\n")
-        lines = data[:end].decode("latin-1").split("\r\n")
-        status = int(lines[0].split(" ")[1])
-        headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
-        length = int(headers["content-length"])
-        out.append((status, headers, data[end + 4 : end + 4 + length]))
-        data = data[end + 4 + length :]
-    return out

@@ -16,7 +16,6 @@ depend on the directory's path.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import shutil
@@ -26,6 +25,8 @@ from collections import Counter
 from pathlib import Path
 
 import jax
+
+from jaxmint_runtime._format import sha256_file
 
 log = logging.getLogger("jaxmint_runtime")
 
@@ -80,7 +81,7 @@ def install(entries: list[tuple[Path, str]], cache_dir: Path) -> list[Path]:
     installed = []
     for src, digest in entries:
         dst = cache_dir / src.name
-        if dst.is_file() and not dst.is_symlink() and _sha256(dst) == digest:
+        if dst.is_file() and not dst.is_symlink() and sha256_file(dst) == digest:
             installed.append(dst)
             continue
         if dst.exists() or dst.is_symlink():
@@ -102,14 +103,6 @@ def set_aside(entry: Path, why: str) -> None:
     except FileNotFoundError:
         return
     log.warning("set aside the compilation cache entry %s (%s): moved to %s", entry, why, target)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def platform_key() -> dict:

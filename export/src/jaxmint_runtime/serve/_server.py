@@ -269,9 +269,7 @@ class Server:
         return None
 
     def handle(self, request: Request) -> Response | asyncio.Future:
-        refusal = self.admit(request)
-        if refusal is not None:
-            return refusal
+        """Answer an admitted request (the transport calls `admit` first)."""
         path = request.path.rstrip("/") or "/"
         parts = [unquote(p) for p in path.split("/")[1:]]
         if parts == ["metrics"]:
