@@ -18,7 +18,7 @@ import pytest
 import jaxmint
 from jaxmint import losses
 from jaxmint.checkpoint import CheckpointError
-from jaxmint.run import load_params
+from jaxmint.run import RunDir, load_params
 from jaxmint.train import NonFiniteError
 
 TRAINER = Path(__file__).with_name("trainer.py")
@@ -77,7 +77,7 @@ def test_sigkill_at_several_points_then_resume_is_bit_identical(tmp_path, refere
     assert got.keys() == reference.keys()
     for k in reference:
         assert np.array_equal(got[k], reference[k]), k
-    steps = [r["step"] for r in jaxmint.track.read_metrics(workdir)]
+    steps = [r["step"] for r in RunDir(workdir).metrics()]
     assert steps == sorted(set(steps)) and steps[-1] == STEPS
 
 

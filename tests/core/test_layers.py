@@ -11,6 +11,8 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+import pytest
+
 SRC = Path(__file__).parents[2] / "src" / "jaxmint"
 
 LAYERS = {
@@ -131,3 +133,41 @@ def test_packages_form_no_cycle():
     edges, _ = _walk()
     cycles = _cycles(edges)
     assert not cycles, "\n".join(" -> ".join(c) for c in cycles)
+
+
+RUN_DIR_NAMES = {
+    "config.json",
+    "metrics.jsonl",
+    "tb",
+    "checkpoints",
+    "checkpoints.damaged",
+    "DEBUG_RUN",
+    "nonfinite.json",
+    "diagnosis",
+}
+
+
+def test_only_the_run_package_spells_the_run_dirs_files():
+    spelled = []
+    for path in sorted(SRC.rglob("*.py")):
+        if _package(_module_name(path)) == "run":
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if isinstance(node, ast.Constant) and node.value in RUN_DIR_NAMES:
+                spelled.append(f"{path.relative_to(SRC)}:{node.lineno} spells {node.value!r}")
+    assert not spelled, "ask jaxmint.run.RunDir instead:\n" + "\n".join(spelled)
+
+
+def test_metrics_read_back_through_the_run_dir(tmp_path):
+    from jaxmint.run import RunDir
+    from jaxmint.track import JsonlWriter, read_metrics
+
+    run = RunDir(tmp_path)
+    writer = JsonlWriter(run.metrics_file)
+    writer.write({"step": 1, "loss": float("nan")})
+    writer.close()
+    records = run.metrics()
+    assert records[0]["step"] == 1 and records[0]["loss"] != records[0]["loss"]
+    assert [r["step"] for r in read_metrics(run.metrics_file)] == [1]
+    with pytest.raises(IsADirectoryError, match=r"RunDir\("):
+        read_metrics(tmp_path)

@@ -26,7 +26,7 @@ from typing import Any
 from jaxmint.checkpoint import CheckpointError, RunCheckpoints, read_weights
 from jaxmint.config import from_dict
 from jaxmint.run._script import load_module
-from jaxmint.track import METRICS_FILE, read_metrics
+from jaxmint.track import read_metrics
 
 log = logging.getLogger("jaxmint")
 
@@ -51,7 +51,7 @@ class RunDir:
     """
 
     CONFIG = "config.json"
-    METRICS = METRICS_FILE
+    METRICS = "metrics.jsonl"
     EVENTS = "tb"
     CHECKPOINTS = "checkpoints"
     DAMAGED = "checkpoints.damaged"

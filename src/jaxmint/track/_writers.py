@@ -1,4 +1,4 @@
-"""Where metrics go: ``metrics.jsonl``, TensorBoard event files and a live progress bar."""
+"""Where metrics go: a JSON-lines file, TensorBoard event files and a live progress bar."""
 
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ def _clean(value: Any) -> Any:
 
 
 class JsonlWriter:
-    """Appends one JSON object per logged step to ``metrics.jsonl``, flushed each time."""
+    """Appends one JSON object per logged step to a file, flushed each time."""
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
@@ -41,15 +41,17 @@ class JsonlWriter:
         self._file.close()
 
 
-METRICS_FILE = "metrics.jsonl"
-"""The file name of a run's metrics, inside its run dir."""
-
-
 def read_metrics(path: str | os.PathLike) -> list[dict]:
-    """Read a ``metrics.jsonl`` (or the one inside a run dir) back into a list of dicts."""
+    """Read a metrics file written by `JsonlWriter` back into a list of dicts.
+
+    For a run directory, ask it: ``jaxmint.run.RunDir(path).metrics()``.
+    """
     path = Path(path)
     if path.is_dir():
-        path = path / METRICS_FILE
+        raise IsADirectoryError(
+            f"{path} is a directory; read_metrics takes a metrics file. For a run dir use "
+            f"jaxmint.run.RunDir({str(path)!r}).metrics()"
+        )
     records = []
     with open(path, encoding="utf-8") as f:
         for line in f:
