@@ -284,3 +284,35 @@ def test_builtin_hooks_can_be_replaced_and_removed(tmp_path, toy):
     assert not (tmp_path / "checkpoints").exists()  # no checkpointer, no checkpoints
     with pytest.raises(TypeError, match="hook classes"):
         without("progress")
+
+
+def test_a_model_seen_before_is_initialized_without_compiling_again(toy, monkeypatch):
+    """Sweeps and tests run many short fits: the init compiles once per program."""
+    from jaxmint.train import _compiled
+
+    compiles = []
+    real = jax.stages.Lowered.compile
+    monkeypatch.setattr(
+        jax.stages.Lowered, "compile", lambda self, *a, **k: compiles.append(1) or real(self)
+    )
+    _compiled.clear()
+    first = _fit(toy, steps=1, batch_size=16, seed=3)
+    again = _fit(toy, steps=1, batch_size=16, seed=3)
+    other_seed = _fit(toy, steps=1, batch_size=16, seed=4)  # the seed is an argument
+    assert len(compiles) == 1
+    wider = _fit(toy, steps=1, batch_size=16, model=jaxmint.models.mlp((33,), num_outputs=3))
+    assert len(compiles) == 2 and wider.params["dense0"]["kernel"].shape[-1] == 33
+    jax.tree.map(np.testing.assert_array_equal, first.params, again.params)
+    assert not np.array_equal(
+        first.params["dense0"]["kernel"], other_seed.params["dense0"]["kernel"]
+    )
+
+    # The same values as a plain jax.jit of the init.
+    steps = build_steps(
+        jaxmint.models.mlp((32,), num_outputs=3), losses.softmax_cross_entropy(), optax.adam(1e-2)
+    )
+    batch = {k: v[:16] for k, v in toy.items()}
+    plain = jax.jit(steps.init)(jax.random.PRNGKey(3), batch)
+    cached = _compiled.call_compiled(steps.init, jax.random.PRNGKey(3), batch)
+    assert len(compiles) == 2
+    jax.tree.map(np.testing.assert_array_equal, plain.params, cached.params)

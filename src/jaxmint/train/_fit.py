@@ -31,6 +31,7 @@ from jaxmint.train._builtin import (
     Writers,
     scalar,
 )
+from jaxmint.train._compiled import call_compiled
 from jaxmint.train._config import FIT_FIELDS, FitConfig, resolve_settings
 from jaxmint.train._hooks import Hook, Without, as_hooks, overrides
 from jaxmint.train._resume import resume
@@ -216,11 +217,11 @@ class FitLoop:
             with jax.disable_jit():
                 return self.steps.init(key, sample)
         if self.strategy == "single":
-            return jax.jit(self.steps.init)(key, sample)
+            return call_compiled(self.steps.init, key, sample)
         abstract = jax.eval_shape(self.steps.init, key, sample)
         self.shardings = parallel.state_shardings(abstract, self.mesh, self.strategy)
         self.data_sharding = parallel.batch_sharding(self.mesh)
-        return jax.jit(self.steps.init, out_shardings=self.shardings)(key, sample)
+        return call_compiled(self.steps.init, key, sample, out_shardings=self.shardings)
 
     def _compile(self, state: TrainState) -> None:
         s = self.settings
