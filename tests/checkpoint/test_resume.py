@@ -315,3 +315,38 @@ def test_nonfinite_between_log_and_checkpoint_is_not_saved(tmp_path, toy):
         log_every=25,
     )
     assert result.history[-1]["step"] == 30
+
+
+def test_a_save_that_stalls_the_loop_is_named_once(tmp_path, toy, caplog):
+    """Saving after every step of a tiny model: the loop mostly waits for saves."""
+    with caplog.at_level(logging.WARNING, logger="jaxmint"):
+        jaxmint.fit(
+            jaxmint.models.mlp((8,), num_outputs=3),
+            losses.softmax_cross_entropy(),
+            optax.sgd(0.1),
+            toy,
+            steps=6,
+            batch_size=16,
+            workdir=tmp_path / "run",
+            checkpoint_every=1,
+            progress=False,
+        )
+    stalls = [r.getMessage() for r in caplog.records if "checkpointing takes" in r.getMessage()]
+    assert len(stalls) == 1, stalls
+    assert "ms per save, one save every 1 steps" in stalls[0] and "--checkpoint-every" in stalls[0]
+
+
+def test_a_save_that_costs_little_is_not_reported(caplog):
+    from jaxmint.train import Checkpointer
+
+    class Loop:
+        final = False
+        settings = type("S", (), {"checkpoint_every": 50})
+
+    hook = Checkpointer(checkpoints=None, best_metric="eval/loss")
+    with caplog.at_level(logging.WARNING, logger="jaxmint"):
+        for start in (0.0, 1.0, 2.0, 3.0):  # 5 ms blocked per 1 s between saves
+            hook._measure(Loop(), start, start + 0.005)
+        assert not caplog.records and not hook.warned
+        hook._measure(Loop(), 3.5, 3.7)  # 200 ms of 0.7 s
+    assert hook.warned and "29% of the training time" in caplog.records[0].getMessage()

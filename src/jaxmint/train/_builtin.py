@@ -8,6 +8,7 @@ state is logged or saved), `RecompileWatch`, `Diagnose`, the user's hooks,
 from __future__ import annotations
 
 import logging
+import time
 
 import jax
 import numpy as np
@@ -142,12 +143,18 @@ class Checkpointer(Hook):
 
     Records each step's ``best_metric`` for the keep policy, and installs the
     SIGTERM/SIGINT handlers that make the loop save and stop at the next step.
+    Saves are asynchronous; the part the loop waits for (the copy of the state, a
+    previous save still in flight, pruning) is measured, and a warning names it
+    once when it takes more than ``warn_fraction`` of the time between saves.
     """
 
-    def __init__(self, checkpoints: RunCheckpoints, best_metric: str):
+    def __init__(self, checkpoints: RunCheckpoints, best_metric: str, warn_fraction=0.1):
         self.checkpoints = checkpoints
         self.best_metric = best_metric
         self.preemption = Preemption()
+        self.warn_fraction = warn_fraction
+        self.warned = False
+        self._last_save: float | None = None  # when the previous periodic save returned
 
     def on_start(self, loop, state):
         self.preemption.install()
@@ -159,9 +166,31 @@ class Checkpointer(Hook):
 
     def on_checkpoint(self, loop, step, state):
         meta = {"data_position": loop.data.position(step), "loss_terms": loop.steps.term_names}
+        start = time.perf_counter()
         self.checkpoints.save(step, state, meta=meta, final=loop.final)
+        end = time.perf_counter()
         if self.preemption.signal:
             self.checkpoints.wait()
+        if not loop.final:
+            self._measure(loop, start, end)
+
+    def _measure(self, loop, start: float, end: float) -> None:
+        # The first save is not judged: it includes one-time setup (threads, directories).
+        previous, self._last_save = self._last_save, end
+        if previous is None or self.warned:
+            return
+        blocked, interval = end - start, end - previous
+        if blocked > self.warn_fraction * interval:
+            self.warned = True
+            log.warning(
+                "checkpointing takes %.0f%% of the training time: the loop waits %.0f ms per "
+                "save, one save every %s steps (%.0f ms). Save less often (--checkpoint-every), "
+                "or keep fewer steps (--keep-last)",
+                100 * blocked / interval,
+                1000 * blocked,
+                loop.settings.checkpoint_every,
+                1000 * interval,
+            )
 
     def on_end(self, loop, result):
         self.preemption.uninstall()
