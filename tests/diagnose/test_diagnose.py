@@ -21,8 +21,8 @@ from jaxmint.train import build_steps
 REPO = Path(__file__).resolve().parents[2]
 
 
-def codes(records):
-    return {f.code for f in find_flags(records)}
+def codes(records, **kw):
+    return {f.code for f in find_flags(records, **kw)}
 
 
 def run(data, *, model=None, loss=None, opt=None, steps=40, **kw):
@@ -74,10 +74,13 @@ def test_term_gradients_match_hand_computation(toy):
 
 
 def test_activation_stats():
-    x = jnp.array([[0.0, 1.0, -1.0], [0.0, 2.0, 0.99]])
+    x = jnp.array([[0.0, 1.0, -1.0], [0.0, 0.5, 0.99]])
     s = activation_stats({"layer": (x,)})
     assert float(s["diag/dead/layer"]) == pytest.approx(1 / 3)  # unit 0 never positive
-    assert float(s["diag/saturated/layer"]) == pytest.approx(4 / 6)
+    assert float(s["diag/saturated/layer"]) == pytest.approx(3 / 6)
+    # Unbounded values (a residual stream, a ReLU layer) are not saturation.
+    s = activation_stats({"layer": (jnp.array([[0.0, 5.0, -1.0], [0.0, 2.0, 0.99]]),)})
+    assert float(s["diag/saturated/layer"]) == 0.0
 
 
 def test_diagnostics_only_on_their_steps(toy):
@@ -88,8 +91,42 @@ def test_diagnostics_only_on_their_steps(toy):
 
 
 def test_flag_dominant_term(toy):
-    history = run(toy, loss=losses.softmax_cross_entropy() + 50.0 * losses.l2())
+    history = run(toy, loss=losses.softmax_cross_entropy() + 1e3 * losses.z_loss())
     assert "dominant-term" in codes(history)
+
+
+def test_weight_decay_is_judged_as_a_regularizer(tmp_path, toy):
+    """A regularizer is not a competing term: most of the gradient is no alarm while the
+    model learns; it is one when the data loss stalls or the parameters are crushed."""
+    records = [
+        {
+            "step": s,
+            "loss": 1.0 - 0.01 * s + 0.01,
+            "loss/ce": 1.0 - 0.01 * s,
+            "loss/l2": 10.0,
+            "weight/l2": 1e-3,
+            "diag/grad_share/ce": 0.05,
+            "diag/grad_share/l2": 0.95,
+            "diag/param_norm/dense0": 3.0,
+        }
+        for s in range(2, 42, 2)
+    ]
+    assert "dominant-term" in codes(records)  # the false alarm of judging it as a term
+    assert codes(records, regularizers=["l2"]) == set()
+    stalled = [{**r, "loss": 1.01, "loss/ce": 1.0} for r in records]
+    assert codes(stalled, regularizers=["l2"]) >= {"regularizer-dominant"}
+
+    healthy = losses.softmax_cross_entropy() + 1e-2 * losses.l2()
+    run(toy, loss=healthy, steps=60, workdir=tmp_path / "ok")
+    assert diagnose_run(tmp_path / "ok", plots=False).flags == []
+
+    crushed = losses.softmax_cross_entropy() + 5.0 * losses.l2()
+    run(toy, loss=crushed, steps=60, workdir=tmp_path / "bad")  # regularizers from config.json
+    report = diagnose_run(tmp_path / "bad", plots=False)
+    assert [f.code for f in report.flags][:1] == ["regularizer-dominant"], report.text
+    assert "regularizer 'l2' makes" in report.text and "norm fell to" in report.text
+    # The summary says what loss/<name> is: the term before its weight.
+    assert "l2 (regularizer)" in report.text and " x 5 = " in report.text
 
 
 def test_flags_update_ratio_low_and_plateau(toy):
@@ -205,7 +242,7 @@ def test_healthy_run_has_no_flags(toy):
 
 
 def test_report_writes_text_and_plots(tmp_path, toy):
-    run(toy, workdir=tmp_path / "run", loss=losses.softmax_cross_entropy() + 50.0 * losses.l2())
+    run(toy, workdir=tmp_path / "run", loss=losses.softmax_cross_entropy() + 1e3 * losses.z_loss())
     report = diagnose_run(tmp_path / "run")
     assert "dominant-term" in report.text
     names = {p.name for p in report.plots}
@@ -323,3 +360,37 @@ def test_recompile_watch_names_the_changed_argument(caplog):
         watch.check(f, state, wider)
     assert "compiled again (2 versions)" in caplog.text
     assert "batch/x: ((4, 3), 'float32', False) -> ((4, 5), 'float32', False)" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("lr", "lead", "also"),
+    [
+        (1e6, "diverging", {"exploding-gradient"}),  # the loss reaches ~1e12
+        (3.0, "diverging", set()),  # weights blow up while predictions sit at chance
+        (1e-7, "update-ratio-low", {"plateau-at-start"}),
+        (1e-3, None, set()),  # healthy, with weight decay
+    ],
+)
+def test_the_learning_rate_is_named_on_digits(lr, lead, also):
+    train, test = jaxmint.data.digits()
+    history = jaxmint.fit(
+        jaxmint.models.mlp((64,), 10),
+        losses.softmax_cross_entropy() + 1e-4 * losses.l2(),
+        optax.adam(lr),
+        train,
+        steps=100,
+        batch_size=64,
+        eval_data=test,
+        eval_every=50,
+        log_every=5,
+        diagnose_every=10,
+        progress=False,
+    ).history
+    assert history[0]["step"] == 1  # the first record is before any blow-up
+    flags = find_flags(history, regularizers=["l2"])
+    assert [f.code for f in flags][:1] == ([lead] if lead else [])
+    assert also <= {f.code for f in flags}
+    if lead == "diverging":
+        assert "learning rate is likely too high" in flags[0].sentence
+        assert "jaxmint lr-find" in flags[0].sentence
+        assert all(f.consequence for f in flags[1:])  # dead units etc. follow from it

@@ -20,12 +20,37 @@ SATURATED_FRACTION = 0.5
 SPIKE_FACTOR = 3.0  # loss above this times the median of the previous records
 OVERFIT_RISE = 0.1  # eval loss 10% above its minimum while train loss keeps falling
 PLATEAU_CHANGE = 0.02  # < 2% change of the mean loss from the first to the second fifth
+DIVERGE_RISE = 1.5  # the data loss of the last third above this times its first record
+DIVERGE_FACTOR = 1e2  # ... and this many times: orders of magnitude
+DATA_LOSS_FALL = 0.02  # a data loss that fell less than this (relative) did not learn
+NORM_SHRINK = 0.5  # parameters whose norm fell below this fraction of the first: crushed
+
+# The order in which flags are reported: causes before the symptoms they explain.
+# A learning rate far too high (diverging, update-ratio-high) explains dead or
+# saturated units, vanishing or exploding gradients, spikes and a bad eval, so
+# when one of those two is found, the others are listed as its likely consequences.
+RANK = [
+    "diverging",
+    "update-ratio-high",
+    "exploding-gradient",
+    "loss-spike",
+    "regularizer-dominant",
+    "dominant-term",
+    "update-ratio-low",
+    "plateau-at-start",
+    "vanishing-gradient",
+    "dead-units",
+    "saturated-units",
+    "overfitting",
+]
+LR_TOO_HIGH = {"diverging", "update-ratio-high"}
 
 
 @dataclass
 class Flag:
     code: str
     sentence: str
+    consequence: bool = False  # explained by a flag listed before it
 
 
 @dataclass
@@ -42,7 +67,14 @@ class Report:
             lines.append(f"  {k}: {v}")
         if not self.flags:
             lines.append("no known pathology found")
-        for f in self.flags:
+        else:
+            lead = self.flags[0]
+            lines.append(f"likely cause: [{lead.code}] {lead.sentence}")
+        for i, f in enumerate(self.flags[1:]):
+            if f.consequence and (i == 0 or not self.flags[i].consequence):
+                lines.append("likely consequences of it:")
+            elif not f.consequence and i == 0:
+                lines.append("also found:")
             lines.append(f"- [{f.code}] {f.sentence}")
         for p in self.plots:
             lines.append(f"plot: {p}")
@@ -61,28 +93,140 @@ def _keys(records, prefix):
     return sorted({k for r in records for k in r if k.startswith(prefix)})
 
 
-def find_flags(records: list[dict]) -> list[Flag]:
-    """The pathologies visible in ``records`` (the rows of a metrics.jsonl)."""
-    flags: list[Flag] = []
-    late = records[len(records) // 2 :]  # judge gradient statistics on the second half
+def _term_flags(records, late, regularizers: set[str]) -> list[Flag]:
+    """A data term that drowns the others, or a regularizer that drowns the data.
 
+    Terms on the parameters (regularizers, such as weight decay) are judged apart:
+    a regularizer with most of the gradient is normal while the model learns, and a
+    problem when the data loss has stopped falling or the parameters are crushed
+    (their norm fell below half of its first value).
+    """
     shares = {
         k.split("/", 2)[2]: [v for _, v in _series(late, k)]
         for k in _keys(records, "diag/grad_share/")
     }
-    if len(shares) >= 2:
-        for name, values in shares.items():
-            if values and statistics.median(values) > DOMINANT_SHARE:
+    shares = {name: statistics.median(v) for name, v in shares.items() if v}
+    data = {n: v for n, v in shares.items() if n not in regularizers}
+    flags = []
+    if len(data) >= 2:
+        total = sum(max(v, 0.0) for v in data.values()) or 1.0
+        for name, share in data.items():
+            if share / total > DOMINANT_SHARE:
                 flags.append(
                     Flag(
                         "dominant-term",
-                        (
-                            f"loss term '{name}' makes {statistics.median(values):.0%} of the "
-                            "gradient; "
-                            "the other terms barely train. Lower its weight or raise the others'."
-                        ),
+                        f"loss term '{name}' makes {share / total:.0%} of the data terms' "
+                        "gradient; the other terms barely train. Lower its weight or raise the "
+                        "others'.",
                     )
                 )
+    fell, shrunk = _data_loss_fall(records, regularizers), _norm_ratio(records)
+    stalled = fell is not None and fell < DATA_LOSS_FALL
+    crushed = shrunk is not None and shrunk < NORM_SHRINK
+    for name in sorted(regularizers & shares.keys()):
+        if shares[name] > DOMINANT_SHARE and (stalled or crushed):
+            why = (
+                f"the parameters' norm fell to {shrunk:.0%} of its first value"
+                if crushed
+                else f"the data loss fell only {fell:.1%}"
+            )
+            flags.append(
+                Flag(
+                    "regularizer-dominant",
+                    f"regularizer '{name}' makes {shares[name]:.0%} of the gradient and {why}: "
+                    "it pulls the parameters harder than the data does. Lower its weight.",
+                )
+            )
+    return flags
+
+
+def _norm_ratio(records) -> float | None:
+    """The parameters' norm at the last diagnosed record over the first."""
+    norms = [
+        math.sqrt(sum(v * v for k, v in r.items() if k.startswith("diag/param_norm/")))
+        for r in records
+        if any(k.startswith("diag/param_norm/") for k in r)
+    ]
+    if len(norms) < 2 or norms[0] <= 0:
+        return None
+    return norms[-1] / norms[0]
+
+
+def _data_loss_fall(records, regularizers: set[str]) -> float | None:
+    """The relative fall of the data terms' loss (the total without regularizers) from
+    the first fifth of the records to the last."""
+    rows = []
+    for r in records:
+        if not (isinstance(r.get("loss"), int | float) and math.isfinite(r["loss"])):
+            continue
+        value = r["loss"] - sum(
+            r.get(f"weight/{n}", 1.0) * r[f"loss/{n}"]
+            for n in regularizers
+            if isinstance(r.get(f"loss/{n}"), int | float)
+        )
+        rows.append(value)
+    fifth = len(rows) // 5
+    if fifth < 1:
+        return None
+    first, last = statistics.fmean(rows[:fifth]), statistics.fmean(rows[-fifth:])
+    return (first - last) / max(abs(first), 1e-12)
+
+
+def _data_series(records, regularizers: set[str]) -> list[tuple[int, float]]:
+    """The data terms' loss before their weights (the sum of the unweighted
+    ``loss/<name>`` of every term that is not a regularizer; the total when the run
+    logged no terms), so that a weight ramped up by a schedule is not read as a rise."""
+    out = []
+    for r in records:
+        names = [
+            k.split("/", 1)[1]
+            for k in r
+            if k.startswith("loss/") and k.split("/", 1)[1] not in regularizers
+        ]
+        values = [r[f"loss/{n}"] for n in names] if names else [r.get("loss")]
+        if all(isinstance(v, int | float) and math.isfinite(v) for v in values):
+            out.append((r["step"], float(sum(values))))
+    return out
+
+
+def _diverging(records, regularizers: set[str]) -> Flag | None:
+    """The data loss ends well above its first record (orders of magnitude, or half as
+    much again); or the total loss does while the data loss has not fallen (the
+    parameters blow up while predictions stay at chance); or the loss became non-finite."""
+    loss = _data_series(records, regularizers)
+    total = _series(records, "loss")
+    nonfinite = any(
+        isinstance(r.get("loss"), float) and not math.isfinite(r["loss"]) for r in records
+    )
+    if len(loss) < 3 or loss[0][1] <= 0:
+        return None
+    first_step, first = loss[0]
+    tail = statistics.median(v for _, v in loss[-max(1, len(loss) // 3) :])
+    total_tail = statistics.median(v for _, v in total[-max(1, len(total) // 3) :])
+    if total[0][1] > 0 and total_tail > DIVERGE_RISE * total[0][1] and tail > 0.9 * first:
+        first_step, first, tail = total[0][0], total[0][1], total_tail
+    if nonfinite or tail > DIVERGE_RISE * first:
+        what = "became non-finite" if nonfinite else f"rose to {tail:.3g}"
+        size = f" ({tail / first:.0e} times)" if tail > DIVERGE_FACTOR * first else ""
+        return Flag(
+            "diverging",
+            f"training diverges: the loss was {first:.3g} at step {first_step} and {what}"
+            f"{size} by the end. The learning rate is likely too high: lower it, or find one "
+            "with `jaxmint lr-find`.",
+        )
+    return None
+
+
+def find_flags(records: list[dict], *, regularizers=()) -> list[Flag]:
+    """The pathologies visible in ``records`` (the rows of a metrics.jsonl), the likely
+    cause first; ``regularizers`` names the loss terms on the parameters."""
+    flags: list[Flag] = []
+    diverging = _diverging(records, set(regularizers))
+    if diverging is not None:
+        flags.append(diverging)
+    late = records[len(records) // 2 :]  # judge gradient statistics on the second half
+
+    flags += _term_flags(records, late, set(regularizers))
 
     for key in _keys(records, "diag/update_ratio/"):
         values = [v for _, v in _series(late, key)]
@@ -218,7 +362,32 @@ def find_flags(records: list[dict]) -> list[Flag]:
                     ),
                 )
             )
+    return _ranked(flags)
+
+
+def _ranked(flags: list[Flag]) -> list[Flag]:
+    """Causes first; with a learning rate far too high, the rest are its consequences."""
+    flags = sorted(flags, key=lambda f: RANK.index(f.code))
+    if flags and flags[0].code in LR_TOO_HIGH:
+        for f in flags[1:]:
+            f.consequence = f.code not in LR_TOO_HIGH  # the other is more evidence of it
     return flags
+
+
+def _terms_summary(record: dict, regularizers) -> dict:
+    """Each term at the last record as logged (unweighted), its weight and its weighted
+    part of the loss: ``loss/<name>`` is the term before its weight."""
+    names = [k.split("/", 1)[1] for k in record if k.startswith("loss/")]
+    if not names:
+        return {}
+    parts = []
+    for name in names:
+        value, weight = record[f"loss/{name}"], record.get(f"weight/{name}", 1.0)
+        if not isinstance(value, int | float):
+            continue
+        kind = " (regularizer)" if name in regularizers else ""
+        parts.append(f"{name}{kind} {value:.4g} x {weight:.3g} = {value * weight:.4g}")
+    return {f"terms at step {record['step']} (loss/<name> x weight/<name>)": "; ".join(parts)}
 
 
 def plot_metrics(runs: dict[str, list[dict]], metrics: list[str], out: Path, title: str = ""):
@@ -258,11 +427,14 @@ def diagnose_run(run_dir: str | os.PathLike, *, plots: bool = True) -> Report:
     run = RunDir.of(run_dir)
     records = run.metrics()
     run_dir = run.path
-    report = Report(run_dir, find_flags(records))
+    regularizers = run.read_config().get("loss", {}).get("regularizers", [])
+    report = Report(run_dir, find_flags(records, regularizers=regularizers))
     report.summary = {
         "logged steps": len(records),
         "last step": records[-1]["step"] if records else None,
     }
+    if records:
+        report.summary.update(_terms_summary(records[-1], regularizers))
     if plots and records:
         out = run.diagnosis_dir
         out.mkdir(exist_ok=True)

@@ -22,6 +22,9 @@ from jaxmint.models._model import Model, join_variables
 from jaxmint.state import TrainState, group_leaves, param_groups
 
 SATURATION = 0.97  # |activation| above this counts as saturated (tanh/sigmoid ranges)
+# Saturation is judged only on bounded activations (every value in [-1, 1]: the
+# outputs of tanh, sigmoid, softmax); an unbounded one (a residual stream, a ReLU
+# layer's outputs) reports 0, since large values there are not saturation.
 
 
 def _norm(leaves) -> jax.Array:
@@ -48,7 +51,9 @@ def activation_stats(intermediates) -> dict[str, jax.Array]:
         out[f"diag/act_std/{name}"] = jnp.std(x)
         # A unit is dead when it is <= 0 for every example of the batch (ReLU).
         out[f"diag/dead/{name}"] = jnp.mean(jnp.all(units <= 0, axis=0).astype(jnp.float32))
-        out[f"diag/saturated/{name}"] = jnp.mean((jnp.abs(x) > SATURATION).astype(jnp.float32))
+        bounded = jnp.max(jnp.abs(x)) <= 1.0
+        saturated = jnp.mean((jnp.abs(x) > SATURATION).astype(jnp.float32))
+        out[f"diag/saturated/{name}"] = jnp.where(bounded, saturated, 0.0)
     return out
 
 
