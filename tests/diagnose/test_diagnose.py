@@ -336,8 +336,87 @@ def test_nan_localization_replays_the_failing_step(tmp_path):
 
     text = localize_nonfinite(tmp_path / "run")
     assert f"replayed step {record['step']}" in text
-    assert "first non-finite operation:" in text
+    # The gradient is finite but huge: its square overflows in the guard's norm.
+    assert "comes from: square overflowed to inf (its input reached" in text, text
+    assert "in _sum_squares" in text
     assert "checkify found no" not in text
+
+
+MASKED_NAN_EXPERIMENT = """
+import dataclasses
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import jaxmint
+from jaxmint.config import field
+from jaxmint.experiment import Common, Experiment
+from jaxmint.models._zoo import portable_attention
+
+@dataclasses.dataclass
+class Config(Common):
+    workdir: str = field("run", "run dir")
+    steps: int = field(6, "steps")
+    batch_size: int = field(8, "batch")
+    checkpoint_every: int = field(2, "ckpt")
+    eval_every: int = field(100, "eval")
+    log_every: int = field(1, "log")
+    shipped: bool = field(False, "the shipped attention instead of ALiBi")
+
+def alibi_window(q, k, v, *, is_causal):
+    # ALiBi and a sliding window: the masked scores are an intentional -inf.
+    length, heads = q.shape[1], q.shape[2]
+    pos = jnp.arange(length)
+    distance = pos[:, None] - pos[None, :]
+    slopes = 2.0 ** (-jnp.arange(1, heads + 1))
+    scores = jnp.einsum("blhd,bshd->bhls", q, k) / jnp.sqrt(q.shape[-1])
+    scores = scores - slopes[:, None, None] * distance
+    allowed = (distance >= 0) & (distance < 4)
+    scores = jnp.where(allowed, scores, -jnp.inf)
+    return jnp.einsum("bhls,bshd->blhd", jax.nn.softmax(scores, axis=-1), v)
+
+def penalty(outputs, batch):
+    nll = -jnp.take_along_axis(jax.nn.log_softmax(outputs), batch["y"][..., None], -1)
+    nll = nll[..., 0].mean(-1)
+    return -jnp.log(nll - 10.0)  # THE BUG: nll is ~3.5, so this is log of a negative
+
+def build(config):
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, 32, (64, 17)).astype(np.int32)
+    attention = portable_attention if config.shipped else alibi_window
+    model = jaxmint.models.transformer(32, max_len=16, d_model=16, num_heads=2,
+                                       num_layers=1, attention=attention)
+    loss = jaxmint.losses.softmax_cross_entropy() + 0.1 * jaxmint.losses.term(penalty, name="p")
+    return Experiment(model, loss, optax.adam(1e-3), {"x": tokens[:, :-1], "y": tokens[:, 1:]})
+
+if __name__ == "__main__":
+    jaxmint.experiment.main(build, Config)
+"""
+
+
+@pytest.mark.parametrize("shipped", [False, True])
+def test_nan_report_names_the_fault_not_the_attention_mask(tmp_path, shipped):
+    """A -inf mask that the softmax turns into zeros never reaches the loss."""
+    script = tmp_path / "alibi_nan.py"
+    script.write_text(textwrap.dedent(MASKED_NAN_EXPERIMENT))
+    run_dir = tmp_path / "run"
+    args = ["--workdir", str(run_dir), "--no-progress"] + (["--shipped"] if shipped else [])
+    out = subprocess.run(
+        [sys.executable, str(script), *args], capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode != 0 and "non-finite values at step" in out.stderr, out.stderr[-2000:]
+    from jaxmint.diagnose import localize_nonfinite
+
+    text = localize_nonfinite(run_dir)
+    bug = (
+        textwrap.dedent(MASKED_NAN_EXPERIMENT)
+        .splitlines()
+        .index(
+            "    return -jnp.log(nll - 10.0)  # THE BUG: nll is ~3.5, so this is log of a negative"
+        )
+    )
+    assert f"comes from: log made nan at alibi_nan.py:{bug + 1} in penalty" in text, text
+    assert "alibi_window" not in text and "portable_attention" not in text
 
 
 def test_recompile_watch_names_the_changed_argument(caplog):

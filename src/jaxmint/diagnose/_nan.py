@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import os
-import traceback
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -12,6 +10,7 @@ import numpy as np
 
 from jaxmint._tree import flat_with_names
 from jaxmint.data import ArrayLoader
+from jaxmint.diagnose._flow import nonfinite_origins
 from jaxmint.run import RunDir
 from jaxmint.state import TrainState
 from jaxmint.steps import build_steps
@@ -22,10 +21,11 @@ def localize_nonfinite(run_dir: str | os.PathLike) -> str:
 
     The state of the newest checkpoint is restored read-only (nothing in the run
     dir changes), the steps up to the failing one are replayed (they are
-    deterministic), and the failing step runs op by op with ``jax.debug_nans`` and
-    ``jax.debug_infs``, which stop at the first primitive that produced a NaN or
-    inf; its source line is reported. The sown activations (by layer) and loss
-    terms of that step are checked as well.
+    deterministic), and the failing step is evaluated equation by equation. The
+    report names the operation where the NaN or inf that reaches the loss or the
+    gradient was born (`nonfinite_origins`), not the first NaN or inf anywhere: an
+    attention's intentional ``-inf`` mask is not a fault. The sown activations (by
+    layer) and loss terms of that step are checked as well.
     """
     run = RunDir.of(run_dir)
     record = run.read_nonfinite()
@@ -51,7 +51,7 @@ def localize_nonfinite(run_dir: str | os.PathLike) -> str:
     batch = next(batches)
 
     lines = [f"replayed step {bad_step} from the checkpoint at step {start}"]
-    lines.append(_first_nonfinite_op(steps.train_step, state, batch))
+    lines += _origins(steps.train_step, state, batch)
     bad_inputs = [
         k
         for k, v in batch.items()
@@ -80,20 +80,12 @@ def localize_nonfinite(run_dir: str | os.PathLike) -> str:
     return "\n".join(lines)
 
 
-def _first_nonfinite_op(train_step, state, batch) -> str:
-    """Run one step op by op; name the first primitive whose output is NaN or inf."""
-
-    try:
-        with jax.disable_jit(), jax.debug_nans(True), jax.debug_infs(True):
-            train_step(state, batch)
-    except FloatingPointError as e:
-        frames = traceback.extract_tb(e.__traceback__)
-        outside_jax = [f for f in frames if f"{os.sep}jax{os.sep}" not in f.filename]
-        user = [f for f in outside_jax if "site-packages" not in f.filename]
-        where = []
-        for frame in outside_jax[-1:] + user[-1:]:
-            text = f"{Path(frame.filename).name}:{frame.lineno} in {frame.name}"
-            if text not in where:
-                where.append(text)
-        return f"first non-finite operation: {str(e).splitlines()[0]} at {' / '.join(where)}"
-    return "no operation produced NaN or inf on replay (the value may come from the data)"
+def _origins(train_step, state, batch) -> list[str]:
+    """Where the non-finite values reaching the step's loss, terms and gradient norm
+    were born: the first is the fault, later ones are listed after it."""
+    origins = nonfinite_origins(lambda s, b: train_step(s, b)[1], state, batch)
+    if not origins:
+        return ["no operation made the NaN or inf that reached the loss on replay"]
+    lines = [f"the NaN/inf in the loss or gradient comes from: {origins[0].sentence()}"]
+    lines += [f"  then also: {o.sentence()}" for o in origins[1:4]]
+    return lines
