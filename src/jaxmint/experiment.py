@@ -82,7 +82,10 @@ def main(
     except CheckError as e:
         argv = list(sys.argv[1:] if argv is None else argv)
         command = rerun_command([f"python {sys.argv[0]}", *argv], e.step, config.workdir)
-        raise SystemExit(f"error: {e}\nRerun it in debug mode with:\n  {command}") from e
+        raise SystemExit(
+            f"error: {e}\nReplay step {e.step} in debug mode (un-jitted, from the newest "
+            f"checkpoint before it, with the same config and schedules) with:\n  {command}"
+        ) from e
     if jax.process_index() == 0:
         print(f"run dir: {Path(config.workdir).resolve()}")
         for key, value in sorted(result.final_eval.items()):

@@ -1,10 +1,13 @@
 """--summary and --debug on a shipped experiment, and `jaxmint inspect-step RUN_DIR`."""
 
 import json
+import logging
 import os
 import subprocess
 import sys
 from pathlib import Path
+
+import numpy as np
 
 from jaxmint.cli import main as cli
 from jaxmint.debug import rerun_command
@@ -51,14 +54,15 @@ def test_debug_smoke_run_then_inspect_step(tmp_path, capsys):
     assert "not a run dir" in capsys.readouterr().err
 
 
-def test_rerun_command_swaps_check_for_debug():
+def test_rerun_command_replays_the_step_with_the_same_steps():
     command = rerun_command(
         ["python experiments/x.py", "--check", "--lr", "1", "--steps", "900", "--workdir", "r/a"],
         17,
         "r/a",
     )
     assert command == (
-        "python experiments/x.py --lr 1 --debug --fresh --steps 17 --workdir r/a-debug"
+        "python experiments/x.py --lr 1 --steps 900 --debug --fresh --replay-from r/a "
+        "--stop-after 17 --workdir r/a-replay"
     )
 
 
@@ -89,6 +93,56 @@ def test_check_flag_stops_and_prints_the_debug_command(tmp_path, toy):
         jaxmint.experiment.main(build, Config, argv)
     message = str(e.value.code)
     assert "checked step 1 failed: out-of-bounds" in message
-    assert f"--batch-size 8 --no-progress --debug --fresh --steps 1 --workdir {workdir}-debug" in (
-        message
-    )
+    assert (
+        f"--steps 3 --batch-size 8 --no-progress --debug --fresh --replay-from {workdir} "
+        f"--stop-after 1 --workdir {workdir}-replay"
+    ) in message
+
+
+def test_the_printed_replay_fails_at_the_same_step_from_a_checkpoint(tmp_path, toy, capsys, caplog):
+    """The replay resumes from the checkpoint before the failure, keeps --steps (so a
+    warmup-cosine schedule is the same) and stops at the failing step, un-jitted."""
+    import dataclasses
+
+    import jax.numpy as jnp
+    import optax
+    import pytest
+
+    import jaxmint
+    from jaxmint import losses
+    from jaxmint.experiment import Common, Experiment
+
+    @dataclasses.dataclass
+    class Config(Common):
+        """A log of a negative number, planted in one example."""
+
+    data = {**toy, "w": np.ones(len(toy["y"]), np.float32)}
+    data["w"][40] = -1.0
+
+    def build(config):
+        bad = losses.term(lambda out, b: -jnp.log(b["w"] + 0 * out.sum(-1)), name="bad")
+        schedule = optax.warmup_cosine_decay_schedule(0.0, 0.1, 3, config.steps)
+        loss = losses.softmax_cross_entropy() + 1e-3 * bad
+        return Experiment(
+            jaxmint.models.mlp([4], num_outputs=3), loss, optax.sgd(schedule), data, eval=None
+        )
+
+    workdir = str(tmp_path / "run")
+    argv = ["--check", "--steps", "40", "--batch-size", "8", "--checkpoint-every", "2"]
+    argv += ["--workdir", workdir, "--no-progress"]
+    with pytest.raises(SystemExit) as e:
+        jaxmint.experiment.main(build, Config, argv)
+    message = str(e.value.code)
+    failed = int(message.split("checked step ")[1].split()[0])
+    assert failed > 2, message  # so that there is a checkpoint before it
+    command = message.splitlines()[-1].split()
+    assert command[command.index("--steps") + 1] == "40"
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e, caplog.at_level(logging.WARNING, logger="jaxmint"):
+        jaxmint.experiment.main(build, Config, command[2:])
+    assert f"non-finite values at step {failed}" in str(e.value.code)
+    before = max(k for k in range(2, failed, 2))
+    assert f"from its checkpoint at step {before} to step {failed}" in capsys.readouterr().out
+    assert "changed config" not in caplog.text
+    replay = jaxmint.run.RunDir(f"{workdir}-replay")
+    assert replay.read_config()["fit"]["steps"] == 40 and replay.recorded_debug()

@@ -316,3 +316,34 @@ def test_a_model_seen_before_is_initialized_without_compiling_again(toy, monkeyp
     cached = _compiled.call_compiled(steps.init, jax.random.PRNGKey(3), batch)
     assert len(compiles) == 2
     jax.tree.map(np.testing.assert_array_equal, plain.params, cached.params)
+
+
+def test_replay_settings_are_checked_before_anything_runs(toy, tmp_path):
+    from jaxmint.run import RunDirError
+
+    with pytest.raises(ValueError, match="replay_from needs stop_after: the step"):
+        _fit(toy, steps=2, batch_size=16, replay_from="elsewhere", workdir=tmp_path / "a")
+    with pytest.raises(ValueError, match="a workdir of its own"):
+        _fit(toy, steps=2, batch_size=16, replay_from="elsewhere", stop_after=1)
+    with pytest.raises(ValueError, match="stop_after=5 is past steps=2"):
+        _fit(toy, steps=2, batch_size=16, stop_after=5)
+    with pytest.raises(ValueError, match="this run's own workdir"):
+        _fit(
+            toy,
+            steps=2,
+            batch_size=16,
+            stop_after=1,
+            replay_from=tmp_path / "a",
+            workdir=tmp_path / "a",
+        )
+    with pytest.raises(RunDirError, match="not a run dir"):
+        _fit(
+            toy,
+            steps=2,
+            batch_size=16,
+            stop_after=1,
+            replay_from=tmp_path / "no",
+            workdir=tmp_path / "b",
+        )
+    result = _fit(toy, steps=8, batch_size=16, stop_after=3)  # schedules see 8; it stops at 3
+    assert [r["step"] for r in result.history] == [1, 3]

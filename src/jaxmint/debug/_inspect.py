@@ -205,20 +205,38 @@ def inspect_run(run_dir: str | os.PathLike, step: int | None = None) -> tuple[St
 
 
 def rerun_command(argv: list[str], step: int, workdir: str) -> str:
-    """The command line that replays a failed checked run up to ``step`` in debug mode."""
+    """The command line that replays the failed ``step`` of a checked run in debug mode.
+
+    The replay starts from the failed run's newest checkpoint before ``step`` (read
+    only) and stops after ``step``, un-jitted, with every other flag as it was:
+    ``--steps`` too, so that schedules built from it (warmup, ramps) are the same.
+    """
     keep: list[str] = []
     skip_next = False
+    dropped = ("--workdir", "--stop-after", "--replay-from")
     for arg in argv:
         if skip_next:
             skip_next = False
             continue
         if arg in ("--check", "--debug", "--no-check", "--no-debug", "--fresh", "--no-fresh"):
             continue
-        if arg in ("--steps", "--workdir"):
+        if arg in dropped:
             skip_next = True
             continue
-        if arg.startswith(("--steps=", "--workdir=")):
+        if arg.startswith(tuple(f"{d}=" for d in dropped)):
             continue
         keep.append(arg)
-    debug_dir = f"{workdir.rstrip('/')}-debug"
-    return " ".join([*keep, "--debug", "--fresh", "--steps", str(step), "--workdir", debug_dir])
+    replay_dir = f"{workdir.rstrip('/')}-replay"
+    return " ".join(
+        [
+            *keep,
+            "--debug",
+            "--fresh",
+            "--replay-from",
+            workdir,
+            "--stop-after",
+            str(step),
+            "--workdir",
+            replay_dir,
+        ]
+    )

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -152,6 +153,17 @@ class RunDir:
     def checkpoints(self, **keep) -> RunCheckpoints:
         """The run's `RunCheckpoints`; ``keep`` is its keep policy."""
         return RunCheckpoints(self.checkpoints_dir, damaged_dir=self.path / self.DAMAGED, **keep)
+
+    def require_checkpoint_steps(self) -> list[int]:
+        """The saved steps; `RunDirError` when this is not a run dir at all."""
+        if not self.config_file.is_file() and not self.checkpoints_dir.is_dir():
+            raise RunDirError(f"{self.path} is not a run dir (no {self.CONFIG}, no checkpoints)")
+        return self.checkpoint_steps()
+
+    def copy_checkpoint(self, source: RunDir, step: int) -> None:
+        """Copy ``source``'s checkpoint of ``step`` (with its digest) into this run dir."""
+        self.checkpoints_dir.mkdir(parents=True, exist_ok=True)
+        shutil.copytree(source.checkpoints_dir / str(step), self.checkpoints_dir / str(step))
 
     def checkpoint_steps(self) -> list[int]:
         if not self.checkpoints_dir.is_dir():

@@ -59,13 +59,32 @@ class FitConfig:
     diagnose_every: int | None = field(
         None, "log gradient/activation diagnostics every N steps (none: off)", run_control=True
     )
+    stop_after: int | None = field(
+        None, "stop after this step; schedules still follow --steps", run_control=True
+    )
+    replay_from: str | None = field(
+        None,
+        "start from another run dir's newest checkpoint before --stop-after (it is only read): "
+        "replays a failed step with the same config",
+        run_control=True,
+    )
 
     def check_values(self) -> None:
         """Raise `ValueError` naming the first bad setting and what is allowed."""
         for name in ("steps", "batch_size", "grad_accum", "log_every"):
             _positive(name, getattr(self, name), optional=False)
-        for name in ("eval_every", "checkpoint_every", "diagnose_every", "eval_batch_size"):
+        for name in (
+            "eval_every",
+            "checkpoint_every",
+            "diagnose_every",
+            "eval_batch_size",
+            "stop_after",
+        ):
             _positive(name, getattr(self, name), optional=True)
+        if self.stop_after is not None and self.stop_after > self.steps:
+            raise ValueError(f"stop_after={self.stop_after} is past steps={self.steps}")
+        if self.replay_from is not None and self.stop_after is None:
+            raise ValueError("replay_from needs stop_after: the step to replay")
         if not isinstance(self.seed, int | np.integer):
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
         for name, choices in (

@@ -157,6 +157,8 @@ class FitLoop:
         config,
     ):
         s = self.settings = settings
+        if s.replay_from is not None and workdir is None:
+            raise ValueError("replay_from needs a workdir of its own to write the replay in")
         self.model, self.loss, self.optimizer, self.input_key = model, loss, optimizer, input_key
         self.eval_data, self.start_step, self.final, self.preemption = eval_data, 0, False, None
         self._log_requested = False
@@ -251,6 +253,8 @@ class FitLoop:
         run.create()
         if s.fresh:
             run.move_aside()
+        if s.replay_from is not None:
+            self._seed_replay(RunDir.of(s.replay_from))
         if s.debug or run.recorded_debug():
             run.check_kind(s.debug, fresh=s.fresh)
         self.checkpoints = run.checkpoints(
@@ -267,6 +271,21 @@ class FitLoop:
         if self.lead:
             run.write_config(record)
         return state
+
+    def _seed_replay(self, source: RunDir) -> None:
+        """Copy ``source``'s newest checkpoint before the step to replay into this run dir
+        (only read there), so that the run resumes from it with today's config."""
+        s, run = self.settings, self.run_dir
+        if source.path.resolve() == run.path.resolve():
+            raise ValueError(f"replay_from={s.replay_from!r} is this run's own workdir")
+        if run.checkpoint_steps():
+            return  # already seeded: resume from this dir's own checkpoints
+        before = [k for k in source.require_checkpoint_steps() if k < s.stop_after]
+        if before:
+            run.copy_checkpoint(source, before[-1])
+        if self.lead:
+            start = f"its checkpoint at step {before[-1]}" if before else "the start"
+            print(f"replaying {source.path} from {start} to step {s.stop_after}", flush=True)
 
     def _run_record(self, config) -> dict:
         if config is None:
@@ -373,7 +392,8 @@ class FitLoop:
         try:
             for h in self.hooks:
                 h.on_start(self, state)
-            for step in range(self.start_step + 1, s.steps + 1):
+            last = s.stop_after or s.steps
+            for step in range(self.start_step + 1, last + 1):
                 try:
                     batch = next(batches)
                 except StopIteration:
@@ -390,7 +410,7 @@ class FitLoop:
                 )
                 if (
                     step % s.log_every == 0
-                    or step in (1, s.steps)
+                    or step in (1, last)
                     or do_eval
                     or self.stop
                     or self._log_requested

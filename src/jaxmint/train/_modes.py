@@ -215,8 +215,9 @@ def raise_check(error, step: int, rerun: str | None = None, *, what: str = "chec
     message = str(exc).strip().rstrip(".")
     where = _location(exc)
     hint = rerun or (
-        f"fit(..., steps={step}, debug=True, workdir=<another dir>) replays the same batches "
-        "un-jitted, so a print or breakpoint() in the model or loss term shows the real arrays"
+        f"fit(..., debug=True, replay_from=<this workdir>, stop_after={step}, workdir=<another "
+        "dir>) replays it un-jitted from the newest checkpoint before it, with the same schedules, "
+        "so a print or breakpoint() in the model or loss term shows the real arrays"
     )
     raise CheckError(
         f"{what} {step} failed: {message}"

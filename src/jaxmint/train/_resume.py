@@ -80,6 +80,8 @@ def config_changes(old: dict, new: dict) -> list[str]:
     Fields that only steer the run (``steps``, ``workdir``, ``fresh``, ...) are
     not compared; the stored record names them under ``run_control``.
     """
+    if "config" not in old:  # nothing recorded (a run dir seeded with a checkpoint only)
+        return []
     control = set(old.get("run_control", ())) | set(new.get("run_control", ()))
     before, after = old.get("config", {}), new.get("config", {})
     return [
