@@ -77,3 +77,26 @@ def test_public_names_resolve():
         assert hasattr(jaxmint.debug, name), name
     for name in ("summary", "ModelSummary", "LayerSummary"):
         assert name in jaxmint.models.__all__
+
+
+def test_inspect_step_gives_a_verdict_in_plain_words(toy):
+    model = jaxmint.models.mlp([16], num_outputs=3)
+    batch = {k: v[:32] for k, v in toy.items()}
+    loss = losses.softmax_cross_entropy() + 1e-4 * losses.l2()
+
+    healthy = inspect_step(model, loss, optax.adam(1e-3), batch)
+    assert healthy.flags == [] and "verdict:\n  no known pathology found" in str(healthy)
+
+    too_high = inspect_step(model, loss, optax.sgd(300.0), batch)
+    assert too_high.flags[0].code == "update-ratio-high", str(too_high)
+    assert "likely cause: [update-ratio-high]" in str(too_high)
+    assert "learning rate is likely too high" in str(too_high)
+
+    too_low = inspect_step(model, loss, optax.sgd(1e-7), batch)
+    assert {f.code for f in too_low.flags} == {"update-ratio-low"}
+
+    # A data term that drowns the others; weight decay is a regularizer, judged apart.
+    drowned = losses.softmax_cross_entropy() + 1e3 * losses.z_loss() + 1e-4 * losses.l2()
+    assert "dominant-term" in {
+        f.code for f in inspect_step(model, drowned, optax.adam(1e-3), batch).flags
+    }

@@ -14,11 +14,13 @@ import numpy as np
 import optax
 
 from jaxmint.data import ArrayLoader
+from jaxmint.diagnose import describe, find_flags
 from jaxmint.losses import Loss, LossInputs
 from jaxmint.models._model import Model, join_variables, split_variables
 from jaxmint.models._summary import _path
 from jaxmint.run import RunDir
 from jaxmint.state import group_leaves, param_groups
+from jaxmint.steps import activation_stats
 
 
 @dataclasses.dataclass
@@ -38,6 +40,9 @@ class StepInspection:
       update: what the optimizer would add to the params (optax ``update`` on
         ``grads``), shaped like the params.
       update_norms: ``{layer: norm of the update}``.
+      flags: the verdict in plain words: the flags of ``jaxmint diagnose`` that one
+        step can show (update ratio, dominant term or regularizer, vanishing gradient,
+        dead or saturated units), the likely cause first.
     """
 
     outputs: Any
@@ -49,6 +54,7 @@ class StepInspection:
     grads: Any
     update: Any
     update_norms: dict[str, float]
+    flags: list = dataclasses.field(default_factory=list)
 
     def __str__(self) -> str:
         layers = list(self.update_norms)
@@ -76,7 +82,8 @@ class StepInspection:
             for p, v in jax.tree_util.tree_flatten_with_path(self.intermediates)[0]
         )
         out = jax.tree_util.tree_map(np.shape, self.outputs)
-        lines += ["", f"outputs {out}", f"intermediates {shapes or 'none'}"]
+        lines += ["", f"outputs {out}", f"intermediates {shapes or 'none'}", ""]
+        lines += ["verdict:", *(f"  {line}" for line in describe(self.flags))]
         return "\n".join(lines)
 
 
@@ -150,11 +157,29 @@ def inspect_step(
         }
 
     grad_norms = {"total": norms(grads)}
+    total_sq = _dot(grads, grads)
+    shares = {}
     for name in names:  # one backward pass per term
-        grad_norms[name] = norms(jax.grad(lambda p, n=name: evaluate(p)[1][0][f"loss/{n}"])(params))
+        term_grads = jax.grad(lambda p, n=name: evaluate(p)[1][0][f"loss/{n}"])(params)
+        grad_norms[name] = norms(term_grads)
+        weight = float(metrics.get(f"weight/{name}", 1.0))
+        shares[name] = weight * _dot(term_grads, grads) / max(total_sq, 1e-30)
     opt_state = optimizer.init(params) if opt_state is None else opt_state
     update, _ = optimizer.update(grads, opt_state, params)
     to_np = lambda tree: jax.tree_util.tree_map(np.asarray, jax.device_get(tree))
+    record = {
+        "step": step,
+        "loss": float(total),
+        **{k: float(v) for k, v in metrics.items()},
+        **{f"diag/grad_share/{n}": v for n, v in shares.items() if n in loss.term_names},
+        **{f"diag/layer_grad_norm/{g}": v for g, v in grad_norms["total"].items()},
+        **{f"diag/param_norm/{g}": v for g, v in norms(params).items()},
+        **{
+            f"diag/update_ratio/{g}": u / max(p, 1e-30)
+            for (g, u), p in zip(norms(update).items(), norms(params).values(), strict=True)
+        },
+        **{k: float(v) for k, v in activation_stats(intermediates).items()},
+    }
     return StepInspection(
         outputs=to_np(outputs),
         intermediates=to_np(intermediates),
@@ -167,6 +192,16 @@ def inspect_step(
         grads=to_np(grads),
         update=to_np(update),
         update_norms=norms(update),
+        flags=find_flags([record], regularizers=loss.regularizer_names),
+    )
+
+
+def _dot(a, b) -> float:
+    return float(
+        sum(
+            np.sum(np.asarray(x, np.float64) * np.asarray(y, np.float64))
+            for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b), strict=True)
+        )
     )
 
 

@@ -65,20 +65,24 @@ class Report:
         lines = [f"diagnosis of {self.run_dir}"]
         for k, v in self.summary.items():
             lines.append(f"  {k}: {v}")
-        if not self.flags:
-            lines.append("no known pathology found")
-        else:
-            lead = self.flags[0]
-            lines.append(f"likely cause: [{lead.code}] {lead.sentence}")
-        for i, f in enumerate(self.flags[1:]):
-            if f.consequence and (i == 0 or not self.flags[i].consequence):
-                lines.append("likely consequences of it:")
-            elif not f.consequence and i == 0:
-                lines.append("also found:")
-            lines.append(f"- [{f.code}] {f.sentence}")
+        lines += describe(self.flags)
         for p in self.plots:
             lines.append(f"plot: {p}")
         return "\n".join(lines)
+
+
+def describe(flags: list[Flag]) -> list[str]:
+    """The flags as report lines: the likely cause, then what else, then consequences."""
+    if not flags:
+        return ["no known pathology found"]
+    lines = [f"likely cause: [{flags[0].code}] {flags[0].sentence}"]
+    for i, f in enumerate(flags[1:]):
+        if f.consequence and (i == 0 or not flags[i].consequence):
+            lines.append("likely consequences of it:")
+        elif not f.consequence and i == 0:
+            lines.append("also found:")
+        lines.append(f"- [{f.code}] {f.sentence}")
+    return lines
 
 
 def _series(records, key):
