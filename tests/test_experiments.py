@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from jaxmint.diagnose import diagnose_run
 from jaxmint.experiment import load_module
 
 REPO = Path(__file__).resolve().parents[1]
@@ -57,7 +58,7 @@ def test_help_lists_every_field(script):
 @pytest.mark.parametrize("script", EXPERIMENTS, ids=lambda p: p.stem)
 def test_smoke_trains_evaluates_and_resumes(script, tmp_path):
     workdir = tmp_path / "run"
-    out = run(script, "--smoke", "--workdir", workdir, "--no-progress")
+    out = run(script, "--smoke", "--workdir", workdir, "--no-progress", "--diagnose-every", "5")
     assert out.returncode == 0, out.stderr[-3000:]
     assert f"run dir: {workdir.resolve()}" in out.stdout
     assert "eval/accuracy" in out.stdout
@@ -67,6 +68,9 @@ def test_smoke_trains_evaluates_and_resumes(script, tmp_path):
     assert config["config"]["experiment"] == str(script.resolve())
     steps = config["config"]["steps"]
     assert records[-1]["step"] == steps
+    # A healthy smoke run: the diagnosis raises no false alarm.
+    report = diagnose_run(workdir, plots=False)
+    assert report.flags == [], report.text
     # The same command again resumes at the end: nothing retrained, same outcome.
     again = run(script, "--smoke", "--workdir", workdir, "--no-progress")
     assert again.returncode == 0, again.stderr[-3000:]

@@ -113,9 +113,17 @@ def _term_flags(records, late, regularizers: set[str]) -> list[Flag]:
     data = {n: v for n, v in shares.items() if n not in regularizers}
     flags = []
     if len(data) >= 2:
+        # A small auxiliary term (weighted down on purpose, like a z-loss) under the
+        # main one is by design. A term is flagged when it drowns the others and is
+        # either weighted itself (its weight is too high) or competes with another
+        # unweighted term (two main objectives, one of which does not train).
+        weighted = {k.split("/", 1)[1] for r in records for k in r if k.startswith("weight/")}
+        unweighted = [n for n in data if n not in weighted]
         total = sum(max(v, 0.0) for v in data.values()) or 1.0
         for name, share in data.items():
-            if share / total > DOMINANT_SHARE:
+            if share / total <= DOMINANT_SHARE:
+                continue
+            if name in weighted or len(unweighted) >= 2:
                 flags.append(
                     Flag(
                         "dominant-term",
