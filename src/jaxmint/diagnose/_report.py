@@ -22,14 +22,14 @@ OVERFIT_RISE = 0.1  # eval loss 10% above its minimum while train loss keeps fal
 PLATEAU_CHANGE = 0.02  # < 2% change of the mean loss from the first to the second fifth
 DIVERGE_RISE = 1.5  # the data loss of the last third above this times its first record
 DIVERGE_FACTOR = 1e2  # ... and this many times: orders of magnitude
-DATA_LOSS_FALL = 0.02  # a data loss that fell less than this (relative) did not learn
-NORM_SHRINK = 0.5  # parameters whose norm fell below this fraction of the first: crushed
+DATA_LOSS_FALL = 0.1  # a data loss that fell less than this (relative) barely learned
+NORM_SHRINK = 0.6  # parameters whose norm fell below this fraction of the first: crushed
 
 # The order in which flags are reported: causes before the symptoms they explain.
 # A learning rate far too high (diverging, update-ratio-high) explains dead or
 # saturated units, vanishing or exploding gradients, spikes and a bad eval, so
 # when one of those two is found, the others are listed as its likely consequences.
-RANK = [
+RANK = [  # every code of FIXES
     "diverging",
     "update-ratio-high",
     "exploding-gradient",
@@ -46,11 +46,42 @@ RANK = [
 LR_TOO_HIGH = {"diverging", "update-ratio-high"}
 
 
+# What each flag suggests: the same advice for every run, so it is kept apart from the
+# finding (which carries the run's numbers) and a generated table can quote it.
+FIXES = {
+    "diverging": "The learning rate is likely too high: lower it, or find one with "
+    "`jaxmint lr-find`.",
+    "update-ratio-high": "The learning rate is likely too high.",
+    "exploding-gradient": "Training is diverging: lower the learning rate or clip gradients "
+    "(optax.clip_by_global_norm).",
+    "loss-spike": "Lower the learning rate, add warmup, or clip gradients.",
+    "regularizer-dominant": "Lower its weight.",
+    "dominant-term": "Lower its weight or raise the others'.",
+    "update-ratio-low": "The learning rate is likely too low for it, or its gradient vanishes "
+    "(try `jaxmint lr-find`).",
+    "plateau-at-start": "The learning rate is likely too low (try `jaxmint lr-find`).",
+    "vanishing-gradient": "Check initialization and normalization.",
+    "dead-units": "Lower the learning rate, or use a leaky activation.",
+    "saturated-units": "Scale inputs or initialization down.",
+    "overfitting": "Stop earlier (export --best), regularize, or get more data.",
+}
+
+
 @dataclass
 class Flag:
+    """One pathology: its ``code``, what was found in this run, and (``fix``) what to do."""
+
     code: str
-    sentence: str
+    finding: str
     consequence: bool = False  # explained by a flag listed before it
+
+    @property
+    def fix(self) -> str:
+        return FIXES[self.code]
+
+    @property
+    def sentence(self) -> str:
+        return f"{self.finding} {self.fix}"
 
 
 @dataclass
@@ -103,7 +134,7 @@ def _term_flags(records, late, regularizers: set[str]) -> list[Flag]:
     Terms on the parameters (regularizers, such as weight decay) are judged apart:
     a regularizer with most of the gradient is normal while the model learns, and a
     problem when the data loss has stopped falling or the parameters are crushed
-    (their norm fell below half of its first value).
+    (their norm fell below 60% of its first value).
     """
     shares = {
         k.split("/", 2)[2]: [v for _, v in _series(late, k)]
@@ -128,8 +159,7 @@ def _term_flags(records, late, regularizers: set[str]) -> list[Flag]:
                     Flag(
                         "dominant-term",
                         f"loss term '{name}' makes {share / total:.0%} of the data terms' "
-                        "gradient; the other terms barely train. Lower its weight or raise the "
-                        "others'.",
+                        "gradient; the other terms barely train.",
                     )
                 )
     fell, shrunk = _data_loss_fall(records, regularizers), _norm_ratio(records)
@@ -146,7 +176,7 @@ def _term_flags(records, late, regularizers: set[str]) -> list[Flag]:
                 Flag(
                     "regularizer-dominant",
                     f"regularizer '{name}' makes {shares[name]:.0%} of the gradient and {why}: "
-                    "it pulls the parameters harder than the data does. Lower its weight.",
+                    "it pulls the parameters harder than the data does.",
                 )
             )
     return flags
@@ -223,8 +253,7 @@ def _diverging(records, regularizers: set[str]) -> Flag | None:
         return Flag(
             "diverging",
             f"training diverges: the loss was {first:.3g} at step {first_step} and {what}"
-            f"{size} by the end. The learning rate is likely too high: lower it, or find one "
-            "with `jaxmint lr-find`.",
+            f"{size} by the end.",
         )
     return None
 
@@ -249,23 +278,16 @@ def find_flags(records: list[dict], *, regularizers=()) -> list[Flag]:
             flags.append(
                 Flag(
                     "update-ratio-high",
-                    (
-                        f"layer '{layer}' changes by {ratio:.1e} of its norm per step (healthy: "
-                        "~1e-3); "
-                        "the learning rate is likely too high."
-                    ),
+                    f"layer '{layer}' changes by {ratio:.1e} of its norm per step (healthy: "
+                    "~1e-3).",
                 )
             )
         elif ratio < UPDATE_RATIO_LOW:
             flags.append(
                 Flag(
                     "update-ratio-low",
-                    (
-                        f"layer '{layer}' changes by only {ratio:.1e} of its norm per step "
-                        "(healthy: "
-                        "~1e-3); the learning rate is likely too low for it, or its gradient "
-                        "vanishes."
-                    ),
+                    f"layer '{layer}' changes by only {ratio:.1e} of its norm per step "
+                    "(healthy: ~1e-3).",
                 )
             )
 
@@ -281,12 +303,9 @@ def find_flags(records: list[dict], *, regularizers=()) -> list[Flag]:
             flags.append(
                 Flag(
                     "vanishing-gradient",
-                    (
-                        f"gradients differ by {layer_norms[hi] / max(layer_norms[lo], 1e-30):.0e}x "
-                        f"between layers ('{hi}' vs '{lo}'): gradients vanish or explode through "
-                        "the "
-                        "depth. Check initialization and normalization."
-                    ),
+                    f"gradients differ by {layer_norms[hi] / max(layer_norms[lo], 1e-30):.0e}x "
+                    f"between layers ('{hi}' vs '{lo}'): gradients vanish or explode through "
+                    "the depth.",
                 )
             )
     grad = [v for _, v in _series(records, "grad_norm")]
@@ -294,11 +313,7 @@ def find_flags(records: list[dict], *, regularizers=()) -> list[Flag]:
         flags.append(
             Flag(
                 "exploding-gradient",
-                (
-                    f"the gradient norm grew from {grad[0]:.2g} to {grad[-1]:.2g}; training is "
-                    "diverging. Lower the learning rate or clip gradients "
-                    "(optax.clip_by_global_norm)."
-                ),
+                f"the gradient norm grew from {grad[0]:.2g} to {grad[-1]:.2g}.",
             )
         )
 
@@ -307,15 +322,14 @@ def find_flags(records: list[dict], *, regularizers=()) -> list[Flag]:
             "diag/dead/",
             DEAD_FRACTION,
             "dead-units",
-            "of the units of '{}' never activate (dead ReLUs). Lower the learning rate, or use "
-            "a leaky activation.",
+            "of the units of '{}' never activate (dead ReLUs).",
         ),
         (
             "diag/saturated/",
             SATURATED_FRACTION,
             "saturated-units",
             "of the values of '{}' are saturated (|x| > 0.97): tanh/sigmoid units stop passing "
-            "gradient. Scale inputs or initialization down.",
+            "gradient.",
         ),
     ):
         for key in _keys(records, prefix):
@@ -331,10 +345,8 @@ def find_flags(records: list[dict], *, regularizers=()) -> list[Flag]:
             flags.append(
                 Flag(
                     "loss-spike",
-                    (
-                        f"the loss jumped to {loss[i][1]:.3g} at step {loss[i][0]} from about "
-                        f"{previous:.3g}. Lower the learning rate, add warmup, or clip gradients."
-                    ),
+                    f"the loss jumped to {loss[i][1]:.3g} at step {loss[i][0]} from about "
+                    f"{previous:.3g}.",
                 )
             )
             break
@@ -348,12 +360,8 @@ def find_flags(records: list[dict], *, regularizers=()) -> list[Flag]:
             flags.append(
                 Flag(
                     "overfitting",
-                    (
-                        f"eval loss rose from {best:.3g} (step {best_step}) to {last:.3g} (step "
-                        f"{last_step}) while the training loss kept falling: the model overfits. "
-                        "Stop "
-                        "earlier (export --best), regularize, or get more data."
-                    ),
+                    f"eval loss rose from {best:.3g} (step {best_step}) to {last:.3g} (step "
+                    f"{last_step}) while the training loss kept falling: the model overfits.",
                 )
             )
 
@@ -368,10 +376,7 @@ def find_flags(records: list[dict], *, regularizers=()) -> list[Flag]:
             flags.append(
                 Flag(
                     "plateau-at-start",
-                    (
-                        f"the loss moved only {change:.1%} over the first {head[-1][0]} steps: the "
-                        "learning rate is likely too low (try jaxmint lr-find)."
-                    ),
+                    f"the loss moved only {change:.1%} over the first {head[-1][0]} steps.",
                 )
             )
     return _ranked(flags)
