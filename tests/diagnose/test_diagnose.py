@@ -465,3 +465,35 @@ def test_planted_failures_on_digits_and_the_docs_table_of_them():
     assert codes["an auxiliary z-loss weighted 1e3"][:1] == ["dominant-term"]
     assert codes["none: Adam at 1e-3 with weight decay 1e-4"] == []
     assert gen.main(["--check"], found) == 0, "run python scripts/gen_diagnosis_table.py"
+
+
+def test_nonfinite_origin_names_the_line_and_the_module_path():
+    from jaxmint.diagnose._flow import nonfinite_origins
+
+    class Block(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            h = nn.Dense(4)(x)
+            masked = jnp.where(h > 0, h, -jnp.inf)  # an intentional -inf, then made finite
+            h = h + jax.nn.softmax(jnp.stack([masked, h]), axis=0)[0]
+            return jnp.log(h - 100.0)  # the fault
+
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return Block(name="block0")(x).sum()
+
+    net = Net()
+    variables = net.init(jax.random.PRNGKey(0), jnp.ones((2, 3)))
+    step = jax.value_and_grad(lambda v: net.apply(v, jnp.ones((2, 3))))
+    origins = nonfinite_origins(step, variables)
+    line = (
+        Path(__file__)
+        .read_text()
+        .splitlines()
+        .index("            return jnp.log(h - 100.0)  # the fault")
+    )
+    sentence = origins[0].sentence()
+    assert sentence.startswith(f"log made nan at test_diagnose.py:{line + 1} in "), sentence
+    assert sentence.endswith("Block.__call__, in Net/block0"), sentence
+    assert all(o.primitive != "select_n" for o in origins)  # the mask is never blamed
