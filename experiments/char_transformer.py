@@ -29,16 +29,23 @@ class Config(Common):
     workdir: str = field("runs/char_transformer", "run directory (resumed if it holds checkpoints)")
     steps: int = field(600, "optimizer steps to train for")
     batch_size: int = field(32, "global batch size (sequences)")
-    lr: float = field(3e-3, "peak learning rate (warmup then cosine decay)")
+    lr: float = field(3e-3, "peak learning rate (warmup then cosine decay)", min=0.0)
     eval_every: int = field(200, "evaluate every N steps (and at the end)")
     checkpoint_every: int = field(200, "checkpoint every N steps (and at the end)")
-    seq_len: int = field(128, "tokens (bytes) per sequence")
-    d_model: int = field(128, "model width")
-    num_layers: int = field(2, "transformer blocks")
-    num_heads: int = field(4, "attention heads")
-    z_loss_weight: float = field(1e-4, "final weight of the z-loss term")
-    corpus_bytes: int = field(2_000_000, "bytes of standard-library source to train on")
-    warmup: int = field(50, "learning-rate warmup steps")
+    seq_len: int = field(128, "tokens (bytes) per sequence", min=1)
+    d_model: int = field(128, "model width (a multiple of --num-heads)", min=1)
+    num_layers: int = field(2, "transformer blocks", min=1)
+    num_heads: int = field(4, "attention heads", min=1)
+    z_loss_weight: float = field(1e-4, "final weight of the z-loss term", min=0.0)
+    corpus_bytes: int = field(2_000_000, "bytes of standard-library source to train on", min=10_000)
+    warmup: int = field(50, "learning-rate warmup steps", min=0)
+
+    def check_values(self) -> None:
+        super().check_values()
+        if self.d_model % self.num_heads:
+            raise ValueError(
+                f"--d-model {self.d_model} is not a multiple of --num-heads {self.num_heads}"
+            )
 
 
 SMOKE = dict(

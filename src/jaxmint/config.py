@@ -21,14 +21,23 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 
-def field(default: Any, help: str = "", *, run_control: bool = False, **kwargs) -> Any:
+def field(
+    default: Any,
+    help: str = "",
+    *,
+    run_control: bool = False,
+    min: float | None = None,
+    max: float | None = None,
+    **kwargs,
+) -> Any:
     """A dataclass field with a help text; mutable defaults are handled.
 
     ``run_control`` marks a field that steers a run without changing what it
     computes (``steps``, ``workdir``, logging): a resumed run may change it silently,
-    while a change of any other field is reported.
+    while a change of any other field is reported. ``min`` and ``max`` bound a
+    number (both included); `parse` refuses a value outside them in one line.
     """
-    metadata = {"help": help, "run_control": run_control}
+    metadata = {"help": help, "run_control": run_control, "min": min, "max": max}
     if isinstance(default, list | dict | set):
         return dataclasses.field(
             default_factory=lambda: type(default)(default), metadata=metadata, **kwargs
@@ -92,14 +101,42 @@ def _add_argument(parser: argparse.ArgumentParser, f: dataclasses.Field, tp) -> 
     else:
         raise TypeError(f"config field {f.name!r} has a type {tp!r} that cannot be parsed")
     shown = " ".join(map(str, default)) if isinstance(default, tuple | list) else default
-    parser.add_argument(
-        flag, help=f"{help_text} (default: {shown})", metavar=f.name.upper(), **kwargs
+    low, high = f.metadata.get("min"), f.metadata.get("max")
+    bounds = "".join(
+        [f"; min {low}" if low is not None else "", f"; max {high}" if high is not None else ""]
     )
+    parser.add_argument(
+        flag, help=f"{help_text} (default: {shown}{bounds})", metavar=f.name.upper(), **kwargs
+    )
+
+
+def positive_int(text: str) -> int:
+    """An ``argparse`` type: an integer of at least 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """An ``argparse`` type: a number above 0."""
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be above 0, got {value}")
+    return value
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose errors are one line (``PROG: error: ...; see --help``)
+    and exit with code 2, without the usage block."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
 def parser_for(config_cls, *, description: str | None = None, smoke: bool = False):
     """An ``argparse`` parser with one ``--flag`` per field of ``config_cls``."""
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         description=description or (config_cls.__doc__ or "").strip().splitlines()[0],
     )
     hints = typing.get_type_hints(config_cls)
@@ -124,7 +161,8 @@ def parse(
     """Build ``config_cls`` from the command line (``sys.argv[1:]`` by default).
 
     With ``smoke`` given, ``--smoke`` applies those overrides first; values given
-    explicitly on the command line still win.
+    explicitly on the command line still win. A config with a ``check_values()``
+    method is checked; a bad value is one line naming it (exit code 2).
     """
     parser = parser_for(config_cls, description=description, smoke=smoke is not None)
     given = vars(parser.parse_args(argv))
@@ -134,7 +172,32 @@ def parse(
     for name, value in values.items():
         if isinstance(value, list) and typing.get_origin(_unwrap_optional(hints[name])[0]) is tuple:
             values[name] = tuple(value)
-    return dataclasses.replace(config_cls(), **values)
+    config = dataclasses.replace(config_cls(), **values)
+    try:
+        check_bounds(config)
+        if hasattr(config, "check_values"):
+            config.check_values()
+    except ValueError as e:
+        parser.error(str(e))
+    return config
+
+
+def check_bounds(config) -> None:
+    """Raise `ValueError` naming the first field outside its ``min``/``max``."""
+    for f in dataclasses.fields(config):
+        value, low, high = getattr(config, f.name), f.metadata.get("min"), f.metadata.get("max")
+        if value is None or not isinstance(value, int | float) or isinstance(value, bool):
+            continue
+        if (low is not None and value < low) or (high is not None and value > high):
+            allowed = (
+                f"between {low} and {high}"
+                if low is not None and high is not None
+                else f"at least {low}"
+                if low is not None
+                else f"at most {high}"
+            )
+            flag = "--" + f.name.replace("_", "-")
+            raise ValueError(f"{flag} {value} is out of range: it must be {allowed}")
 
 
 def to_dict(config) -> dict:

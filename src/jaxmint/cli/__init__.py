@@ -12,11 +12,16 @@ from rich.console import Console
 from rich.table import Table
 
 import jaxmint
+from jaxmint.checkpoint import CheckpointError
 from jaxmint.cli._debug import add_parsers as add_debug_parsers
 from jaxmint.cli._diagnose import add_commands as add_diagnose_parsers
 from jaxmint.cli._sweep import add_parsers as add_sweep_parsers
+from jaxmint.config import OneLineParser, positive_int
+from jaxmint.data import DataError
 from jaxmint.export import DEFAULT_ONNX_OPSET, ExportError, export_run
-from jaxmint.run import RunDir, RunDirError
+from jaxmint.losses import LossError
+from jaxmint.run import DebugRunError, RunDir, RunDirError
+from jaxmint.sweep import SweepError
 from jaxmint_runtime import ArtifactError, inspect_artifact
 
 
@@ -159,14 +164,29 @@ def _inspect(args) -> int:
     return 0
 
 
+# A user's mistake (a path that is not a run dir, a step that does not exist, a bad
+# artifact...): one line naming it, exit code 2, never a traceback.
+USER_ERRORS = (
+    ArtifactError,
+    CheckpointError,
+    DataError,
+    DebugRunError,
+    ExportError,
+    FileNotFoundError,
+    LossError,
+    RunDirError,
+    SweepError,
+)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="jaxmint", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = OneLineParser(prog="jaxmint", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
     p = sub.add_parser("info", help="versions and devices")
     p.set_defaults(fn=_info)
     p = sub.add_parser("show", help="summarize a run dir: checkpoints and the last logged steps")
     p.add_argument("run_dir")
-    p.add_argument("--last", type=int, default=10, help="how many logged steps to show")
+    p.add_argument("--last", type=positive_int, default=10, help="how many logged steps to show")
     p.set_defaults(fn=_show)
     p = sub.add_parser("export", help="lower a run's model into an artifact directory")
     p.add_argument("run_dir")
@@ -229,8 +249,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     add_sweep_parsers(sub)
 
     add_diagnose_parsers(sub)
-    args = parser.parse_args(argv)
-    return args.fn(args)
+    args, unknown = parser.parse_known_args(argv)
+    command = sub.choices[args.command]
+    if unknown:  # named by the subcommand, not by the top-level parser
+        command.error(f"unrecognized arguments: {' '.join(unknown)}")
+    try:
+        return args.fn(args)
+    except USER_ERRORS as e:
+        print(f"jaxmint {args.command}: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 from jaxmint.cli._sweep import _OverridesParser
-from jaxmint.config import parse
+from jaxmint.config import parse, positive_float, positive_int
 from jaxmint.diagnose import diagnose_run, localize_nonfinite, lr_find, plot_metrics
 from jaxmint.experiment import load_module
 from jaxmint.run import RunDir, RunDirError
@@ -34,9 +34,9 @@ def add_commands(sub) -> None:
     p.set_defaults(fn=_plot)
     p = sub.add_parser("lr-find", help="learning-rate range test of an experiment")
     p.add_argument("experiment", help="path to the experiment script")
-    p.add_argument("--steps", type=int, default=100)
-    p.add_argument("--lr-min", type=float, default=1e-7)
-    p.add_argument("--lr-max", type=float, default=1.0)
+    p.add_argument("--steps", type=positive_int, default=100)
+    p.add_argument("--lr-min", type=positive_float, default=1e-7)
+    p.add_argument("--lr-max", type=positive_float, default=1.0)
     p.add_argument("--out", default="lr_find.png", help="PNG to write (default %(default)s)")
     p.description = "Arguments after -- are config flags of the experiment, e.g. -- --smoke."
 
@@ -80,20 +80,31 @@ def _plot(args) -> int:
 
 
 def _lr_find(args) -> int:
+    if not args.lr_min < args.lr_max:
+        print(
+            f"jaxmint lr-find: error: --lr-min {args.lr_min:g} must be below --lr-max "
+            f"{args.lr_max:g}",
+            file=sys.stderr,
+        )
+        return 2
     module = load_module(args.experiment)
     config = parse(module.Config, args.overrides, smoke=getattr(module, "SMOKE", None))
     exp = module.build(config)
-    result = lr_find(
-        exp.model,
-        exp.loss,
-        exp.train,
-        batch_size=config.batch_size,
-        steps=args.steps,
-        lr_min=args.lr_min,
-        lr_max=args.lr_max,
-        seed=config.seed,
-        input_key=exp.input_key,
-    )
+    try:
+        result = lr_find(
+            exp.model,
+            exp.loss,
+            exp.train,
+            batch_size=config.batch_size,
+            steps=args.steps,
+            lr_min=args.lr_min,
+            lr_max=args.lr_max,
+            seed=config.seed,
+            input_key=exp.input_key,
+        )
+    except RuntimeError as e:  # diverged at once: the message says what to change
+        print(f"jaxmint lr-find: error: {e}", file=sys.stderr)
+        return 2
     path = result.plot(args.out)
     print(
         f"suggested learning rate: {result.suggestion:.2e} (loss lowest at "

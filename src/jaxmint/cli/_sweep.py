@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import gc
 import sys
 from pathlib import Path
@@ -11,6 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from jaxmint import sweep
+from jaxmint.config import OneLineParser, positive_float, positive_int
 from jaxmint.sweep import SweepError, report
 
 
@@ -18,7 +18,7 @@ def _devices(text: str) -> list[str]:
     return [d.strip() for d in text.split(",") if d.strip()]
 
 
-class _OverridesParser(argparse.ArgumentParser):
+class _OverridesParser(OneLineParser):
     """Everything after the first ``--`` is kept verbatim as ``overrides`` (flags included)."""
 
     def parse_known_args(self, args=None, namespace=None):
@@ -42,7 +42,7 @@ def add_parsers(sub) -> None:
     )
     p.add_argument("experiment", help="experiment script that defines sweep()")
     p.add_argument("--sweep-dir", required=True, help="study journal, trial run dirs, report")
-    p.add_argument("--trials", type=int, help="the budget (default: the spec's trials)")
+    p.add_argument("--trials", type=positive_int, help="the budget (default: the spec's trials)")
     p.add_argument(
         "--workers",
         type=int,
@@ -67,7 +67,7 @@ def add_parsers(sub) -> None:
         default=24 * 60,
         help="a worker job is stopped after this many minutes (local and slurm)",
     )
-    p.add_argument("--heartbeat-s", type=float, default=10.0, help="heartbeat period")
+    p.add_argument("--heartbeat-s", type=positive_float, default=10.0, help="heartbeat period")
     p.add_argument(
         "--stale-after-s",
         type=float,
@@ -75,8 +75,12 @@ def add_parsers(sub) -> None:
         help="a running trial without a heartbeat for this long is requeued",
     )
     p.add_argument("--partition", help="slurm: partition")
-    p.add_argument("--gpus-per-task", type=int, default=1, help="slurm: GPUs per array task")
-    p.add_argument("--cpus-per-task", type=int, default=8, help="slurm: CPUs per array task")
+    p.add_argument(
+        "--gpus-per-task", type=positive_int, default=1, help="slurm: GPUs per array task"
+    )
+    p.add_argument(
+        "--cpus-per-task", type=positive_int, default=8, help="slurm: CPUs per array task"
+    )
     p.__class__ = _OverridesParser  # `-- --smoke --steps 9` reaches the trials untouched
     p.set_defaults(fn=_sweep)
     p = sub.add_parser("sweep-report", help="table, trials.csv and plots of a sweep dir")

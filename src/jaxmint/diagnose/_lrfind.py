@@ -95,7 +95,9 @@ def lr_find(
         if i > 10 and smoothed > 4 * best:
             break
     if len(result.losses) < 3:
-        raise RuntimeError("the loss diverged at once; lower lr_min")
+        raise RuntimeError(
+            f"the loss diverged within {len(result.losses)} steps: lower lr_min, or give more steps"
+        )
     lrs, losses = np.asarray(result.lrs), np.asarray(result.losses)
     result.min_loss_lr = float(lrs[np.argmin(losses)])
     slope = np.gradient(losses, np.log(lrs))
