@@ -4,6 +4,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import optax
 import pytest
 
@@ -126,3 +127,34 @@ def test_a_bad_flag_from_a_fresh_interpreter_has_no_traceback():
         timeout=120,
     )
     assert out.returncode == 2 and out.stderr.count("\n") == 1, out.stderr
+
+
+def test_a_missing_optional_dependency_is_one_line_naming_the_extra(tmp_path, capsys, monkeypatch):
+    run = tmp_path / "run"
+    jaxmint.fit(
+        jaxmint.models.mlp((8,), 3),
+        jaxmint.losses.softmax_cross_entropy(),
+        optax.adam(1e-2),
+        {"x": np.ones((32, 5), np.float32), "y": np.zeros(32, np.int32)},
+        steps=3,
+        batch_size=16,
+        workdir=run,
+        progress=False,
+    )
+    for name in ("matplotlib", "matplotlib.pyplot", "optuna"):
+        monkeypatch.setitem(sys.modules, name, None)  # `import name` fails as if absent
+
+    assert main(["diagnose", str(run)]) == 0  # the report stands without its plots
+    out = capsys.readouterr().out
+    assert "plots: not drawn: drawing plots needs matplotlib" in out
+    assert "pip install 'jaxmint[plots]' (or pass --no-plots)" in out
+    cases = [
+        ["plot", str(run)],
+        ["lr-find", str(REPO / "experiments/digits_mlp.py"), "--", "--smoke"],
+        ["sweep", str(REPO / "experiments/digits_mlp.py"), "--sweep-dir", str(tmp_path / "s")],
+    ]
+    for argv in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "Traceback" not in err, err
+        assert "pip install 'jaxmint[plots]'" in err or "pip install 'jaxmint[sweep]'" in err

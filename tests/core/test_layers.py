@@ -17,7 +17,19 @@ SRC = Path(__file__).parents[2] / "src" / "jaxmint"
 
 LAYERS = {
     **dict.fromkeys(
-        ["models", "losses", "data", "track", "config", "state", "steps", "metrics", "_tree"], 0
+        [
+            "models",
+            "losses",
+            "data",
+            "track",
+            "config",
+            "state",
+            "steps",
+            "metrics",
+            "_tree",
+            "_extras",
+        ],
+        0,
     ),
     "checkpoint": 1,
     "run": 2,

@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 import jaxmint
+from jaxmint._extras import MissingExtra
 from jaxmint.checkpoint import CheckpointError
 from jaxmint.cli._debug import add_parsers as add_debug_parsers
 from jaxmint.cli._diagnose import add_commands as add_diagnose_parsers
@@ -167,6 +168,7 @@ def _inspect(args) -> int:
 # A user's mistake (a path that is not a run dir, a step that does not exist, a bad
 # artifact...): one line naming it, exit code 2, never a traceback.
 USER_ERRORS = (
+    MissingExtra,
     ArtifactError,
     CheckpointError,
     DataError,

@@ -11,6 +11,7 @@ import jax
 import numpy as np
 import optax
 
+from jaxmint._extras import pyplot
 from jaxmint.data import ArrayLoader
 from jaxmint.train import build_steps
 
@@ -25,10 +26,7 @@ class LRFind:
     min_loss_lr: float = float("nan")
 
     def plot(self, path: str | os.PathLike) -> Path:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        plt = pyplot()
 
         fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
         ax.plot(self.lrs, self.losses, label="loss (smoothed)")

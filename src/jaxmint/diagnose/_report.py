@@ -8,6 +8,7 @@ import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from jaxmint._extras import MissingExtra, pyplot
 from jaxmint.run import RunDir
 
 # Thresholds of the flags; each is tested by a run that provokes it.
@@ -409,10 +410,7 @@ def _terms_summary(record: dict, regularizers) -> dict:
 
 def plot_metrics(runs: dict[str, list[dict]], metrics: list[str], out: Path, title: str = ""):
     """One PNG with ``metrics`` over steps for each run (several runs: one line each)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
     drawn = 0
@@ -452,6 +450,12 @@ def diagnose_run(run_dir: str | os.PathLike, *, plots: bool = True) -> Report:
     }
     if records:
         report.summary.update(_terms_summary(records[-1], regularizers))
+    if plots and records:
+        try:
+            pyplot()
+        except MissingExtra as e:  # the report stands without its plots
+            report.summary["plots"] = f"not drawn: {e}"
+            plots = False
     if plots and records:
         out = run.diagnosis_dir
         out.mkdir(exist_ok=True)

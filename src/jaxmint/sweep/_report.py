@@ -6,6 +6,7 @@ import csv
 import math
 from pathlib import Path
 
+from jaxmint._extras import pyplot
 from jaxmint.sweep import _study
 from jaxmint.sweep._space import decode
 from jaxmint.sweep._worker import load_sweep
@@ -71,14 +72,7 @@ def _cell(v):
 
 def plot(study, table: list[dict], out_dir: Path, objective: str) -> list[Path]:
     """Save ``objective.png``, ``params.png`` and ``curves.png``; returns their paths."""
-    try:
-        import matplotlib
-    except ImportError:
-        raise ImportError(
-            "sweep plots need matplotlib: pip install 'jaxmint[sweep]' (or pass --no-plots)"
-        ) from None
-    matplotlib.use("Agg")  # files only: no display needed
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     done = sorted((r for r in table if r["value"] is not None), key=lambda r: r["trial"])
     paths = []
