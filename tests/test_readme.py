@@ -24,7 +24,7 @@ def test_readme_tour_runs(tmp_path, monkeypatch):
     namespace: dict = {}
     exec(compile(code.replace("print(", "_ = ("), "README.md", "exec"), namespace)
     assert namespace["result"].final_eval["eval/accuracy"] > 0.9
-    assert (tmp_path / "runs/tour/metrics.jsonl").exists()
+    assert (tmp_path / "runs/readme/metrics.jsonl").exists()
 
 
 @pytest.mark.slow

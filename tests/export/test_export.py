@@ -66,6 +66,13 @@ def test_every_shipped_experiment_round_trips(script, tmp_path):
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["experiment"]["name"] == script
     assert manifest["experiment"]["step"] == config.steps
+    if script == "char_transformer":  # token ids: the vocabulary is recorded and enforced
+        assert manifest["inputs"][0]["range"] == [0, 256]
+        bad = x.copy()
+        bad[2, 5] = 256
+        for call in (predictor, predictor.run):  # the fast path and the checked one
+            with pytest.raises(InputError, match=r"outside \[0, 256\).*index \(2, 5\)"):
+                call(bad)
 
 
 def test_symbolic_batch_serves_many_sizes(artifact, trained):
@@ -315,3 +322,16 @@ def test_cli_export_and_inspect(tmp_path, capsys):
     assert report["analysis"]["1"]["flops"] > 0
     assert main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "a")]) == 2
     assert "--force" in capsys.readouterr().err
+
+
+def test_force_never_drops_a_target_in_silence(trained, tmp_path):
+    model, variables, test = trained
+    sample = test["x"][:4]
+    out = export_model(model, variables, sample, tmp_path / "two", name="d", targets="xla,onnx")
+    before = (out / "manifest.json").read_text()
+    with pytest.raises(ExportError, match=r"targets onnx that this export would drop.*--replace"):
+        export_model(model, variables, sample, out, name="d", targets="xla", force=True)
+    assert (out / "manifest.json").read_text() == before  # untouched
+    export_model(model, variables, sample, out, name="d", targets="xla,onnx", force=True)
+    export_model(model, variables, sample, out, name="d", targets="xla", force=True, replace=True)
+    assert set(json.loads((out / "manifest.json").read_text())["targets"]) == {"xla"}

@@ -347,3 +347,18 @@ def test_replay_settings_are_checked_before_anything_runs(toy, tmp_path):
         )
     result = _fit(toy, steps=8, batch_size=16, stop_after=3)  # schedules see 8; it stops at 3
     assert [r["step"] for r in result.history] == [1, 3]
+
+
+def test_token_ids_outside_the_vocabulary_are_refused_before_compiling():
+    """JAX clamps an out-of-range gather: without a check, training goes on in silence."""
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, 32, (16, 9)).astype(np.int32)
+    tokens[3, 4] = 40
+    data = {"x": tokens[:, :-1], "y": tokens[:, 1:]}
+    model = jaxmint.models.transformer(32, max_len=8, d_model=16, num_heads=2, num_layers=1)
+    assert model.input_range == (0, 32)
+    with pytest.raises(DataError, match=r"training data holds model inputs outside \[0, 32\)"):
+        _fit(data, model=model, steps=1, batch_size=8)
+    clean = {"x": np.minimum(data["x"], 31), "y": data["y"]}
+    with pytest.raises(DataError, match=r"eval_data holds model inputs outside.*max 40"):
+        _fit(clean, model=model, steps=1, batch_size=8, eval_data={**clean, "x": data["x"]})

@@ -31,18 +31,39 @@ class InputError(ValueError):
 
 @dataclass(frozen=True)
 class TensorSpec:
-    """One input or output: its name, dtype and shape (``"batch"`` for a symbolic dim)."""
+    """One input or output: its name, dtype and shape (``"batch"`` for a symbolic dim),
+    and for an integer input the ``[low, high)`` range its values must lie in (token
+    ids of a vocabulary), when the model declared one."""
 
     name: str
     dtype: str
     shape: tuple
+    range: tuple[int, int] | None = None
 
     @classmethod
     def from_json(cls, d: Mapping) -> TensorSpec:
-        return cls(d["name"], d["dtype"], tuple(d["shape"]))
+        bounds = d.get("range")
+        return cls(d["name"], d["dtype"], tuple(d["shape"]), tuple(bounds) if bounds else None)
 
     def to_json(self) -> dict:
-        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
+        out = {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
+        if self.range is not None:
+            out["range"] = list(self.range)
+        return out
+
+    def check_range(self, arr: np.ndarray) -> None:
+        """`InputError` if an integer input holds a value outside ``range``."""
+        if self.range is None or arr.dtype.kind not in "iu" or arr.size == 0:
+            return
+        low, high = self.range
+        lo, hi = int(arr.min()), int(arr.max())
+        if lo < low or hi >= high:
+            bad = np.argwhere((arr < low) | (arr >= high))[0]
+            raise InputError(
+                f"input {self.name!r} holds values outside [{low}, {high}) (min {lo}, max {hi}; "
+                f"the first at index {tuple(int(i) for i in bad)}): the model's inputs are ids "
+                f"below {high}, such as the tokens of its vocabulary"
+            )
 
 
 class Predictor:
@@ -138,6 +159,7 @@ class Predictor:
                     )
             if check_finite and arr.dtype.kind == "f" and not np.isfinite(arr).all():
                 raise InputError(f"input {spec.name!r} contains NaN or infinity")
+            spec.check_range(arr)
             arrays[spec.name] = arr
         batch = sizes.get("batch")
         if batch is None or batch < 1:
@@ -169,6 +191,7 @@ class Predictor:
             return None
         if self.check_finite and x.dtype.kind == "f" and not np.isfinite(x).all():
             raise InputError(f"input {self.inputs[0].name!r} contains NaN or infinity")
+        self.inputs[0].check_range(x)
         return self.backend.call1(key, x)
 
     def bucketed(self, max_batch: int) -> Predictor:

@@ -78,7 +78,8 @@ def _export(args) -> int:
             batch_sizes=args.batch_sizes,
             fixed_batch=args.fixed_batch,
             precompile=not args.no_precompile,
-            force=args.force,
+            force=args.force or args.replace,
+            replace=args.replace,
             onnx_opset=args.onnx_opset,
             iree_cpu=args.iree_cpu,
             iree_hal_targets=args.iree_hal_targets.split(",") if args.iree_hal_targets else None,
@@ -238,7 +239,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="comma-separated IREE HAL targets (default: llvm-cpu, and vulkan-spirv when "
         "the compiler has it)",
     )
-    p.add_argument("--force", action="store_true", help="replace an existing artifact")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="replace an existing artifact (refused if the new one would have fewer targets)",
+    )
+    p.add_argument(
+        "--replace",
+        action="store_true",
+        help="replace an existing artifact even with fewer targets (implies --force)",
+    )
     p.set_defaults(fn=_export)
     p = sub.add_parser("inspect", help="signature, files, versions, expiry and cost of an artifact")
     p.add_argument("artifact")

@@ -7,6 +7,7 @@ from jaxmint.data._loader import ArrayLoader as ArrayLoader
 from jaxmint.data._loader import BatchSpec as BatchSpec
 from jaxmint.data._loader import DataError as DataError
 from jaxmint.data._loader import TrainData as TrainData
+from jaxmint.data._loader import check_input_range as check_input_range
 from jaxmint.data._loader import eval_batches as eval_batches
 from jaxmint.data._loader import prefetch_to_device as prefetch_to_device
 
@@ -15,6 +16,7 @@ __all__ = [
     "BatchSpec",
     "DataError",
     "TrainData",
+    "check_input_range",
     "digits",
     "eval_batches",
     "prefetch_to_device",

@@ -193,6 +193,22 @@ def prefetch_to_device(batches: Iterator[Batch], size: int = 2, put=None) -> Ite
         thread.join(timeout=5)
 
 
+def check_input_range(values, bounds: tuple[int, int], where: str) -> None:
+    """`DataError` if integer ``values`` (such as token ids) fall outside ``[low, high)``."""
+    arr = np.asarray(values)
+    if arr.dtype.kind not in "iu" or arr.size == 0:
+        return
+    low, high = bounds
+    lo, hi = int(arr.min()), int(arr.max())
+    if lo < low or hi >= high:
+        first = tuple(int(i) for i in np.argwhere((arr < low) | (arr >= high))[0])
+        raise DataError(
+            f"{where} holds model inputs outside [{low}, {high}) (min {lo}, max {hi}; the "
+            f"first at index {first}): the model takes ids below {high}, such as the tokens "
+            "of its vocabulary. Fix the data, or build the model with a larger vocabulary"
+        )
+
+
 class TrainData:
     """What `fit` reads: a dict of arrays (an `ArrayLoader`) or an iterable of batches.
 
@@ -225,6 +241,11 @@ class TrainData:
                 f"{type(data).__name__}"
             )
         self.spec = BatchSpec(self.first)
+
+    def whole_or_first(self, key: str) -> np.ndarray:
+        """All of array data's ``key`` (checked once at start), or the first batch's for
+        an iterable (whose later batches are not read ahead)."""
+        return self.loader.arrays[key] if self.loader is not None else np.asarray(self.first[key])
 
     def batches(self, start_step: int) -> Iterator[Batch]:
         if self.loader is not None:

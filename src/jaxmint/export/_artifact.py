@@ -80,6 +80,7 @@ def export_model(
     fixed_batch: bool = False,
     precompile: bool = True,
     force: bool = False,
+    replace: bool = False,
     experiment: Mapping[str, Any] | None = None,
     onnx_opset: int = DEFAULT_ONNX_OPSET,
     iree_hal_targets: Sequence[str] | None = None,
@@ -100,7 +101,9 @@ def export_model(
         when it is in ``platforms``), compiled by IREE, and the sizes smaller
         batches are padded to.
       fixed_batch: one XLA module per declared size instead of one symbolic module.
-      force: replace an existing artifact at ``out`` (only once the new one passed).
+      force: replace an existing artifact at ``out`` (only once the new one passed,
+        and only if it keeps every target the old one has).
+      replace: with ``force``, let the new artifact have fewer targets than the old.
       experiment: recorded in the manifest (name, config hash, step).
       onnx_opset: the ONNX opset to convert to.
       iree_hal_targets: IREE HAL targets (default ``llvm-cpu``, plus
@@ -116,6 +119,14 @@ def export_model(
     if out.exists() and any(out.iterdir()) and not force:
         raise ExportError(f"{out} already exists and is not empty; pass --force to replace it")
     targets = parse_targets(targets)
+    if force and not replace:
+        dropped = sorted(_existing_targets(out) - set(targets))
+        if dropped:
+            keep = ",".join(sorted(_existing_targets(out) | set(targets)))
+            raise ExportError(
+                f"{out} has the targets {', '.join(dropped)} that this export would drop; "
+                f"export them too (--target {keep}), or pass --replace to drop them"
+            )
     check_installed(targets)
     sample = np.asarray(sample)
     if sample.ndim < 1 or sample.shape[0] < 1:
@@ -174,7 +185,7 @@ def export_model(
             "name": name,
             "created": created.isoformat(timespec="seconds"),
             "versions": {"jax": jax.__version__, "jaxlib": jaxlib.__version__},
-            "inputs": [{"name": input_key, "dtype": str(sample.dtype), "shape": in_shape}],
+            "inputs": [_input_spec(model, input_key, sample, in_shape)],
             "outputs": outputs,
             "single_output": single,
             "batch_sizes": batch_sizes,
@@ -198,7 +209,7 @@ def export_model(
         reasons = "\n".join(f"  {t}: {why}" for t, why in skipped.items())
         if not written:
             raise ExportError(f"no target could be exported; nothing was written:\n{reasons}")
-        if skipped and out.exists() and any(out.iterdir()):
+        if skipped and out.exists() and any(out.iterdir()) and not replace:
             raise ExportError(
                 f"{out} was kept: the new export lacks targets it was asked for, and replacing "
                 f"an artifact must not lose any:\n{reasons}\nExport the targets that work "
@@ -218,6 +229,24 @@ def export_model(
     for target, why in skipped.items():
         log.warning("export target %s skipped: %s", target, why)
     return out
+
+
+def _input_spec(model, input_key: str, sample: np.ndarray, shape: list) -> dict:
+    """The manifest's input entry, with the model's declared integer range if any."""
+    spec = {"name": input_key, "dtype": str(sample.dtype), "shape": shape}
+    bounds = getattr(model, "input_range", None)
+    if bounds is not None and sample.dtype.kind in "iu":
+        spec["range"] = [int(bounds[0]), int(bounds[1])]
+    return spec
+
+
+def _existing_targets(out: Path) -> set[str]:
+    """The targets of the artifact at ``out`` (none when there is no readable one)."""
+    try:
+        manifest = json.loads((out / MANIFEST).read_text(encoding="utf-8"))
+        return {str(t) for t in manifest.get("targets", {})}
+    except (OSError, ValueError, AttributeError):
+        return set()
 
 
 def _check_iree_gpu_modules(directory: Path, target: dict, checker: _Parity, manifest) -> None:

@@ -35,6 +35,7 @@ def export_run(
     fixed_batch: bool = False,
     precompile: bool = True,
     force: bool = False,
+    replace: bool = False,
     **target_options,
 ) -> Path:
     """Export the model of a run dir at its latest step, a given ``step``, or ``"best"``.
@@ -63,6 +64,7 @@ def export_run(
         fixed_batch=fixed_batch,
         precompile=precompile,
         force=force,
+        replace=replace,
         experiment={
             "name": Path(recorded["experiment"]).stem,
             "config_hash": config_hash(recorded),

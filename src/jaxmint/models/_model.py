@@ -32,11 +32,17 @@ class Model(NamedTuple):
             init=lambda key, x: {"w": jax.random.normal(key, (x.shape[-1], 3))},
             apply=lambda params, x, *, train=False, key=None: x @ params["w"],
         )
+
+    ``input_range = (low, high)`` declares that integer inputs lie in
+    ``[low, high)``, such as the token ids of a vocabulary: training refuses data
+    outside it, and an exported artifact refuses such requests (JAX would clamp the
+    gather and answer in silence). The built-in transformer sets it.
     """
 
     init: Callable[..., Variables]
     apply: Callable[..., Any]
     apply_with_state: Callable[..., tuple[Any, dict]] | None = None
+    input_range: tuple[int, int] | None = None
 
     def forward(
         self, variables: Variables, inputs: Any, *, train: bool, key: jax.Array | None

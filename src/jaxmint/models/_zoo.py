@@ -169,4 +169,5 @@ def transformer(
     """
     if d_model % num_heads:
         raise ValueError(f"d_model={d_model} must be divisible by num_heads={num_heads}")
-    return from_linen(Transformer(vocab_size, max_len, d_model, num_layers, num_heads, attention))
+    module = Transformer(vocab_size, max_len, d_model, num_layers, num_heads, attention)
+    return from_linen(module)._replace(input_range=(0, vocab_size))

@@ -14,7 +14,13 @@ import numpy as np
 import optax
 
 from jaxmint.config import normalized, run_control_fields
-from jaxmint.data import DataError, TrainData, eval_batches, prefetch_to_device
+from jaxmint.data import (
+    DataError,
+    TrainData,
+    check_input_range,
+    eval_batches,
+    prefetch_to_device,
+)
 from jaxmint.losses import Loss
 from jaxmint.models._model import Model
 from jaxmint.run import RunDir
@@ -208,6 +214,11 @@ class FitLoop:
             )
         if self.eval_data is not None:
             self.data.check_eval(self.eval_data)
+        bounds = getattr(self.model, "input_range", None)
+        if bounds is not None:
+            check_input_range(self.data.whole_or_first(self.input_key), bounds, "the training data")
+            if isinstance(self.eval_data, Mapping) and self.input_key in self.eval_data:
+                check_input_range(self.eval_data[self.input_key], bounds, "eval_data")
 
     def _init_state(self) -> TrainState:
         first = self.data.first

@@ -104,8 +104,9 @@ def _check_shapes(loop: FitLoop, state: TrainState, step: int, differing: list[s
     raise CheckpointError(
         f"the run dir {loop.run_dir.path} belongs to a different model: the checkpoint at step "
         f"{step} has different state shapes ({shown}{', ...' if len(bad) > 5 else ''}). Config "
-        f"fields that differ: {', '.join(differing) or 'none recorded'}. Use a new --workdir, or "
-        "--fresh (fit(..., fresh=True)) to move the old checkpoints aside."
+        f"fields that differ: {', '.join(differing) or 'none recorded'}. Use another workdir, "
+        "or start over with fresh=True (--fresh on the command line), which moves the old "
+        "checkpoints aside."
     )
 
 
