@@ -17,14 +17,8 @@ def test_readme_names_the_two_commands_and_ci_runs_the_test_one():
     assert "scripts/test.sh" in (REPO / ".ci/run").read_text()
 
 
-def test_readme_tour_runs(tmp_path, monkeypatch):
-    (code,) = re.findall(r"```python\n(.*?)```", README, re.S)
-    monkeypatch.chdir(tmp_path)
-    code = code.replace("steps=1000", "steps=200")
-    namespace: dict = {}
-    exec(compile(code.replace("print(", "_ = ("), "README.md", "exec"), namespace)
-    assert namespace["result"].final_eval["eval/accuracy"] > 0.9
-    assert (tmp_path / "runs/readme/metrics.jsonl").exists()
+# The README's tour runs in tests/test_first_hour.py, followed by the tour page and the
+# demo's steps in the same folder.
 
 
 @pytest.mark.slow
