@@ -324,14 +324,17 @@ def test_cli_export_and_inspect(tmp_path, capsys):
     assert "--force" in capsys.readouterr().err
 
 
-def test_force_never_drops_a_target_in_silence(trained, tmp_path):
+def test_force_never_drops_a_target_in_silence(trained, artifact, tmp_path):
     model, variables, test = trained
     sample = test["x"][:4]
-    out = export_model(model, variables, sample, tmp_path / "two", name="d", targets="xla,onnx")
+    out = tmp_path / "two"
+    shutil.copytree(artifact, out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["targets"]["onnx"] = {}  # as if exported with --target xla,onnx
+    (out / "manifest.json").write_text(json.dumps(manifest))
     before = (out / "manifest.json").read_text()
     with pytest.raises(ExportError, match=r"targets onnx that this export would drop.*--replace"):
         export_model(model, variables, sample, out, name="d", targets="xla", force=True)
     assert (out / "manifest.json").read_text() == before  # untouched
-    export_model(model, variables, sample, out, name="d", targets="xla,onnx", force=True)
     export_model(model, variables, sample, out, name="d", targets="xla", force=True, replace=True)
     assert set(json.loads((out / "manifest.json").read_text())["targets"]) == {"xla"}
