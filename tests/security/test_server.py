@@ -171,6 +171,38 @@ def test_the_token_is_checked_before_the_body_is_read(serve, tiny, sample):
     _correct_answer_follows(server, tiny, sample, headers="Authorization: Bearer s3cret\r\n")
 
 
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096
+
+
+def test_strangers_cannot_make_the_server_buffer_their_bodies(serve, tiny, sample):
+    """Four connections without the token push 16 MiB each of a 60 MiB body: the server
+    answers 401 from the headers and never holds their bytes (4 x 16 MiB otherwise)."""
+    server = serve(token="s3cret")
+    before = _rss_bytes()
+    chunk = b"\0" * (1 << 20)
+    deadline = time.monotonic() + 30
+    sockets = [socket.create_connection(("127.0.0.1", server.port), timeout=5) for _ in range(4)]
+    try:
+        for s in sockets:  # all four stay open while the memory is measured
+            s.sendall(
+                f"POST {INFER} HTTP/1.1\r\nHost: a\r\nContent-Length: {60 << 20}\r\n\r\n".encode()
+            )
+            try:
+                for _ in range(16):
+                    s.sendall(chunk)
+                    assert time.monotonic() < deadline
+            except OSError:  # the server closed the connection after its 401: expected
+                pass
+        grown = _rss_bytes() - before
+    finally:
+        for s in sockets:
+            s.close()
+    assert grown < 24 << 20, f"the process grew by {grown >> 20} MiB"
+    _correct_answer_follows(server, tiny, sample, headers="Authorization: Bearer s3cret\r\n")
+
+
 def test_noise_bytes_do_not_keep_a_connection_open(serve, tiny, sample):
     server = serve(read_timeout_s=0.5, idle_timeout_s=60.0)
     with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
