@@ -362,3 +362,34 @@ def test_token_ids_outside_the_vocabulary_are_refused_before_compiling():
     clean = {"x": np.minimum(data["x"], 31), "y": data["y"]}
     with pytest.raises(DataError, match=r"eval_data holds model inputs outside.*max 40"):
         _fit(clean, model=model, steps=1, batch_size=8, eval_data={**clean, "x": data["x"]})
+
+
+def test_settings_come_in_groups_that_fitconfig_and_experiments_build_on():
+    import dataclasses
+
+    from jaxmint.experiment import Common
+    from jaxmint.train import (
+        CheckpointSettings,
+        DebugSettings,
+        EvaluationSettings,
+        FitConfig,
+        LoggingSettings,
+        TrainingSettings,
+    )
+
+    groups = (
+        TrainingSettings,
+        EvaluationSettings,
+        CheckpointSettings,
+        LoggingSettings,
+        DebugSettings,
+    )
+    names = [f.name for g in groups for f in dataclasses.fields(g)]
+    assert sorted(names) == sorted(f.name for f in dataclasses.fields(FitConfig))
+    assert len(names) == len(set(names))  # each setting in exactly one group
+    config = Common(keep_last=5, steps=7)
+    assert all(isinstance(config, g) for g in groups)
+    assert config.part(CheckpointSettings) == CheckpointSettings(
+        workdir=config.workdir, checkpoint_every=config.checkpoint_every, keep_last=5
+    )
+    assert config.part(TrainingSettings).steps == 7

@@ -10,7 +10,12 @@ from jaxmint.train._builtin import NonFiniteGuard as NonFiniteGuard
 from jaxmint.train._builtin import Progress as Progress
 from jaxmint.train._builtin import RecompileWatch as RecompileWatch
 from jaxmint.train._builtin import Writers as Writers
+from jaxmint.train._config import CheckpointSettings as CheckpointSettings
+from jaxmint.train._config import DebugSettings as DebugSettings
+from jaxmint.train._config import EvaluationSettings as EvaluationSettings
 from jaxmint.train._config import FitConfig as FitConfig
+from jaxmint.train._config import LoggingSettings as LoggingSettings
+from jaxmint.train._config import TrainingSettings as TrainingSettings
 from jaxmint.train._distributed import initialize as initialize_distributed
 from jaxmint.train._experiment import Experiment as Experiment
 from jaxmint.train._experiment import fit_experiment as fit_experiment
@@ -24,19 +29,24 @@ from jaxmint.train._modes import is_concrete as is_concrete
 
 __all__ = [
     "CheckError",
+    "CheckpointSettings",
     "Checkpointer",
+    "DebugSettings",
     "Diagnose",
+    "EvaluationSettings",
     "Experiment",
     "FitConfig",
     "FitLoop",
     "FitResult",
     "Hook",
+    "LoggingSettings",
     "NonFiniteError",
     "NonFiniteGuard",
     "Progress",
     "RecompileWatch",
     "Steps",
     "TrainState",
+    "TrainingSettings",
     "Writers",
     "build_steps",
     "fit",

@@ -1,4 +1,4 @@
-"""`FitConfig`: every setting of `jaxmint.fit`, as one dataclass.
+"""`FitConfig`: every setting of `jaxmint.fit`, as one dataclass built from groups.
 
 An experiment's config extends it (`jaxmint.experiment.Common`), so its fields
 are command-line flags and reach `fit` as they are, with nothing copied by hand.
@@ -20,32 +20,43 @@ COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
 
 
 @dataclasses.dataclass
-class FitConfig:
-    """The settings of a training run (see the training guide for each)."""
+class TrainingSettings:
+    """What each step computes and how it is spread over devices."""
 
-    workdir: str | None = field(
-        None, "run directory (resumed if it holds checkpoints)", run_control=True
-    )
     steps: int = field(1000, "optimizer steps to train for", run_control=True)
     batch_size: int = field(128, "global batch size")
     seed: int = field(0, "seed of initialization, shuffling and dropout")
-    eval_every: int | None = field(
-        None, "evaluate every N steps (and at the end)", run_control=True
-    )
-    checkpoint_every: int | None = field(
-        None, "checkpoint every N steps (and at the end)", run_control=True
-    )
-    log_every: int = field(50, "log metrics every N steps (and the first)", run_control=True)
     strategy: str = field(
         "auto", "auto | single | data | fsdp | pmap (auto: data on >1 device)", run_control=True
     )
     nonfinite: str = field("raise", "raise | skip: what to do with a non-finite loss or gradient")
     grad_accum: int = field(1, "micro-batches per step (gradient accumulation)")
     compute_dtype: str | None = field(None, "e.g. bfloat16: compute dtype, float32 master params")
+    prefetch: int = field(2, "batches prefetched to accelerators", run_control=True)
+
+
+@dataclasses.dataclass
+class EvaluationSettings:
+    """When and how the eval data is evaluated."""
+
+    eval_every: int | None = field(
+        None, "evaluate every N steps (and at the end)", run_control=True
+    )
     eval_batch_size: int | None = field(
         None, "evaluation batch size (default: --batch-size)", run_control=True
     )
-    prefetch: int = field(2, "batches prefetched to accelerators", run_control=True)
+
+
+@dataclasses.dataclass
+class CheckpointSettings:
+    """The run directory and its checkpoints: cadence and keep policy."""
+
+    workdir: str | None = field(
+        None, "run directory (resumed if it holds checkpoints)", run_control=True
+    )
+    checkpoint_every: int | None = field(
+        None, "checkpoint every N steps (and at the end)", run_control=True
+    )
     keep_last: int = field(2, "checkpoints kept: the last N ...", run_control=True)
     keep_best: int = field(0, "... plus the best N by --best-metric", run_control=True)
     best_metric: str = field("eval/loss", "the metric that ranks checkpoints", run_control=True)
@@ -53,12 +64,25 @@ class FitConfig:
     fresh: bool = field(
         False, "move existing checkpoints in --workdir aside and start over", run_control=True
     )
+
+
+@dataclasses.dataclass
+class LoggingSettings:
+    """What is logged and shown, and how often."""
+
+    log_every: int = field(50, "log metrics every N steps (and the first)", run_control=True)
     progress: bool = field(True, "show the live progress bar", run_control=True)
-    debug: bool = field(False, "run steps un-jitted so print/breakpoint show real arrays")
-    check: bool = field(False, "checkify each step: stop at the first NaN or bad index")
     diagnose_every: int | None = field(
         None, "log gradient/activation diagnostics every N steps (none: off)", run_control=True
     )
+
+
+@dataclasses.dataclass
+class DebugSettings:
+    """Debug and checked modes, and replaying a step of another run."""
+
+    debug: bool = field(False, "run steps un-jitted so print/breakpoint show real arrays")
+    check: bool = field(False, "checkify each step: stop at the first NaN or bad index")
     stop_after: int | None = field(
         None, "stop after this step; schedules still follow --steps", run_control=True
     )
@@ -68,6 +92,24 @@ class FitConfig:
         "replays a failed step with the same config",
         run_control=True,
     )
+
+
+@dataclasses.dataclass
+class FitConfig(
+    DebugSettings, LoggingSettings, CheckpointSettings, EvaluationSettings, TrainingSettings
+):
+    """The settings of a training run (see the training guide for each), in groups.
+
+    Each group is a dataclass of its own (`TrainingSettings`, `EvaluationSettings`,
+    `CheckpointSettings`, `LoggingSettings`, `DebugSettings`); `FitConfig` has all
+    their fields, flat, so ``fit(..., steps=..., keep_last=...)``
+    and an experiment's ``--flags`` name them directly, and ``settings.part(Group)``
+    gives one group (what a hook about checkpoints needs, for example).
+    """
+
+    def part(self, group: type):
+        """The fields of ``group`` (one of the settings dataclasses) as that dataclass."""
+        return group(**{f.name: getattr(self, f.name) for f in dataclasses.fields(group)})
 
     def check_values(self) -> None:
         """Raise `ValueError` naming the first bad setting and what is allowed."""
