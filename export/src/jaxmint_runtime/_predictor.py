@@ -53,17 +53,29 @@ class TensorSpec:
 
     def check_range(self, arr: np.ndarray) -> None:
         """`InputError` if an integer input holds a value outside ``range``."""
-        if self.range is None or arr.dtype.kind not in "iu" or arr.size == 0:
-            return
-        low, high = self.range
-        lo, hi = int(arr.min()), int(arr.max())
-        if lo < low or hi >= high:
-            bad = np.argwhere((arr < low) | (arr >= high))[0]
+        found = outside_range(arr, self.range)
+        if found is not None:
+            lo, hi, first = found
+            low, high = self.range
             raise InputError(
                 f"input {self.name!r} holds values outside [{low}, {high}) (min {lo}, max {hi}; "
-                f"the first at index {tuple(int(i) for i in bad)}): the model's inputs are ids "
-                f"below {high}, such as the tokens of its vocabulary"
+                f"the first at index {first}): the model's inputs are ids below {high}, such "
+                "as the tokens of its vocabulary"
             )
+
+
+def outside_range(arr, bounds) -> tuple[int, int, tuple[int, ...]] | None:
+    """``(min, max, index of the first bad value)`` when integer ``arr`` holds a value
+    outside ``bounds = (low, high)`` (half-open), else None (also for other dtypes)."""
+    arr = np.asarray(arr)
+    if bounds is None or arr.dtype.kind not in "iu" or arr.size == 0:
+        return None
+    low, high = bounds
+    lo, hi = int(arr.min()), int(arr.max())
+    if low <= lo and hi < high:
+        return None
+    first = np.argwhere((arr < low) | (arr >= high))[0]
+    return lo, hi, tuple(int(i) for i in first)
 
 
 class Predictor:

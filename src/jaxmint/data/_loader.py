@@ -11,6 +11,8 @@ from typing import Any
 import jax
 import numpy as np
 
+from jaxmint_runtime._predictor import outside_range
+
 Batch = dict[str, Any]
 
 
@@ -195,13 +197,10 @@ def prefetch_to_device(batches: Iterator[Batch], size: int = 2, put=None) -> Ite
 
 def check_input_range(values, bounds: tuple[int, int], where: str) -> None:
     """`DataError` if integer ``values`` (such as token ids) fall outside ``[low, high)``."""
-    arr = np.asarray(values)
-    if arr.dtype.kind not in "iu" or arr.size == 0:
-        return
-    low, high = bounds
-    lo, hi = int(arr.min()), int(arr.max())
-    if lo < low or hi >= high:
-        first = tuple(int(i) for i in np.argwhere((arr < low) | (arr >= high))[0])
+    found = outside_range(values, bounds)
+    if found is not None:
+        lo, hi, first = found
+        low, high = bounds
         raise DataError(
             f"{where} holds model inputs outside [{low}, {high}) (min {lo}, max {hi}; the "
             f"first at index {first}): the model takes ids below {high}, such as the tokens "

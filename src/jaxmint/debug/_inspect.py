@@ -167,16 +167,17 @@ def inspect_step(
     opt_state = optimizer.init(params) if opt_state is None else opt_state
     update, _ = optimizer.update(grads, opt_state, params)
     to_np = lambda tree: jax.tree_util.tree_map(np.asarray, jax.device_get(tree))
+    param_norms, update_norms = norms(params), norms(update)
     record = {
         "step": step,
         "loss": float(total),
         **{k: float(v) for k, v in metrics.items()},
         **{f"diag/grad_share/{n}": v for n, v in shares.items() if n in loss.term_names},
         **{f"diag/layer_grad_norm/{g}": v for g, v in grad_norms["total"].items()},
-        **{f"diag/param_norm/{g}": v for g, v in norms(params).items()},
+        **{f"diag/param_norm/{g}": v for g, v in param_norms.items()},
         **{
             f"diag/update_ratio/{g}": u / max(p, 1e-30)
-            for (g, u), p in zip(norms(update).items(), norms(params).values(), strict=True)
+            for (g, u), p in zip(update_norms.items(), param_norms.values(), strict=True)
         },
         **{k: float(v) for k, v in activation_stats(intermediates).items()},
     }
@@ -191,7 +192,7 @@ def inspect_step(
         grad_norms=grad_norms,
         grads=to_np(grads),
         update=to_np(update),
-        update_norms=norms(update),
+        update_norms=update_norms,
         flags=find_flags([record], regularizers=loss.regularizer_names),
     )
 

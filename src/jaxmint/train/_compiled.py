@@ -1,9 +1,10 @@
 """Compiled once per process: the init of a model that `fit` has already seen.
 
 `fit` jits a fresh closure on every call, so JAX's own caches (keyed by the
-function) miss, and the init of even a small model costs about a second of XLA
-compile on CPU: the random initializers of each parameter shape. Sweeps, tests
-and debugging run many short fits of the same model. This cache is keyed by the
+function) miss, and every call compiled the model's init again: the random
+initializers of each parameter shape, most of the fixed cost per call that
+``benchmarks/overhead.py`` reports. Sweeps, tests and debugging run many short
+fits of the same model. This cache is keyed by the
 *content* of the lowered program (its StableHLO text, which spells out every
 constant and sharding), the types and tree structures of its arguments and
 results, and the devices, so a program that differs in any

@@ -163,8 +163,7 @@ class FitLoop:
         config,
     ):
         s = self.settings = settings
-        if s.replay_from is not None and workdir is None:
-            raise ValueError("replay_from needs a workdir of its own to write the replay in")
+        self._replay_steps = None if s.replay_from is None else _replay_steps(s, workdir)
         self.model, self.loss, self.optimizer, self.input_key = model, loss, optimizer, input_key
         self.eval_data, self.start_step, self.final, self.preemption = eval_data, 0, False, None
         self._log_requested = False
@@ -265,7 +264,7 @@ class FitLoop:
         if s.fresh:
             run.move_aside()
         if s.replay_from is not None:
-            self._seed_replay(RunDir.of(s.replay_from))
+            self._seed_replay(RunDir.of(s.replay_from), self._replay_steps)
         if s.debug or run.recorded_debug():
             run.check_kind(s.debug, fresh=s.fresh)
         self.checkpoints = run.checkpoints(
@@ -283,15 +282,12 @@ class FitLoop:
             run.write_config(record)
         return state
 
-    def _seed_replay(self, source: RunDir) -> None:
-        """Copy ``source``'s newest checkpoint before the step to replay into this run dir
-        (only read there), so that the run resumes from it with today's config."""
+    def _seed_replay(self, source: RunDir, before: list[int]) -> None:
+        """Copy ``source``'s newest checkpoint ``before`` the step to replay into this run
+        dir (only read there), so that the run resumes from it with today's config."""
         s, run = self.settings, self.run_dir
-        if source.path.resolve() == run.path.resolve():
-            raise ValueError(f"replay_from={s.replay_from!r} is this run's own workdir")
         if run.checkpoint_steps():
             return  # already seeded: resume from this dir's own checkpoints
-        before = [k for k in source.require_checkpoint_steps() if k < s.stop_after]
         if before:
             run.copy_checkpoint(source, before[-1])
         if self.lead:
@@ -470,6 +466,16 @@ class FitLoop:
 
     def _path(self) -> Path | None:
         return None if self.run_dir is None else self.run_dir.path
+
+
+def _replay_steps(s: FitConfig, workdir) -> list[int]:
+    """The steps of ``replay_from`` before ``stop_after``, checked before anything runs."""
+    if workdir is None:
+        raise ValueError("replay_from needs a workdir of its own to write the replay in")
+    source = RunDir.of(s.replay_from)
+    if source.path.resolve() == RunDir.of(workdir).path.resolve():
+        raise ValueError(f"replay_from={s.replay_from!r} is this run's own workdir")
+    return [k for k in source.require_checkpoint_steps() if k < s.stop_after]
 
 
 def _is_control(name: str) -> bool:
