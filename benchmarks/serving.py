@@ -175,7 +175,7 @@ def load(ctx, port: int, kind: str, seconds: float, processes: int) -> dict:
 
 # -- servers ----------------------------------------------------------------------------------
 class ServerProcess:
-    def __init__(self, artifact: Path, *flags: str):
+    def __init__(self, artifact: Path, *flags: str, env: dict | None = None):
         self.proc = subprocess.Popen(
             [
                 sys.executable,
@@ -190,6 +190,7 @@ class ServerProcess:
             ],
             stdout=subprocess.PIPE,
             text=True,
+            env=env,
         )
         self.port: int | None = None
 
