@@ -2,6 +2,7 @@
 
 import json
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -98,6 +99,13 @@ def test_nan_and_infinity_are_refused(predictor, inputs):
     body, headers = binary_body(x)
     with pytest.raises(ProtocolError, match="NaN or infinity"):
         decode(predictor, body, int(headers["Inference-Header-Content-Length"]))
+    # Finite in JSON but not in the input's dtype: named, without a numpy warning.
+    data = "[" + ", ".join(["1e39"] + ["0.5"] * 63) + "]"
+    body = '{"inputs": [{"name": "x", "shape": [1, 64], "datatype": "FP32", "data": %s}]}'
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(ProtocolError, match="beyond the largest finite FP32"):
+            decode(predictor, (body % data).encode())
 
 
 def test_binary_sizes_must_add_up(predictor, inputs):

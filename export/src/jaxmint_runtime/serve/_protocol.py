@@ -17,7 +17,6 @@ message names the tensor and what to change, before any large allocation.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections.abc import Mapping
@@ -25,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import orjson
 
 from jaxmint_runtime._format import np_dtype
 from jaxmint_runtime._predictor import InputError, Predictor
@@ -114,8 +114,13 @@ def decode_infer(
             )
         head, binary = body[:header_length], memoryview(body)[header_length:]
     try:
-        request = json.loads(head)
-    except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
+        request = orjson.loads(head)
+    except orjson.JSONDecodeError as e:  # also bad UTF-8 and nesting deeper than 1024
+        if "infinity" in str(e) or head[e.pos : e.pos + 9].lstrip(b"-").startswith(_NONFINITE):
+            raise ProtocolError(
+                f"the request holds NaN or infinity at byte {e.pos}; inputs must be finite "
+                "numbers (JSON has neither)"
+            ) from None
         raise ProtocolError(f"the request is not valid JSON ({_short(e)})") from None
     if not isinstance(request, dict):
         raise ProtocolError("the request must be a JSON object with an 'inputs' list")
@@ -180,6 +185,7 @@ def decode_infer(
     return InferRequest(request_id, arrays, batch, _outputs(request, predictor, binary_default))
 
 
+_NONFINITE = (b"NaN", b"Infinity")
 _SHAPE = re.compile(rb'(?<!\\)"shape"\s*:\s*\[([0-9,\s]*)\]')
 _CHARS_PER_VALUE = 40  # "-1.2345678901234567e-300, " and nesting, generously
 _JSON_SLACK = 64 * 1024
@@ -282,7 +288,13 @@ def _from_json(data: Any, dtype: np.dtype, count: int, name: str, datatype: str)
         info = np.iinfo(dtype)
         if arr.min() < info.min or arr.max() > info.max:
             raise ProtocolError(f"input {name!r}: a value in 'data' does not fit {datatype}")
-    return arr.astype(dtype).reshape(-1)
+    try:
+        with np.errstate(over="raise"):
+            return arr.astype(dtype).reshape(-1)
+    except FloatingPointError:
+        raise ProtocolError(
+            f"input {name!r}: a value in 'data' is beyond the largest finite {datatype}"
+        ) from None
 
 
 def _outputs(request: dict, predictor: Predictor, binary_default: bool) -> list[tuple[str, bool]]:
@@ -340,13 +352,13 @@ def encode_infer(
         else:
             # JSON has no bfloat16; its values are exact in float32.
             flat = arr.astype(np.float32) if datatype == "BF16" else arr
-            tensor["data"] = flat.reshape(-1).tolist()
+            tensor["data"] = np.ascontiguousarray(flat.reshape(-1))
         tensors.append(tensor)
     response: dict[str, Any] = {"model_name": model_name, "model_version": MODEL_VERSION}
     if request_id is not None:
         response["id"] = request_id
     response["outputs"] = tensors
-    head = json.dumps(response, separators=(",", ":")).encode()
+    head = orjson.dumps(response, option=orjson.OPT_SERIALIZE_NUMPY)
     if not chunks:
         return head, None
     return b"".join([head, *chunks]), len(head)
