@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import TYPE_CHECKING
 
 import jax
 import numpy as np
@@ -18,8 +19,11 @@ from jaxmint.checkpoint import RunCheckpoints
 from jaxmint.steps import build_diagnose_step
 from jaxmint.track import JsonlWriter, ProgressBar, TensorBoardWriter
 from jaxmint.train import _parallel as parallel
-from jaxmint.train._hooks import Hook
+from jaxmint.train._hooks import Hook, Without
 from jaxmint.train._preempt import Preemption
+
+if TYPE_CHECKING:
+    from jaxmint.train._fit import FitLoop
 
 log = logging.getLogger("jaxmint")
 
@@ -231,3 +235,34 @@ class Progress(Hook):
     def on_end(self, loop, result):
         if self.bar is not None:
             self.bar.close()
+
+
+def assemble_hooks(loop: FitLoop, user: list[Hook]) -> list[Hook]:
+    """The built-in hooks around the user's; a user hook that is an instance of a
+    built-in's class takes its place, and `without` removes built-ins."""
+    s = loop.settings
+    removed = tuple(c for h in user if isinstance(h, Without) for c in h.classes)
+    user = [h for h in user if not isinstance(h, Without)]
+    computing: list[Hook] = [NonFiniteGuard()]
+    if not s.debug:
+        computing.append(RecompileWatch())
+        if s.diagnose_every:
+            computing.append(Diagnose(s.diagnose_every))
+    writing: list[Hook] = []
+    if loop.checkpoints is not None:
+        writing.append(Checkpointer(loop.checkpoints, s.best_metric))
+    if loop.run_dir is not None and loop.lead:
+        writing.append(Writers(loop.run_dir))
+    writing.append(Progress(s.progress and loop.lead and not s.debug))
+
+    def place(builtin: Hook) -> list[Hook]:
+        if isinstance(builtin, removed):
+            return []
+        mine = [h for h in user if isinstance(h, type(builtin))]
+        for h in mine:
+            user.remove(h)
+        return mine or [builtin]
+
+    first = [h for b in computing for h in place(b)]
+    last = [h for b in writing for h in place(b)]
+    return first + user + last

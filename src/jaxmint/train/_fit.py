@@ -13,14 +13,7 @@ import jax
 import numpy as np
 import optax
 
-from jaxmint.config import normalized, run_control_fields
-from jaxmint.data import (
-    DataError,
-    TrainData,
-    check_input_range,
-    eval_batches,
-    prefetch_to_device,
-)
+from jaxmint.data import TrainData, eval_batches, prefetch_to_device
 from jaxmint.losses import Loss
 from jaxmint.models._model import Model
 from jaxmint.run import RunDir
@@ -28,19 +21,10 @@ from jaxmint.state import TrainState
 from jaxmint.steps import Steps, build_steps
 from jaxmint.train import _modes
 from jaxmint.train import _parallel as parallel
-from jaxmint.train._builtin import (
-    Checkpointer,
-    Diagnose,
-    NonFiniteGuard,
-    Progress,
-    RecompileWatch,
-    Writers,
-    scalar,
-)
-from jaxmint.train._compiled import call_compiled
-from jaxmint.train._config import FIT_FIELDS, FitConfig, resolve_settings
-from jaxmint.train._hooks import Hook, Without, as_hooks, overrides
-from jaxmint.train._resume import resume
+from jaxmint.train._builtin import NonFiniteGuard, assemble_hooks, scalar
+from jaxmint.train._config import FitConfig, resolve_settings
+from jaxmint.train._hooks import Hook, as_hooks, overrides
+from jaxmint.train._setup import check_inputs, compile_steps, init_state, open_run, replay_steps
 
 log = logging.getLogger("jaxmint")
 
@@ -163,7 +147,7 @@ class FitLoop:
         config,
     ):
         s = self.settings = settings
-        self._replay_steps = None if s.replay_from is None else _replay_steps(s, workdir)
+        self.replay_before = None if s.replay_from is None else replay_steps(s, workdir)
         self.model, self.loss, self.optimizer, self.input_key = model, loss, optimizer, input_key
         self.eval_data, self.start_step, self.final, self.preemption = eval_data, 0, False, None
         self._log_requested = False
@@ -177,7 +161,7 @@ class FitLoop:
         self.lead = self.proc == 0  # only the first process writes files and draws the bar
 
         self.data = TrainData(data, s.batch_size, seed=s.seed, shard=(self.proc, self.n_proc))
-        self._check_inputs()
+        check_inputs(self)
         self.steps: Steps = build_steps(
             model,
             loss,
@@ -189,159 +173,15 @@ class FitLoop:
             axis_name=parallel.AXIS if self.strategy == "pmap" else None,
         )
         self._on_cpu = jax.devices()[0].platform == "cpu"
-        state = self._init_state()
-        self._compile(state)
+        state = init_state(self)
+        compile_steps(self, state)
 
         self.run_dir = None if workdir is None else RunDir.of(workdir)
         self.checkpoints, self.history = None, []
         if self.run_dir is not None:
-            state = self._open_run(state, config)
+            state = open_run(self, state, config)
         self.state = state
-        self.hooks = self._hooks(hooks)
-
-    # -- setup -------------------------------------------------------------------
-    def _check_inputs(self) -> None:
-        s, first = self.settings, self.data.first
-        self.data.spec.require([self.input_key], "the model's input, input_key")
-        got = np.shape(first[self.input_key])[0]
-        local = s.batch_size // self.n_proc
-        if got != local:
-            raise DataError(
-                f"the first batch has {got} examples but batch_size={s.batch_size}"
-                + (f" over {self.n_proc} processes ({local} each)" if self.n_proc > 1 else "")
-                + "; an iterable must yield batches of that size"
-            )
-        if self.eval_data is not None:
-            self.data.check_eval(self.eval_data)
-        bounds = getattr(self.model, "input_range", None)
-        if bounds is not None:
-            check_input_range(self.data.whole_or_first(self.input_key), bounds, "the training data")
-            if isinstance(self.eval_data, Mapping) and self.input_key in self.eval_data:
-                check_input_range(self.eval_data[self.input_key], bounds, "eval_data")
-
-    def _init_state(self) -> TrainState:
-        first = self.data.first
-        key = jax.random.PRNGKey(self.settings.seed)
-        # Every process initializes from the same (data-independent) sample, so params agree.
-        sample = first if self.n_proc == 1 else {k: np.zeros_like(v[:1]) for k, v in first.items()}
-        self.shardings = self.data_sharding = None
-        if self.settings.debug:
-            with jax.disable_jit():
-                return self.steps.init(key, sample)
-        if self.strategy == "single":
-            return call_compiled(self.steps.init, key, sample)
-        abstract = jax.eval_shape(self.steps.init, key, sample)
-        self.shardings = parallel.state_shardings(abstract, self.mesh, self.strategy)
-        self.data_sharding = parallel.batch_sharding(self.mesh)
-        return call_compiled(self.steps.init, key, sample, out_shardings=self.shardings)
-
-    def _compile(self, state: TrainState) -> None:
-        s = self.settings
-        if s.debug:
-            self.train_step, self.eval_step = _modes.debug_steps(
-                self.steps, self.model, self.loss, input_key=self.input_key, grad_accum=s.grad_accum
-            )
-            return  # a debug run compiles nothing; its first step shows any error itself
-        if s.check:
-            self.train_step, self.eval_step = _modes.checked_steps(self.steps)
-        else:
-            self.train_step, self.eval_step = parallel.compile_steps(
-                self.steps, self.strategy, self.mesh, self.shardings
-            )
-        # Trace once on shapes: a bad loss term or batch fails here, before compiling.
-        shapes = {
-            k: jax.ShapeDtypeStruct(
-                (s.batch_size, *np.shape(v)[1:]), np.asarray(v).dtype, sharding=self.data_sharding
-            )
-            for k, v in self.data.first.items()
-        }
-        jax.eval_shape(self.steps.train_step if s.check else self.train_step, state, shapes)
-
-    def _open_run(self, state: TrainState, config) -> TrainState:
-        """Resume from the run dir's newest checkpoint (or start it), then record the run."""
-        s, run = self.settings, self.run_dir
-        run.create()
-        if s.fresh:
-            run.move_aside()
-        if s.replay_from is not None:
-            self._seed_replay(RunDir.of(s.replay_from), self._replay_steps)
-        if s.debug or run.recorded_debug():
-            run.check_kind(s.debug, fresh=s.fresh)
-        self.checkpoints = run.checkpoints(
-            keep_last=s.keep_last,
-            keep_best=s.keep_best,
-            best_mode=s.best_mode,
-            scores=run.scores(s.best_metric),
-        )
-        record = self._run_record(config)
-        state, self.start_step = resume(self, state, record)
-        run.trim_metrics(self.start_step)
-        self.history = run.metrics()
-        run.mark_debug(s.debug)
-        if self.lead:
-            run.write_config(record)
-        return state
-
-    def _seed_replay(self, source: RunDir, before: list[int]) -> None:
-        """Copy ``source``'s newest checkpoint ``before`` the step to replay into this run
-        dir (only read there), so that the run resumes from it with today's config."""
-        s, run = self.settings, self.run_dir
-        if run.checkpoint_steps():
-            return  # already seeded: resume from this dir's own checkpoints
-        if before:
-            run.copy_checkpoint(source, before[-1])
-        if self.lead:
-            start = f"its checkpoint at step {before[-1]}" if before else "the start"
-            print(f"replaying {source.path} from {start} to step {s.stop_after}", flush=True)
-
-    def _run_record(self, config) -> dict:
-        if config is None:
-            recorded, control = {}, set()
-        elif dataclasses.is_dataclass(config):
-            recorded, control = dataclasses.asdict(config), run_control_fields(type(config))
-        else:
-            recorded, control = dict(config), set()
-        return {
-            "config": normalized(recorded),
-            "fit": self.settings.record() | {"strategy": self.strategy},
-            "run_control": sorted(control | {f for f in FIT_FIELDS if _is_control(f)}),
-            "loss": {
-                "terms": self.loss.term_names,
-                "regularizers": self.loss.regularizer_names,
-            },
-            "versions": {"jax": jax.__version__},
-            "debug": self.settings.debug,
-        }
-
-    def _hooks(self, user: list[Hook]) -> list[Hook]:
-        """The built-in hooks around the user's; a user hook that is an instance of a
-        built-in's class takes its place, and `without` removes built-ins."""
-        s = self.settings
-        removed = tuple(c for h in user if isinstance(h, Without) for c in h.classes)
-        user = [h for h in user if not isinstance(h, Without)]
-        computing: list[Hook] = [NonFiniteGuard()]
-        if not s.debug:
-            computing.append(RecompileWatch())
-            if s.diagnose_every:
-                computing.append(Diagnose(s.diagnose_every))
-        writing: list[Hook] = []
-        if self.checkpoints is not None:
-            writing.append(Checkpointer(self.checkpoints, s.best_metric))
-        if self.run_dir is not None and self.lead:
-            writing.append(Writers(self.run_dir))
-        writing.append(Progress(s.progress and self.lead and not s.debug))
-
-        def place(builtin: Hook) -> list[Hook]:
-            if isinstance(builtin, removed):
-                return []
-            mine = [h for h in user if isinstance(h, type(builtin))]
-            for h in mine:
-                user.remove(h)
-            return mine or [builtin]
-
-        first = [h for b in computing for h in place(b)]
-        last = [h for b in writing for h in place(b)]
-        return first + user + last
+        self.hooks = assemble_hooks(self, hooks)
 
     # -- what hooks may call -----------------------------------------------------
     def request_log(self) -> None:
@@ -466,19 +306,3 @@ class FitLoop:
 
     def _path(self) -> Path | None:
         return None if self.run_dir is None else self.run_dir.path
-
-
-def _replay_steps(s: FitConfig, workdir) -> list[int]:
-    """The steps of ``replay_from`` before ``stop_after``, checked before anything runs."""
-    if workdir is None:
-        raise ValueError("replay_from needs a workdir of its own to write the replay in")
-    source = RunDir.of(s.replay_from)
-    if source.path.resolve() == RunDir.of(workdir).path.resolve():
-        raise ValueError(f"replay_from={s.replay_from!r} is this run's own workdir")
-    return [k for k in source.require_checkpoint_steps() if k < s.stop_after]
-
-
-def _is_control(name: str) -> bool:
-    return next(f for f in dataclasses.fields(FitConfig) if f.name == name).metadata.get(
-        "run_control", False
-    )
