@@ -12,6 +12,7 @@ ramps up on a schedule evaluated inside the compiled step.
 from __future__ import annotations
 
 import dataclasses
+from typing import Literal
 
 import optax
 
@@ -39,6 +40,9 @@ class Config(Common):
     z_loss_weight: float = field(1e-4, "final weight of the z-loss term", min=0.0)
     corpus_bytes: int = field(2_000_000, "bytes of standard-library source to train on", min=10_000)
     warmup: int = field(50, "learning-rate warmup steps", min=0)
+    remat: Literal["none", "full", "dots", "dots_no_batch"] = field(
+        "none", "recompute each block's activations in the backward pass (less memory)"
+    )
 
     def check_values(self) -> None:
         super().check_values()
@@ -73,6 +77,7 @@ def build(config: Config) -> Experiment:
         num_layers=config.num_layers,
         num_heads=config.num_heads,
         attention=jaxmint.models.portable_attention,  # exports to ONNX too
+        remat=config.remat,
     )
     ramp = optax.linear_schedule(0.0, config.z_loss_weight, max(config.steps // 4, 1))
     loss = losses.softmax_cross_entropy() + ramp * losses.z_loss()

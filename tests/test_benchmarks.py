@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -53,9 +54,10 @@ def test_scaling_quick():
 
 @pytest.mark.slow
 def test_gpu_transformer_tiny_on_cpu():
-    out = run("benchmarks/gpu_transformer.py", "--size", "tiny")
+    out = run("benchmarks/gpu_transformer.py", "--size", "tiny", "--remat", "full")
     result = json.loads(out[out.index("{") :])
     assert result["params"] > 0 and result["mfu"] is None  # no peak known for a CPU
+    assert result["remat"] == "full" and np.isfinite(result["final_loss"])
 
 
 @pytest.mark.slow
@@ -84,3 +86,10 @@ def test_backends_quick(tmp_path):
 def test_http_parsers_quick(tmp_path):
     run("benchmarks/http_parsers.py", "--quick", "--out", tmp_path / "h.json")
     assert json.loads((tmp_path / "h.json").read_text())["us_per_request"]
+
+
+def test_memory_quick(tmp_path):
+    run("benchmarks/memory.py", "--quick", "--out", tmp_path / "m.json")
+    result = json.loads((tmp_path / "m.json").read_text())
+    assert set(result["remat"]) == {"none", "full", "dots", "dots_no_batch"}
+    assert result["full_over_none_kept"] < 0.5

@@ -5,6 +5,7 @@ from jaxmint.models._flax import from_nnx as from_nnx
 from jaxmint.models._model import Model as Model
 from jaxmint.models._model import join_variables as join_variables
 from jaxmint.models._model import split_variables as split_variables
+from jaxmint.models._remat import remat as remat
 from jaxmint.models._summary import LayerSummary as LayerSummary
 from jaxmint.models._summary import ModelSummary as ModelSummary
 from jaxmint.models._summary import summary as summary
@@ -23,6 +24,7 @@ __all__ = [
     "join_variables",
     "mlp",
     "portable_attention",
+    "remat",
     "split_variables",
     "summary",
     "transformer",

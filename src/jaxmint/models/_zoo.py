@@ -15,6 +15,7 @@ import jax.numpy as jnp
 
 from jaxmint.models._flax import from_linen
 from jaxmint.models._model import Model
+from jaxmint.models._remat import Policy, policy_of, remat
 
 AttentionFn = Callable[..., jax.Array]
 """``attention(q_BxLxHxD, k_BxLxHxD, v_BxLxHxD, *, is_causal) -> out_BxLxHxD``."""
@@ -104,10 +105,10 @@ class Transformer(nn.Module):
     num_layers: int
     num_heads: int
     attention: AttentionFn
+    remat: Policy = "none"
 
     @nn.compact
     def __call__(self, tokens_BxL, train: bool = False):
-        del train
         _, length = tokens_BxL.shape
         if length > self.max_len:
             raise ValueError(
@@ -118,8 +119,10 @@ class Transformer(nn.Module):
             :length
         ]
         x_BxLxD = embed(tokens_BxL) + pos_LxD
+        # Remat matters only where gradients are taken: inference runs the plain block.
+        block = remat(Block, self.remat) if train else Block
         for i in range(self.num_layers):
-            x_BxLxD = Block(self.num_heads, self.attention, name=f"block{i}")(x_BxLxD)
+            x_BxLxD = block(self.num_heads, self.attention, name=f"block{i}")(x_BxLxD)
             self.sow("intermediates", f"block{i}_out", x_BxLxD)
         x_BxLxD = nn.RMSNorm(name="norm")(x_BxLxD)
         return embed.attend(x_BxLxD)  # tied embeddings: logits_BxLxV
@@ -155,8 +158,14 @@ def transformer(
     num_layers: int = 2,
     num_heads: int = 4,
     attention: AttentionFn = jax.nn.dot_product_attention,
+    remat: Policy = "none",
 ) -> Model:
     """A decoder-only (causal) transformer language model with tied embeddings.
+
+    ``remat`` recomputes each block's activations in the backward pass instead of
+    keeping them (see `jaxmint.models.remat`): ``"none"``, ``"full"``, ``"dots"``,
+    ``"dots_no_batch"`` or a `jax.checkpoint_policies` function. It applies to
+    training steps; inference and export run the plain blocks.
 
     ``attention`` is any function with the signature of
     ``jax.nn.dot_product_attention(q, k, v, *, is_causal)`` on ``BxLxHxD`` arrays,
@@ -169,5 +178,6 @@ def transformer(
     """
     if d_model % num_heads:
         raise ValueError(f"d_model={d_model} must be divisible by num_heads={num_heads}")
-    module = Transformer(vocab_size, max_len, d_model, num_layers, num_heads, attention)
+    policy_of(remat)  # an unknown name fails here, not at the first step
+    module = Transformer(vocab_size, max_len, d_model, num_layers, num_heads, attention, remat)
     return from_linen(module)._replace(input_range=(0, vocab_size))
