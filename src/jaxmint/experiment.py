@@ -27,6 +27,7 @@ from jaxmint.run import load_module as load_module
 from jaxmint.train import (
     Experiment,
     FitConfig,
+    MeshError,
     NonFiniteError,
     fit_experiment,
     initialize_distributed,
@@ -76,7 +77,7 @@ def main(
     exp = build(config)
     try:
         result = fit_experiment(exp, config)
-    except (NonFiniteError, CheckpointError, DataError, LossError) as e:
+    except (NonFiniteError, CheckpointError, DataError, LossError, MeshError) as e:
         # Errors about the user's run or data: the message says what to do; no traceback.
         raise SystemExit(f"error: {e}") from e
     except CheckError as e:

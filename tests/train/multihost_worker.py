@@ -2,7 +2,8 @@
 
     python multihost_worker.py PORT NUM_PROCESSES PROCESS_ID WORKDIR
 
-Each process has 2 fake CPU devices; collectives go through gloo on 127.0.0.1.
+Each process has 2 fake CPU devices; collectives go through gloo on 127.0.0.1. The
+mesh is data=2 (one per process) by fsdp=2 (the two devices of a process).
 """
 
 import os
@@ -19,11 +20,15 @@ import optax
 import jaxmint
 from jaxmint import losses
 from jaxmint.train import initialize_distributed
+from jaxmint.train._parallel import make_mesh
 
 
 def main():
     port, n, pid, workdir = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
     initialize_distributed(f"127.0.0.1:{port}", n, pid)
+    mesh = make_mesh({"data": 2, "fsdp": 2})
+    # data spans the hosts; each host's two devices are its fsdp axis.
+    assert [[d.process_index for d in row] for row in mesh.devices] == [[0, 0], [1, 1]]
     train, test = jaxmint.data.digits()
     result = jaxmint.fit(
         jaxmint.models.mlp((64, 64), 10),
@@ -32,7 +37,7 @@ def main():
         train,
         steps=6,
         batch_size=64,
-        strategy="data",
+        mesh="data=2,fsdp=2",  # data across the two processes, fsdp inside each
         log_every=1,
         progress=False,
         workdir=workdir,

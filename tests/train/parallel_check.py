@@ -48,7 +48,9 @@ def run(case, strategy, workdir, steps):
         train,
         steps=steps,
         batch_size=64,
-        strategy=strategy,
+        # "mesh:data=2/fsdp=4" is the mesh data=2,fsdp=4 (a comma separates strategies)
+        **({"mesh": strategy[5:].replace("/", ",")} if strategy[:5] == "mesh:" else {}),
+        **({} if strategy[:5] == "mesh:" else {"strategy": strategy}),
         log_every=1,
         progress=False,
         workdir=workdir,
@@ -62,6 +64,10 @@ def run(case, strategy, workdir, steps):
         "loss": [r["loss"] for r in result.history],
         "params": [float(np.sum(np.abs(p))) for p in jax.tree.leaves(result.params)],
         "stats": [float(np.sum(np.abs(s))) for s in jax.tree.leaves(stats)],
+        "param_bytes": sum(p.nbytes for p in jax.tree.leaves(state.params)),
+        "param_bytes_per_device": sum(
+            p.addressable_shards[0].data.nbytes for p in jax.tree.leaves(state.params)
+        ),
         # Each leaf's PartitionSpec as a list, e.g. [] (replicated) or [null, "data"].
         "sharded": sorted(
             {

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import optax
 import pytest
 
 HERE = Path(__file__).parent
@@ -48,8 +49,53 @@ def test_every_strategy_matches_single_device(case):
     if case == "cnn":
         assert results["single"]["stats"] and all(s > 0 for s in results["single"]["stats"])
     if case == "mlp":
-        assert '[null, "data"]' in results["fsdp"]["sharded"]  # kernels split by column
+        assert '[null, "fsdp"]' in results["fsdp"]["sharded"]  # kernels split by column
         assert results["data"]["sharded"] == ["[]"]
+
+
+@pytest.mark.slow
+def test_meshes_match_single_device_and_shard_what_they_say():
+    meshes = ["mesh:data=8/fsdp=1", "mesh:data=2/fsdp=4", "mesh:fsdp=-1"]
+    results = run(["mlp", ",".join(["single", *meshes])])
+    for mesh in meshes:
+        assert_same_curve(results[mesh], results["single"])
+    assert results["mesh:data=8/fsdp=1"]["sharded"] == ["[]"]  # replicated
+    assert '[null, "fsdp"]' in results["mesh:data=2/fsdp=4"]["sharded"]
+    # fsdp=8: every kernel and bias of the 64-64-10 MLP but the 10-wide ones is split 8 ways.
+    whole = results["mesh:fsdp=-1"]
+    assert whole["param_bytes_per_device"] < 0.2 * whole["param_bytes"]
+    assert results["mesh:data=8/fsdp=1"]["param_bytes_per_device"] == whole["param_bytes"]
+
+
+def test_a_mesh_that_does_not_fit_names_the_devices_and_the_meshes_that_do():
+    import jaxmint
+    from jaxmint import losses
+    from jaxmint.train import MeshError
+    from jaxmint.train._parallel import mesh_shape
+
+    train, _ = jaxmint.data.digits()
+    model, loss = jaxmint.models.mlp((8,), 10), losses.softmax_cross_entropy()
+
+    def fit(**settings):
+        jaxmint.fit(model, loss, optax.sgd(0.1), train, steps=1, batch_size=8, **settings)
+
+    with pytest.raises(MeshError, match=r"mesh data=2 does not fit the 1 device .*: data=1$"):
+        fit(mesh={"data": 2})
+    for mesh, message in [
+        ("data=-1,tensor=2", "unknown axis 'tensor'; the axes are data, fsdp"),
+        ("data=-1,fsdp=-1", "only one axis may be -1"),
+        ("data:2", "'data:2' is not AXIS=SIZE"),
+        ("data=0", "the size of 'data' must be a positive integer or -1"),
+        ("data=1,data=1", "axis 'data' is given twice"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            fit(mesh=mesh)
+    with pytest.raises(ValueError, match="give mesh or strategy, not both"):
+        fit(mesh="data=-1", strategy="data")
+    # On 8 devices, the meshes that fit are listed.
+    with pytest.raises(MeshError, match=r"data=1,fsdp=8; data=2,fsdp=4; data=4,fsdp=2; data=8"):
+        mesh_shape({"data": 3, "fsdp": -1}, 8)
+    assert mesh_shape({"fsdp": 2, "data": -1}, 8) == {"data": 4, "fsdp": 2}
 
 
 def test_batch_not_divisible_by_devices_fails_before_compiling():

@@ -26,6 +26,7 @@ from jaxmint.train._hooks import Hook as Hook
 from jaxmint.train._hooks import without as without
 from jaxmint.train._modes import CheckError as CheckError
 from jaxmint.train._modes import is_concrete as is_concrete
+from jaxmint.train._parallel import MeshError as MeshError
 
 __all__ = [
     "CheckError",
@@ -40,6 +41,7 @@ __all__ = [
     "FitResult",
     "Hook",
     "LoggingSettings",
+    "MeshError",
     "NonFiniteError",
     "NonFiniteGuard",
     "Progress",

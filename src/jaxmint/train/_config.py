@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxmint.config import field
+from jaxmint.train._parallel import mesh_text, parse_mesh
 
 STRATEGIES = ("auto", "single", "data", "fsdp", "pmap")
 NONFINITE = ("raise", "skip")
@@ -28,6 +29,11 @@ class TrainingSettings:
     seed: int = field(0, "seed of initialization, shuffling and dropout")
     strategy: str = field(
         "auto", "auto | single | data | fsdp | pmap (auto: data on >1 device)", run_control=True
+    )
+    mesh: str | None = field(
+        None,
+        "a device mesh, e.g. data=-1,fsdp=2 (-1: the rest of the devices), instead of --strategy",
+        run_control=True,
     )
     nonfinite: str = field("raise", "raise | skip: what to do with a non-finite loss or gradient")
     grad_accum: int = field(1, "micro-batches per step (gradient accumulation)")
@@ -136,6 +142,13 @@ class FitConfig(
         ):
             if getattr(self, name) not in choices:
                 raise ValueError(f"{name}={getattr(self, name)!r} is not one of {choices}")
+        if self.mesh is not None:
+            parse_mesh(self.mesh)  # its fit to the devices is checked by fit, before compiling
+            if self.strategy != "auto":
+                raise ValueError(
+                    f"give mesh or strategy, not both (mesh={self.mesh!r}, strategy="
+                    f"{self.strategy!r}); strategy 'data' is the mesh data=-1, 'fsdp' fsdp=-1"
+                )
         if self.compute_dtype is not None and _dtype_name(self.compute_dtype) not in COMPUTE_DTYPES:
             raise ValueError(
                 f"compute_dtype={self.compute_dtype!r} is not one of {COMPUTE_DTYPES} (or None)"
@@ -182,6 +195,8 @@ def resolve_settings(config: Any, settings: dict[str, Any]) -> FitConfig:
     merged.check_values()
     if merged.compute_dtype is not None:
         merged.compute_dtype = _dtype_name(merged.compute_dtype)
+    if merged.mesh is not None:
+        merged.mesh = mesh_text(parse_mesh(merged.mesh))
     return merged
 
 

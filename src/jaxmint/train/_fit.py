@@ -94,7 +94,8 @@ def fit(
       **settings: any field of `FitConfig` — ``steps`` and ``batch_size``
         (required unless ``config`` has them), ``seed``, ``workdir`` (a path or a
         `jaxmint.run.RunDir`), ``eval_every``, ``checkpoint_every``, ``strategy``
-        (``auto``, ``single``, ``data``, ``fsdp``, ``pmap``), ``nonfinite``
+        (``auto``, ``single``, ``data``, ``fsdp``, ``pmap``) or a ``mesh`` such as
+        ``{"data": -1, "fsdp": 2}``, ``nonfinite``
         (``raise`` or ``skip``), ``grad_accum``, ``compute_dtype``,
         ``log_every``, ``debug``, ``check``, ``diagnose_every``, the keep policy
         and more; each is described in the training guide.
@@ -152,11 +153,11 @@ class FitLoop:
         self.eval_data, self.start_step, self.final, self.preemption = eval_data, 0, False, None
         self._log_requested = False
         self.stopped: str | None = None
-        self.strategy = parallel.resolve(s.strategy)
+        self.strategy = "mesh" if s.mesh is not None else parallel.resolve(s.strategy)
         if s.debug or s.check:
             self.strategy = _modes.single_device(self.strategy, "debug" if s.debug else "check")
+        self.mesh = parallel.layout(self.strategy, s.mesh)
         parallel.check_batch(s.batch_size, s.grad_accum, self.strategy)
-        self.mesh = None if self.strategy == "single" else parallel.make_mesh()
         self.n_proc, self.proc = jax.process_count(), jax.process_index()
         self.lead = self.proc == 0  # only the first process writes files and draws the bar
 

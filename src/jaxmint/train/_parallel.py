@@ -11,9 +11,20 @@
   averaged with ``pmean`` over the axis ``data`` — so per-device code such as
   cross-replica batch norm (``axis_name="data"``) can be written.
 - ``auto``: ``single`` on one device, ``data`` otherwise.
+
+A *mesh* generalizes ``data`` and ``fsdp``: ``mesh={"data": 2, "fsdp": 4}`` (or
+``--mesh data=2,fsdp=4``, ``-1`` for the rest) is a 2-D device mesh; the batch is
+sharded over both axes and each parameter along its largest dimension divisible
+by ``fsdp``'s size, over ``fsdp``. ``data`` is the mesh ``data=-1`` and ``fsdp``
+the mesh ``fsdp=-1``. With several processes the devices are laid out process by
+process, so ``data`` spans hosts and ``fsdp`` stays inside one where it fits.
 """
 
 from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Mapping
 
 import jax
 import numpy as np
@@ -24,6 +35,12 @@ from jax.sharding import PartitionSpec as P
 from jaxmint.data import DataError
 
 AXIS = "data"
+MESH_AXES = ("data", "fsdp")  # the batch is sharded over both, parameters over fsdp
+SHORTHANDS = {"data": {"data": -1}, "fsdp": {"fsdp": -1}}
+
+
+class MeshError(ValueError):
+    """A mesh that is malformed or does not fit the devices."""
 
 
 def resolve(strategy: str) -> str:
@@ -32,12 +49,90 @@ def resolve(strategy: str) -> str:
     return strategy
 
 
-def make_mesh(devices=None) -> Mesh:
-    """A 1-D mesh named ``data`` over all devices (of every process)."""
-    devices = list(devices if devices is not None else jax.devices())
+def parse_mesh(spec: str | Mapping[str, int]) -> dict[str, int]:
+    """``"data=2,fsdp=-1"`` or ``{"data": 2, "fsdp": -1}`` as a checked dict (sizes may be -1)."""
+    if isinstance(spec, Mapping):
+        items = list(spec.items())
+    else:
+        items = []
+        for part in str(spec).split(","):
+            name, eq, size = part.strip().partition("=")
+            try:
+                items.append((name.strip(), int(size)))
+            except ValueError:
+                raise MeshError(
+                    f"mesh {spec!r}: {part.strip()!r} is not AXIS=SIZE; write e.g. data=-1,fsdp=2"
+                ) from None
+            if not eq:
+                raise MeshError(f"mesh {spec!r}: {part.strip()!r} is not AXIS=SIZE")
+    axes: dict[str, int] = {}
+    for name, size in items:
+        if name not in MESH_AXES:
+            raise MeshError(
+                f"mesh {spec!r}: unknown axis {name!r}; the axes are {', '.join(MESH_AXES)}"
+            )
+        if name in axes:
+            raise MeshError(f"mesh {spec!r}: axis {name!r} is given twice")
+        if isinstance(size, bool) or not isinstance(size, int) or (size < 1 and size != -1):
+            raise MeshError(f"mesh {spec!r}: the size of {name!r} must be a positive integer or -1")
+        axes[name] = size
+    if list(axes.values()).count(-1) > 1:
+        raise MeshError(f"mesh {spec!r}: only one axis may be -1 (the rest of the devices)")
+    if not axes:
+        raise MeshError("the mesh names no axis; write e.g. data=-1,fsdp=2")
+    return axes
+
+
+def mesh_text(axes: Mapping[str, int]) -> str:
+    return ",".join(f"{k}={v}" for k, v in axes.items())
+
+
+def mesh_shape(axes: Mapping[str, int], n: int) -> dict[str, int]:
+    """Every axis of `MESH_AXES` with its size on ``n`` devices (-1 and absent filled in)."""
+    known = math.prod(v for v in axes.values() if v != -1)
+    shape = {a: axes.get(a, 1) for a in MESH_AXES}
+    rest = next((a for a, v in axes.items() if v == -1), None)
+    if rest is not None and n % known == 0:
+        shape[rest] = n // known
+    if math.prod(shape.values()) != n:
+        names = list(axes)
+        sizes = [d for d in range(1, n + 1) if n % d == 0]
+        fits = [
+            mesh_text(dict(zip(names, c, strict=True)))
+            for c in itertools.product(sizes, repeat=len(names))
+            if math.prod(c) == n
+        ]
+        raise MeshError(
+            f"mesh {mesh_text(axes)} does not fit the {n} device{'s' * (n != 1)} (the sizes "
+            f"multiply to {n}); meshes over {', '.join(names)} that do: {'; '.join(fits[:8])}"
+        )
+    return shape
+
+
+def layout(strategy: str, mesh: str | Mapping[str, int] | None) -> Mesh | None:
+    """The device mesh of ``strategy`` (None for one device); ``mesh`` for ``"mesh"``."""
+    if strategy == "single":
+        return None
+    if strategy == "pmap":
+        return make_mesh()
+    axes = parse_mesh(mesh) if strategy == "mesh" else SHORTHANDS[strategy]
+    return make_mesh(mesh_shape(axes, jax.device_count()))
+
+
+def make_mesh(shape: Mapping[str, int] | None = None) -> Mesh:
+    """A mesh over all devices (of every process): 1-D ``data`` by default, else ``shape``.
+
+    Devices are laid out process by process (the first axis varies slowest), so with
+    several hosts the leading ``data`` axis spans hosts and the last axes stay inside one.
+    """
+    devices = jax.devices()
+    shape = dict(shape or {AXIS: len(devices)})
     axis_type = getattr(jax.sharding, "AxisType", None)
-    kwargs = {"axis_types": (axis_type.Auto,)} if axis_type is not None else {}
-    return jax.make_mesh((len(devices),), (AXIS,), devices=devices, **kwargs)
+    kwargs = {"axis_types": (axis_type.Auto,) * len(shape)} if axis_type is not None else {}
+    if jax.process_count() > 1:  # jax.devices() is ordered by process
+        grid = np.array(devices).reshape(tuple(shape.values()))
+        return Mesh(grid, tuple(shape), **kwargs)
+    return jax.make_mesh(tuple(shape.values()), tuple(shape), devices=devices, **kwargs)
 
 
 def check_batch(batch_size: int, grad_accum: int, strategy: str) -> None:
@@ -59,23 +154,25 @@ def check_batch(batch_size: int, grad_accum: int, strategy: str) -> None:
         )
 
 
-def fsdp_spec(shape, n: int) -> P:
-    """Shard the largest dimension divisible by ``n``; replicate if there is none."""
+def fsdp_spec(shape, n: int, axis_name: str = "fsdp") -> P:
+    """Shard the largest dimension divisible by ``n`` over ``axis_name``; replicate if
+    there is none."""
     dims = [(size, i) for i, size in enumerate(shape) if size % n == 0 and size >= n]
     if not dims:
         return P()
     _, axis = max(dims)
     spec = [None] * len(shape)
-    spec[axis] = AXIS
+    spec[axis] = axis_name
     return P(*spec)
 
 
 def state_shardings(state, mesh: Mesh, strategy: str):
-    """Shardings for every leaf of the train state under ``strategy``."""
+    """Shardings for every leaf of the train state on ``mesh``: parameters and optimizer
+    state split over its ``fsdp`` axis (if any), the rest replicated."""
     replicated = NamedSharding(mesh, P())
-    if strategy != "fsdp":
+    n = dict(mesh.shape).get("fsdp", 1)
+    if strategy == "pmap" or n == 1:
         return jax.tree_util.tree_map(lambda _: replicated, state)
-    n = mesh.size
 
     def shard(leaf):
         return NamedSharding(mesh, fsdp_spec(np.shape(leaf), n))
@@ -91,7 +188,9 @@ def state_shardings(state, mesh: Mesh, strategy: str):
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-    return NamedSharding(mesh, P(AXIS))
+    """The batch's leading axis split over every axis of the mesh."""
+    names = tuple(mesh.axis_names)
+    return NamedSharding(mesh, P(names if len(names) > 1 else names[0]))
 
 
 def to_global(batch, sharding: NamedSharding):
@@ -124,7 +223,7 @@ def compile_steps(steps, strategy: str, mesh: Mesh | None, shardings):
         return (jax.jit(steps.train_step, donate_argnums=0), jax.jit(steps.eval_step))
     replicated = NamedSharding(mesh, P())
     data = batch_sharding(mesh)
-    if strategy in ("data", "fsdp"):
+    if strategy != "pmap":
         train = jax.jit(
             steps.train_step,
             in_shardings=(shardings, data),

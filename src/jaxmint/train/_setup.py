@@ -132,7 +132,11 @@ def run_record(loop: FitLoop, config) -> dict:
         recorded, control = dict(config), set()
     return {
         "config": normalized(recorded),
-        "fit": loop.settings.record() | {"strategy": loop.strategy},
+        "fit": loop.settings.record()
+        | {
+            "strategy": loop.strategy,
+            "mesh_shape": None if loop.mesh is None else dict(loop.mesh.shape),
+        },
         "run_control": sorted(control | {f for f in FIT_FIELDS if _is_control(f)}),
         "loss": {
             "terms": loop.loss.term_names,
