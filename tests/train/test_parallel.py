@@ -5,6 +5,7 @@ Each case runs in a subprocess with its own number of fake CPU devices.
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -164,12 +165,18 @@ def test_two_processes_match_one_process_with_as_many_devices(tmp_path):
 
 
 @pytest.mark.slow
-def test_checkpoint_written_on_8_devices_restores_on_1(tmp_path):
-    workdir = tmp_path / "run"
-    first = run(["mlp", "fsdp", workdir, 3], devices=8)["fsdp"]
-    assert len(first["loss"]) == 3
-    resumed = run(["mlp", "single", workdir, 6], devices=1)["single"]
-    straight = run(["mlp", "single", "-", 6], devices=1)["single"]
-    assert len(resumed["loss"]) == 6  # history read back, then continued
-    np.testing.assert_allclose(resumed["loss"], straight["loss"], rtol=2e-5)
-    np.testing.assert_allclose(resumed["params"], straight["params"], rtol=2e-5)
+def test_a_checkpoint_moves_between_meshes_and_to_one_device(tmp_path):
+    mesh = "mesh:data=2/fsdp=4"
+    first = tmp_path / "first"
+    assert len(run(["mlp", mesh, first, 3])[mesh]["loss"]) == 3  # checkpointed at step 3
+    straight = run(["mlp", mesh, "-", 6])[mesh]
+    for target, devices in [(mesh, 8), ("mesh:data=8/fsdp=1", 8), ("single", 1)]:
+        workdir = tmp_path / target.replace(":", "_").replace("/", "_")
+        shutil.copytree(first, workdir)
+        resumed = run(["mlp", target, workdir, 6], devices=devices)[target]
+        assert len(resumed["loss"]) == 6  # history read back, then continued
+        if target == mesh:  # the same mesh continues bit-identically
+            assert resumed["loss"] == straight["loss"] and resumed["params"] == straight["params"]
+        else:  # another layout sums in another order
+            np.testing.assert_allclose(resumed["loss"], straight["loss"], rtol=2e-5)
+            np.testing.assert_allclose(resumed["params"], straight["params"], rtol=2e-5)
