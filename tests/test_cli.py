@@ -42,7 +42,7 @@ REPO = Path(__file__).resolve().parents[1]
 EXPERIMENT_MISTAKES = [
     ("digits_mlp", ["--nonfinite", "maybe"], "nonfinite='maybe' is not one of ('raise', 'skip')"),
     ("digits_mlp", ["--strategy", "foo"], "strategy='foo' is not one of ('auto', 'single'"),
-    ("digits_mlp", ["--mesh", "data=-1,tensor=2"], "unknown axis 'tensor'; the axes are data"),
+    ("digits_mlp", ["--mesh", "data=-1,expert=2"], "unknown axis 'expert'; the axes are data"),
     ("digits_mlp", ["--steps", "-5"], "steps must be a positive integer, got -5"),
     ("digits_mlp", ["--batch-size", "0"], "batch_size must be a positive integer, got 0"),
     ("digits_mlp", ["--compute-dtype", "float8"], "compute_dtype='float8' is not one of"),

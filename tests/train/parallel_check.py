@@ -12,12 +12,23 @@ import sys
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+import flax.linen as nn
 import jax
 import numpy as np
 import optax
 
 import jaxmint
 from jaxmint import losses
+from jaxmint.train import DEFAULT_RULES
+
+
+class Annotated(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        up = nn.with_logical_partitioning(nn.initializers.lecun_normal(), ("embed", "mlp"))
+        down = nn.with_logical_partitioning(nn.initializers.lecun_normal(), ("mlp", "vocab"))
+        h = nn.relu(nn.Dense(64, kernel_init=up, name="up")(x))
+        return nn.Dense(16, kernel_init=down, name="down")(h)[:, :10]
 
 
 def setup(case: str, strategy: str):
@@ -26,6 +37,13 @@ def setup(case: str, strategy: str):
         train = {"x": train["x"].reshape(-1, 8, 8, 1), "y": train["y"]}
         axis = "data" if strategy == "pmap" else None
         return jaxmint.models.cnn((8,), 10, axis_name=axis), train, {}
+    if case == "transformer":  # heads, MLP width and vocabulary all divide by 8
+        train, _ = jaxmint.data.stdlib_chars(16, max_bytes=40_000)
+        model = jaxmint.models.transformer(256, max_len=16, d_model=32, num_heads=8)
+        return model, train, {}
+    if case.startswith("annotated"):  # a user's module with flax's logical partitioning
+        rules = {**DEFAULT_RULES, "mlp": None} if case == "annotated-mlp-whole" else None
+        return jaxmint.models.from_linen(Annotated()), train, {"rules": rules}
     model = jaxmint.models.mlp((64, 64), 10)
     extra = {"grad_accum": 2} if case == "accum" else {}
     return model, train, extra

@@ -68,6 +68,52 @@ def test_meshes_match_single_device_and_shard_what_they_say():
     assert results["mesh:data=8/fsdp=1"]["param_bytes_per_device"] == whole["param_bytes"]
 
 
+@pytest.mark.slow
+def test_tensor_parallel_transformer_matches_one_device_and_splits_by_the_rules():
+    meshes = [
+        f"mesh:data={d}/fsdp={f}/tensor={t}"
+        for d, f, t in [(8, 1, 1), (2, 2, 2), (1, 2, 4), (1, 1, 8)]
+    ]
+    results = run(["transformer", ",".join(["single", *meshes])])
+    for mesh in meshes:
+        assert_same_curve(results[mesh], results["single"])
+    # (1, 1, 8): heads, the MLP's hidden axis and the vocabulary split 8 ways.
+    tensor = results[meshes[-1]]
+    assert tensor["param_bytes_per_device"] < 0.2 * tensor["param_bytes"]
+    assert '[null, "tensor"]' in tensor["sharded"] and '["tensor", null]' in tensor["sharded"]
+    assert '["fsdp", null, "tensor", null]' in results[meshes[1]]["sharded"]  # qkv, Megatron
+
+
+@pytest.mark.slow
+def test_a_users_annotated_flax_module_is_split_by_the_rules_and_rules_can_change():
+    meshes = ["mesh:data=2/fsdp=2/tensor=2", "mesh:tensor=8"]
+    results = run(["annotated", ",".join(["single", *meshes])])
+    for mesh in meshes:
+        assert_same_curve(results[mesh], results["single"])
+    tensor = results["mesh:tensor=8"]
+    assert set(tensor["sharded"]) == {"[]", '[null, "tensor"]', '["tensor", null]'}
+    assert tensor["param_bytes_per_device"] < 0.3 * tensor["param_bytes"]
+    # rules={"mlp": None, ...}: the hidden axis stays whole; only the 16-wide vocab axis splits.
+    whole = run(["annotated-mlp-whole", "mesh:tensor=8"])["mesh:tensor=8"]
+    assert set(whole["sharded"]) == {"[]", '[null, "tensor"]'}
+    assert whole["param_bytes_per_device"] > 2 * tensor["param_bytes_per_device"]
+
+
+def test_logical_names_map_to_mesh_axes_by_the_rules():
+    from jax.sharding import PartitionSpec as P
+
+    from jaxmint.train._parallel import DEFAULT_RULES, logical_spec
+
+    sizes = {"data": 2, "fsdp": 2, "tensor": 2}
+    spec = lambda names, shape, rules=DEFAULT_RULES: logical_spec(names, shape, rules, sizes)
+    assert spec(("embed", None, "heads", "kv"), (32, 3, 8, 4)) == P("fsdp", None, "tensor", None)
+    assert spec(("embed", "mlp"), (32, 128), {"mlp": None}) == P()  # nothing split
+    assert spec(("heads", "mlp"), (8, 128)) == P("tensor", None)  # a mesh axis splits once
+    assert spec(("vocab", "embed"), (255, 32)) == P(None, "fsdp")  # 255 does not divide by 2
+    assert spec(("batch", "length"), (8, 16)) == P(("data", "fsdp"), None)
+    assert logical_spec(("mlp",), (128,), DEFAULT_RULES, {"tensor": 1}) == P()
+
+
 def test_a_mesh_that_does_not_fit_names_the_devices_and_the_meshes_that_do():
     import jaxmint
     from jaxmint import losses
@@ -83,7 +129,7 @@ def test_a_mesh_that_does_not_fit_names_the_devices_and_the_meshes_that_do():
     with pytest.raises(MeshError, match=r"mesh data=2 does not fit the 1 device .*: data=1$"):
         fit(mesh={"data": 2})
     for mesh, message in [
-        ("data=-1,tensor=2", "unknown axis 'tensor'; the axes are data, fsdp"),
+        ("data=-1,expert=2", "unknown axis 'expert'; the axes are data, fsdp, tensor"),
         ("data=-1,fsdp=-1", "only one axis may be -1"),
         ("data:2", "'data:2' is not AXIS=SIZE"),
         ("data=0", "the size of 'data' must be a positive integer or -1"),
@@ -96,7 +142,7 @@ def test_a_mesh_that_does_not_fit_names_the_devices_and_the_meshes_that_do():
     # On 8 devices, the meshes that fit are listed.
     with pytest.raises(MeshError, match=r"data=1,fsdp=8; data=2,fsdp=4; data=4,fsdp=2; data=8"):
         mesh_shape({"data": 3, "fsdp": -1}, 8)
-    assert mesh_shape({"fsdp": 2, "data": -1}, 8) == {"data": 4, "fsdp": 2}
+    assert mesh_shape({"fsdp": 2, "data": -1}, 8) == {"data": 4, "fsdp": 2, "tensor": 1}
 
 
 def test_batch_not_divisible_by_devices_fails_before_compiling():

@@ -6,6 +6,7 @@ import inspect
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import flax.linen as nn
 import jax
 from flax import nnx
 
@@ -49,12 +50,27 @@ def from_linen(module, *, rng_collections: Sequence[str] = ("dropout",)) -> Mode
     """
     call_kwargs = lambda train: _train_kwargs(module.__call__, train)
 
-    def init(key: jax.Array, inputs: Any) -> dict:
+    def boxed_init(key: jax.Array, inputs: Any) -> dict:
         keys = jax.random.split(key, 1 + len(rng_collections))
         rngs = {"params": keys[0], **dict(zip(rng_collections, keys[1:], strict=True))}
         variables = dict(module.init(rngs, inputs, **call_kwargs(False)))
         variables.pop(_INTERMEDIATES, None)
         return variables
+
+    def init(key: jax.Array, inputs: Any) -> dict:
+        # Partitioning metadata (nn.with_logical_partitioning) stays out of the arrays.
+        return nn.meta.unbox(boxed_init(key, inputs))
+
+    def logical_axes(key: jax.Array, inputs: Any) -> dict[str, tuple]:
+        boxed = jax.eval_shape(boxed_init, key, inputs)
+        flat, _ = jax.tree_util.tree_flatten_with_path(
+            boxed, is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata)
+        )
+        return {
+            jax.tree_util.keystr(path): tuple(leaf.names)
+            for path, leaf in flat
+            if isinstance(leaf, nn.LogicallyPartitioned)
+        }
 
     def rngs_for(key):
         if key is None:
@@ -74,7 +90,7 @@ def from_linen(module, *, rng_collections: Sequence[str] = ("dropout",)) -> Mode
         )
         return outputs, dict(updates)
 
-    return Model(init, apply, apply_with_state)
+    return Model(init, apply, apply_with_state, logical_axes=logical_axes)
 
 
 def from_nnx(module_or_factory) -> Model:

@@ -37,12 +37,20 @@ class Model(NamedTuple):
     ``[low, high)``, such as the token ids of a vocabulary: training refuses data
     outside it, and an exported artifact refuses such requests (JAX would clamp the
     gather and answer in silence). The built-in transformer sets it.
+
+    ``logical_axes(key, inputs)`` gives ``{jax.tree_util.keystr(path): names}`` for
+    the leaves of ``init``'s variables that have logical axis names: a tuple with
+    one name per dimension (``"embed"``, ``"heads"``, ``"mlp"``, ``"vocab"``, ...,
+    or None). Sharding rules map the names to mesh axes (docs/parallel.md).
+    `from_linen` fills it in from flax's partitioning metadata
+    (``nn.with_logical_partitioning``).
     """
 
     init: Callable[..., Variables]
     apply: Callable[..., Any]
     apply_with_state: Callable[..., tuple[Any, dict]] | None = None
     input_range: tuple[int, int] | None = None
+    logical_axes: Callable[..., Any] | None = None
 
     def forward(
         self, variables: Variables, inputs: Any, *, train: bool, key: jax.Array | None

@@ -77,7 +77,20 @@ class CNN(nn.Module):
         return nn.Dense(self.num_outputs, name="head")(h)
 
 
+def _named(init, *names):
+    """``init`` with logical axis names for its parameter (sharding rules map them)."""
+    return nn.with_logical_partitioning(init, names)
+
+
+_DENSE = nn.initializers.lecun_normal()
+_ZEROS, _ONES = nn.initializers.zeros_init(), nn.initializers.ones_init()
+
+
 class Block(nn.Module):
+    """Pre-norm attention and MLP. Megatron-style logical axes: attention heads and
+    the MLP's hidden axis are ``heads`` and ``mlp`` (split over ``tensor`` by the
+    default rules), the model width ``embed``."""
+
     num_heads: int
     attention: AttentionFn
     mlp_ratio: int = 4
@@ -86,16 +99,36 @@ class Block(nn.Module):
     def __call__(self, x_BxLxD):
         _, _, d = x_BxLxD.shape
         head_dim = d // self.num_heads
-        h = nn.RMSNorm(name="norm1")(x_BxLxD)
-        qkv = nn.DenseGeneral((3, self.num_heads, head_dim), use_bias=False, name="qkv")(h)
+        h = nn.RMSNorm(name="norm1", scale_init=_named(_ONES, "norm"))(x_BxLxD)
+        qkv = nn.DenseGeneral(
+            (3, self.num_heads, head_dim),
+            use_bias=False,
+            kernel_init=_named(_DENSE, "embed", None, "heads", "kv"),
+            name="qkv",
+        )(h)
         q_BxLxHxK, k_BxLxHxK, v_BxLxHxK = (qkv[:, :, i] for i in range(3))
         att_BxLxHxK = self.attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, is_causal=True)
-        x_BxLxD = x_BxLxD + nn.DenseGeneral(d, axis=(-2, -1), use_bias=False, name="proj")(
-            att_BxLxHxK
-        )
-        h = nn.RMSNorm(name="norm2")(x_BxLxD)
-        h = nn.gelu(nn.Dense(self.mlp_ratio * d, name="up")(h))
-        return x_BxLxD + nn.Dense(d, name="down")(h)
+        x_BxLxD = x_BxLxD + nn.DenseGeneral(
+            d,
+            axis=(-2, -1),
+            use_bias=False,
+            kernel_init=_named(_DENSE, "heads", "kv", "embed"),
+            name="proj",
+        )(att_BxLxHxK)
+        h = nn.RMSNorm(name="norm2", scale_init=_named(_ONES, "norm"))(x_BxLxD)
+        h = nn.Dense(
+            self.mlp_ratio * d,
+            kernel_init=_named(_DENSE, "embed", "mlp"),
+            bias_init=_named(_ZEROS, "mlp"),
+            name="up",
+        )(h)
+        h = nn.gelu(h)
+        return x_BxLxD + nn.Dense(
+            d,
+            kernel_init=_named(_DENSE, "mlp", "embed"),
+            bias_init=_named(_ZEROS, "norm"),
+            name="down",
+        )(h)
 
 
 class Transformer(nn.Module):
@@ -114,17 +147,25 @@ class Transformer(nn.Module):
             raise ValueError(
                 f"sequence length {length} exceeds the transformer's max_len {self.max_len}"
             )
-        embed = nn.Embed(self.vocab_size, self.d_model, name="embed")
-        pos_LxD = self.param("pos", nn.initializers.normal(0.02), (self.max_len, self.d_model))[
-            :length
-        ]
+        embed = nn.Embed(
+            self.vocab_size,
+            self.d_model,
+            embedding_init=_named(
+                nn.initializers.variance_scaling(1.0, "fan_in", "normal", out_axis=0),
+                "vocab",
+                "embed",
+            ),
+            name="embed",
+        )
+        pos_init = _named(nn.initializers.normal(0.02), "length", "embed")
+        pos_LxD = self.param("pos", pos_init, (self.max_len, self.d_model))[:length]
         x_BxLxD = embed(tokens_BxL) + pos_LxD
         # Remat matters only where gradients are taken: inference runs the plain block.
         block = remat(Block, self.remat) if train else Block
         for i in range(self.num_layers):
             x_BxLxD = block(self.num_heads, self.attention, name=f"block{i}")(x_BxLxD)
             self.sow("intermediates", f"block{i}_out", x_BxLxD)
-        x_BxLxD = nn.RMSNorm(name="norm")(x_BxLxD)
+        x_BxLxD = nn.RMSNorm(name="norm", scale_init=_named(_ONES, "norm"))(x_BxLxD)
         return embed.attend(x_BxLxD)  # tied embeddings: logits_BxLxV
 
 

@@ -26,9 +26,11 @@ from jaxmint.train._hooks import Hook as Hook
 from jaxmint.train._hooks import without as without
 from jaxmint.train._modes import CheckError as CheckError
 from jaxmint.train._modes import is_concrete as is_concrete
+from jaxmint.train._parallel import DEFAULT_RULES as DEFAULT_RULES
 from jaxmint.train._parallel import MeshError as MeshError
 
 __all__ = [
+    "DEFAULT_RULES",
     "CheckError",
     "CheckpointSettings",
     "Checkpointer",

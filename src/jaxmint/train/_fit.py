@@ -68,6 +68,7 @@ def fit(
     hooks: Sequence[Hook | Callable[[int, dict], None]] = (),
     input_key: str = "x",
     config: Any = None,
+    rules: Mapping[str, str | tuple[str, ...] | None] | None = None,
     **settings: Any,
 ) -> FitResult:
     """Train ``model`` on ``loss`` with ``optimizer`` for ``steps`` steps.
@@ -87,6 +88,10 @@ def fit(
         ``eval/<name>`` on evaluation.
       hooks: `Hook` objects, or callables ``(step, record)`` called at each log.
       input_key: the batch key fed to the model.
+      rules: logical axis name -> mesh axes (a name, a tuple of names, or None),
+        for parameters with logical axis names on a ``mesh``; default
+        ``jaxmint.train.DEFAULT_RULES`` (heads, mlp and vocab over ``tensor``,
+        embed over ``fsdp``).
       config: the experiment's config (a dataclass or dict), saved in
         ``config.json`` so the run can be exported and resumed. A `FitConfig`
         (such as an experiment's config, which extends it) also supplies the
@@ -119,6 +124,7 @@ def fit(
         hooks=as_hooks(hooks),
         input_key=input_key,
         config=config,
+        rules=rules,
     )
     return loop.run()
 
@@ -146,10 +152,12 @@ class FitLoop:
         hooks: list[Hook],
         input_key: str,
         config,
+        rules=None,
     ):
         s = self.settings = settings
         self.replay_before = None if s.replay_from is None else replay_steps(s, workdir)
         self.model, self.loss, self.optimizer, self.input_key = model, loss, optimizer, input_key
+        self.rules = rules
         self.eval_data, self.start_step, self.final, self.preemption = eval_data, 0, False, None
         self._log_requested = False
         self.stopped: str | None = None
@@ -157,7 +165,7 @@ class FitLoop:
         if s.debug or s.check:
             self.strategy = _modes.single_device(self.strategy, "debug" if s.debug else "check")
         self.mesh = parallel.layout(self.strategy, s.mesh)
-        parallel.check_batch(s.batch_size, s.grad_accum, self.strategy)
+        parallel.check_batch(s.batch_size, s.grad_accum, self.strategy, self.mesh)
         self.n_proc, self.proc = jax.process_count(), jax.process_index()
         self.lead = self.proc == 0  # only the first process writes files and draws the bar
 

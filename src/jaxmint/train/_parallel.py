@@ -35,8 +35,20 @@ from jax.sharding import PartitionSpec as P
 from jaxmint.data import DataError
 
 AXIS = "data"
-MESH_AXES = ("data", "fsdp")  # the batch is sharded over both, parameters over fsdp
+MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")  # the batch is split over these; tensor replicas share rows
 SHORTHANDS = {"data": {"data": -1}, "fsdp": {"fsdp": -1}}
+
+# Logical axis name -> mesh axes. Megatron-style tensor parallelism: attention heads,
+# the MLP's hidden axis and the vocabulary split over `tensor`; the model width over
+# `fsdp`. A name not listed (kv, length, norm) is not split.
+DEFAULT_RULES: dict[str, str | tuple[str, ...] | None] = {
+    "batch": BATCH_AXES,
+    "embed": "fsdp",
+    "vocab": "tensor",
+    "heads": "tensor",
+    "mlp": "tensor",
+}
 
 
 class MeshError(ValueError):
@@ -135,9 +147,9 @@ def make_mesh(shape: Mapping[str, int] | None = None) -> Mesh:
     return jax.make_mesh(tuple(shape.values()), tuple(shape), devices=devices, **kwargs)
 
 
-def check_batch(batch_size: int, grad_accum: int, strategy: str) -> None:
+def check_batch(batch_size: int, grad_accum: int, strategy: str, mesh: Mesh | None) -> None:
     """Fail early, with the numbers and valid choices, when the batch does not divide."""
-    n = jax.device_count()
+    n = batch_shards(mesh)
     if strategy == "single" or n == 1:
         return
     per_step = batch_size // grad_accum
@@ -166,20 +178,62 @@ def fsdp_spec(shape, n: int, axis_name: str = "fsdp") -> P:
     return P(*spec)
 
 
-def state_shardings(state, mesh: Mesh, strategy: str):
-    """Shardings for every leaf of the train state on ``mesh``: parameters and optimizer
-    state split over its ``fsdp`` axis (if any), the rest replicated."""
-    replicated = NamedSharding(mesh, P())
-    n = dict(mesh.shape).get("fsdp", 1)
-    if strategy == "pmap" or n == 1:
-        return jax.tree_util.tree_map(lambda _: replicated, state)
+def logical_spec(names, shape, rules, sizes: dict[str, int]) -> P:
+    """The PartitionSpec of a leaf with logical axis ``names``: each name's mesh axes by
+    ``rules``, leaving out axes of size 1, axes already used, and any split that does
+    not divide the dimension."""
+    used: set[str] = set()
+    spec = []
+    for name, dim in zip(names, shape, strict=True):
+        axes = rules.get(name) if name is not None else None
+        axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+        axes = tuple(a for a in axes if sizes.get(a, 1) > 1 and a not in used)
+        if not axes or dim % math.prod(sizes[a] for a in axes):
+            spec.append(None)
+            continue
+        used.update(axes)
+        spec.append(axes[0] if len(axes) == 1 else axes)
+    return P(*spec) if any(a is not None for a in spec) else P()  # nothing split: replicated
 
-    def shard(leaf):
-        return NamedSharding(mesh, fsdp_spec(np.shape(leaf), n))
+
+def state_shardings(state, mesh: Mesh, strategy: str, names=None, rules=None):
+    """Shardings for every leaf of the train state on ``mesh``.
+
+    A parameter with logical axis ``names`` (``{keystr(path): names}``) is split by
+    ``rules`` (default `DEFAULT_RULES`); any other parameter along its largest
+    dimension divisible by the ``fsdp`` axis. Optimizer-state leaves follow the
+    parameter they mirror (same path suffix and shape); the rest is replicated.
+    """
+    replicated = NamedSharding(mesh, P())
+    sizes = dict(mesh.shape)
+    if strategy == "pmap" or math.prod(sizes.get(a, 1) for a in ("fsdp", "tensor")) == 1:
+        return jax.tree_util.tree_map(lambda _: replicated, state)
+    rules, names, n = DEFAULT_RULES if rules is None else rules, names or {}, sizes.get("fsdp", 1)
+
+    def spec(key: str, shape) -> P:
+        if key in names:
+            return logical_spec(names[key], shape, rules, sizes)
+        return fsdp_spec(shape, n) if n > 1 else P()
+
+    flat, treedef = jax.tree_util.tree_flatten_with_path(state.params)
+    by_key = {
+        jax.tree_util.keystr(p): (np.shape(x), spec(jax.tree_util.keystr(p), np.shape(x)))
+        for p, x in flat
+    }
+    params = treedef.unflatten(
+        [NamedSharding(mesh, by_key[jax.tree_util.keystr(p)][1]) for p, _ in flat]
+    )
+
+    def mirror(path, leaf):
+        key, shape = jax.tree_util.keystr(path), np.shape(leaf)
+        for param_key, (param_shape, param_spec) in by_key.items():
+            if key.endswith(param_key) and shape == param_shape:
+                return NamedSharding(mesh, param_spec)
+        return NamedSharding(mesh, fsdp_spec(shape, n) if n > 1 else P())
 
     return state._replace(
-        params=jax.tree_util.tree_map(shard, state.params),
-        opt_state=jax.tree_util.tree_map(shard, state.opt_state),
+        params=params,
+        opt_state=jax.tree_util.tree_map_with_path(mirror, state.opt_state),
         **{
             f: jax.tree_util.tree_map(lambda _: replicated, getattr(state, f))
             for f in ("step", "model_state", "loss_state", "rng", "guard")
@@ -188,9 +242,16 @@ def state_shardings(state, mesh: Mesh, strategy: str):
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-    """The batch's leading axis split over every axis of the mesh."""
-    names = tuple(mesh.axis_names)
+    """The batch's leading axis split over the mesh's batch axes (all but ``tensor``)."""
+    names = tuple(a for a in mesh.axis_names if a in BATCH_AXES or a == AXIS)
     return NamedSharding(mesh, P(names if len(names) > 1 else names[0]))
+
+
+def batch_shards(mesh: Mesh | None) -> int:
+    """Into how many parts each batch is split."""
+    if mesh is None:
+        return 1
+    return math.prod(n for a, n in dict(mesh.shape).items() if a in BATCH_AXES or a == AXIS)
 
 
 def to_global(batch, sharding: NamedSharding):

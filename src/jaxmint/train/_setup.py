@@ -56,9 +56,21 @@ def init_state(loop: FitLoop) -> TrainState:
     if loop.strategy == "single":
         return call_compiled(loop.steps.init, key, sample)
     abstract = jax.eval_shape(loop.steps.init, key, sample)
-    loop.shardings = parallel.state_shardings(abstract, loop.mesh, loop.strategy)
+    names = param_axes(loop.model, key, sample[loop.input_key])
+    loop.shardings = parallel.state_shardings(abstract, loop.mesh, loop.strategy, names, loop.rules)
     loop.data_sharding = parallel.batch_sharding(loop.mesh)
     return call_compiled(loop.steps.init, key, sample, out_shardings=loop.shardings)
+
+
+def param_axes(model, key, inputs) -> dict[str, tuple]:
+    """The logical axis names of the model's parameters, keyed like ``state.params``."""
+    if model.logical_axes is None:
+        return {}
+    names = model.logical_axes(key, inputs)
+    prefix = "['params']"
+    if any(k.startswith(prefix) for k in names):  # flax variables: the params collection
+        return {k[len(prefix) :]: v for k, v in names.items() if k.startswith(prefix)}
+    return names
 
 
 def compile_steps(loop: FitLoop, state: TrainState) -> None:
