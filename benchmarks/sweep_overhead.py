@@ -1,6 +1,6 @@
 """Overhead of a sweep: 16 trials through `jaxmint sweep` against the same 16 fits in one loop.
 
-Run (about 2 minutes on 2 CPU cores; ``--quick`` is a 4-trial smoke run of every path)::
+Run (about 2 minutes on 2 CPU cores; ``--quick`` is a 2-trial smoke run of every path)::
 
     python benchmarks/sweep_overhead.py            # full
     python benchmarks/sweep_overhead.py --quick    # what the test suite runs
@@ -132,10 +132,10 @@ def drawn_params(sweep_dir: Path) -> list[dict]:
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="4 trials: a smoke run")
+    parser.add_argument("--quick", action="store_true", help="2 trials: a smoke run")
     parser.add_argument("--out", type=Path, default=RESULTS / "sweep_overhead.json")
     args = parser.parse_args(argv)
-    n = 4 if args.quick else 16
+    n = 2 if args.quick else 16
     with tempfile.TemporaryDirectory(prefix="sweep-bench-") as tmp:
         tmp = Path(tmp)
         script = tmp / "tiny_digits.py"
