@@ -38,14 +38,14 @@ from jaxmint.models._remat import POLICIES
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TARGET_FULL_OVER_NONE = 0.5
-SIZES = {  # vocab, length, d_model, layers, heads, batch
-    "100m": (32_000, 1024, 768, 12, 12, 8),
-    "tiny": (256, 64, 64, 2, 4, 8),
+SIZES = {
+    "100m": dict(vocab=32_000, length=1024, d_model=768, layers=12, heads=12, batch=8),
+    "tiny": dict(vocab=256, length=64, d_model=64, layers=2, heads=4, batch=8),
 }
 
 
 def measure(size: str, policy: str, compile_: bool) -> dict:
-    vocab, length, d_model, layers, heads, batch = SIZES[size]
+    vocab, length, d_model, layers, heads, batch = SIZES[size].values()
     model = jaxmint.models.transformer(
         vocab, max_len=length, d_model=d_model, num_layers=layers, num_heads=heads, remat=policy
     )
@@ -114,11 +114,7 @@ def main(argv=None) -> dict:
     result = {
         "benchmark": "memory",
         "size": size,
-        "shape": dict(
-            zip(
-                ["vocab", "length", "d_model", "layers", "heads", "batch"], SIZES[size], strict=True
-            )
-        ),
+        "shape": SIZES[size],
         "remat": rows,
         "full_over_none_kept": ratio,
         "environment": {**environment(), "load_average_at_start": load_before},

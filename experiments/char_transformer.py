@@ -41,7 +41,9 @@ class Config(Common):
     corpus_bytes: int = field(2_000_000, "bytes of standard-library source to train on", min=10_000)
     warmup: int = field(50, "learning-rate warmup steps", min=0)
     remat: Literal["none", "full", "dots", "dots_no_batch"] = field(
-        "none", "recompute each block's activations in the backward pass (less memory)"
+        "none",
+        "recompute each block's activations in the backward pass (less memory)",
+        run_control=True,  # same gradients: a resumed run may switch it
     )
 
     def check_values(self) -> None:

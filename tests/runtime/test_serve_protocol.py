@@ -124,6 +124,14 @@ def test_binary_sizes_must_add_up(predictor, inputs):
         decode(predictor, header + body[length:], len(header))
 
 
+def test_non_finite_outputs_are_null_in_json_and_exact_in_binary():
+    out = {"y": np.array([[np.nan, np.inf, -np.inf, 0.1]], np.float32)}
+    body, _ = encode_infer("m", None, out, [("y", False)])
+    assert json.loads(body)["outputs"][0]["data"] == [None, None, None, 0.1]  # valid JSON
+    body, header_length = encode_infer("m", None, out, [("y", True)])
+    np.testing.assert_array_equal(np.frombuffer(body[header_length:], "<f4"), out["y"][0])
+
+
 def test_encode_json_and_binary(predictor, inputs):
     outputs = predictor.run({"x": inputs[:3]})
     body, header_length = encode_infer("digits", "id7", outputs, [("output", False)])

@@ -3,8 +3,7 @@
 A train step keeps every activation the backward pass needs; for a deep or long
 model that is most of the memory. Wrapping each block in `jax.checkpoint` keeps
 only what its *policy* saves and recomputes the rest during the backward pass:
-less memory for about one more forward pass of compute. The gradients are the
-same.
+less memory, for the compute of recomputing it. The gradients are the same.
 """
 
 from __future__ import annotations

@@ -12,12 +12,14 @@
   cross-replica batch norm (``axis_name="data"``) can be written.
 - ``auto``: ``single`` on one device, ``data`` otherwise.
 
-A *mesh* generalizes ``data`` and ``fsdp``: ``mesh={"data": 2, "fsdp": 4}`` (or
-``--mesh data=2,fsdp=4``, ``-1`` for the rest) is a 2-D device mesh; the batch is
-sharded over both axes and each parameter along its largest dimension divisible
-by ``fsdp``'s size, over ``fsdp``. ``data`` is the mesh ``data=-1`` and ``fsdp``
-the mesh ``fsdp=-1``. With several processes the devices are laid out process by
-process, so ``data`` spans hosts and ``fsdp`` stays inside one where it fits.
+A *mesh* generalizes ``data`` and ``fsdp``: ``mesh={"data": 2, "fsdp": 2, "tensor": 2}``
+(or ``--mesh data=2,fsdp=2,tensor=2``, ``-1`` for the rest) is a device mesh over
+`MESH_AXES`. The batch is sharded over ``data`` and ``fsdp``; a parameter with
+logical axis names is split by the rules (`DEFAULT_RULES`), any other along its
+largest dimension divisible by ``fsdp``'s size. ``data`` is the mesh ``data=-1``
+and ``fsdp`` the mesh ``fsdp=-1``. With several processes the devices are laid out
+process by process, so ``data`` spans hosts and the other axes stay inside one
+where they fit.
 """
 
 from __future__ import annotations
@@ -225,10 +227,12 @@ def state_shardings(state, mesh: Mesh, strategy: str, names=None, rules=None):
     )
 
     def mirror(path, leaf):
+        # The longest parameter path that ends this leaf's path, with its shape: so
+        # ['a']['kernel'] is not mistaken for a top-level ['kernel'] of the same shape.
         key, shape = jax.tree_util.keystr(path), np.shape(leaf)
-        for param_key, (param_shape, param_spec) in by_key.items():
-            if key.endswith(param_key) and shape == param_shape:
-                return NamedSharding(mesh, param_spec)
+        mirrored = [k for k, (s, _) in by_key.items() if key.endswith(k) and s == shape]
+        if mirrored:
+            return NamedSharding(mesh, by_key[max(mirrored, key=len)][1])
         return NamedSharding(mesh, fsdp_spec(shape, n) if n > 1 else P())
 
     return state._replace(
@@ -242,8 +246,8 @@ def state_shardings(state, mesh: Mesh, strategy: str, names=None, rules=None):
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-    """The batch's leading axis split over the mesh's batch axes (all but ``tensor``)."""
-    names = tuple(a for a in mesh.axis_names if a in BATCH_AXES or a == AXIS)
+    """The batch's leading axis split over the mesh's `BATCH_AXES` (all but ``tensor``)."""
+    names = tuple(a for a in mesh.axis_names if a in BATCH_AXES)
     return NamedSharding(mesh, P(names if len(names) > 1 else names[0]))
 
 
@@ -251,7 +255,7 @@ def batch_shards(mesh: Mesh | None) -> int:
     """Into how many parts each batch is split."""
     if mesh is None:
         return 1
-    return math.prod(n for a, n in dict(mesh.shape).items() if a in BATCH_AXES or a == AXIS)
+    return math.prod(n for a, n in dict(mesh.shape).items() if a in BATCH_AXES)
 
 
 def to_global(batch, sharding: NamedSharding):
