@@ -7,6 +7,7 @@ policy, and the train loop decides what the state is.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -139,11 +140,20 @@ class RunCheckpoints:
                 self.manager.delete(step)
 
     # -- save ------------------------------------------------------------------
-    def save(self, step: int, state, *, meta: dict | None = None, final: bool = False) -> None:
+    def save(
+        self,
+        step: int,
+        state,
+        *,
+        meta: dict | None = None,
+        final: bool = False,
+        data_state: bytes | None = None,
+    ) -> None:
         """Start an async save of ``state`` (a pytree) at ``step``; a no-op if already saved.
 
         ``meta`` is JSON stored beside the arrays (the data position, the loss's
-        term names): what a resumed run needs besides the state.
+        term names): what a resumed run needs besides the state. ``data_state`` is a
+        Grain iterator's state, saved by Grain's orbax handler (one file per process).
         """
         if step in self.manager.all_steps():
             if final:
@@ -154,13 +164,10 @@ class RunCheckpoints:
         snapshot = jax.tree_util.tree_map(jnp.copy, _as_dict(state))
         self._prune(upcoming=step)
         meta = {"step": step, "time": time.time(), "final": final, **(meta or {})}
-        self.manager.save(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardSave(snapshot), meta=ocp.args.JsonSave(meta)
-            ),
-            force=True,
-        )
+        items = {"state": ocp.args.StandardSave(snapshot), "meta": ocp.args.JsonSave(meta)}
+        if data_state is not None:
+            items["data"] = _grain_checkpoint().CheckpointSave(IteratorState(data_state))
+        self.manager.save(step, args=ocp.args.Composite(**items), force=True)
         self._undigested.append(step)
         if final:
             self._prune()
@@ -193,6 +200,21 @@ class RunCheckpoints:
         )
         restored = self.manager.restore(step, args=args)
         return restored["state"], dict(restored["meta"] or {})
+
+    def restore_data(self, step: int) -> bytes | None:
+        """The Grain iterator state saved at ``step`` for this process (None: none saved)."""
+        if not (self.directory / str(step) / "data").is_dir():
+            return None
+        receiver = IteratorState()
+        args = ocp.args.Composite(data=_grain_checkpoint().CheckpointRestore(receiver))
+        try:
+            self.manager.restore(step, args=args)
+        except Exception as e:  # orbax and grain raise many types for damaged files
+            raise CheckpointError(
+                f"the data iterator state of step {step} in {self.directory} cannot be read "
+                f"({_first_line(e)})"
+            ) from None
+        return receiver.state
 
     def restore_newest(self, target_for: Callable[[int], Any]) -> tuple[dict, dict, int] | None:
         """Restore the newest readable step: ``(state, meta, step)``, or None when there is none.
@@ -285,11 +307,34 @@ def _digests(step_dir: Path) -> dict[str, str]:
     return out
 
 
+class IteratorState:
+    """A data iterator's saved state, as Grain's orbax handler saves and restores it
+    (frozen when the step is saved, since the live iterator reads on)."""
+
+    def __init__(self, state: bytes | None = None):
+        self.state = state
+
+    def get_state(self) -> bytes | None:
+        return self.state
+
+    def set_state(self, state: bytes) -> None:
+        self.state = state
+
+    def start_prefetch(self) -> None:
+        pass
+
+
+def _grain_checkpoint():
+    import grain.checkpoint
+
+    return grain.checkpoint
+
+
 def _handlers() -> dict:
-    return {
-        "state": ocp.StandardCheckpointHandler(),
-        "meta": ocp.JsonCheckpointHandler(),
-    }
+    handlers = {"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
+    with contextlib.suppress(ImportError):  # without Grain (the data extra) no data state
+        handlers["data"] = _grain_checkpoint().CheckpointHandler()
+    return handlers
 
 
 def _as_dict(state):

@@ -1,8 +1,17 @@
-"""Data: a deterministic in-memory loader, device prefetch and embedded datasets."""
+"""Data: a deterministic in-memory loader, file-backed record sources read through Grain
+pipelines, device prefetch and embedded datasets."""
 
 from jaxmint.data._datasets import digits as digits
 from jaxmint.data._datasets import stdlib_chars as stdlib_chars
 from jaxmint.data._datasets import stdlib_text as stdlib_text
+from jaxmint.data._files import ArrayRecordSource as ArrayRecordSource
+from jaxmint.data._files import NpyShards as NpyShards
+from jaxmint.data._files import ParquetSource as ParquetSource
+from jaxmint.data._files import RecordSource as RecordSource
+from jaxmint.data._files import write_array_record as write_array_record
+from jaxmint.data._files import write_npy_shards as write_npy_shards
+from jaxmint.data._files import write_parquet as write_parquet
+from jaxmint.data._grain import pipeline as pipeline
 from jaxmint.data._loader import ArrayLoader as ArrayLoader
 from jaxmint.data._loader import BatchSpec as BatchSpec
 from jaxmint.data._loader import DataError as DataError
@@ -13,13 +22,21 @@ from jaxmint.data._loader import prefetch_to_device as prefetch_to_device
 
 __all__ = [
     "ArrayLoader",
+    "ArrayRecordSource",
     "BatchSpec",
     "DataError",
+    "NpyShards",
+    "ParquetSource",
+    "RecordSource",
     "TrainData",
     "check_input_range",
     "digits",
     "eval_batches",
+    "pipeline",
     "prefetch_to_device",
     "stdlib_chars",
     "stdlib_text",
+    "write_array_record",
+    "write_npy_shards",
+    "write_parquet",
 ]

@@ -209,7 +209,9 @@ def check_input_range(values, bounds: tuple[int, int], where: str) -> None:
 
 
 class TrainData:
-    """What `fit` reads: a dict of arrays (an `ArrayLoader`) or an iterable of batches.
+    """What `fit` reads: a dict of arrays (an `ArrayLoader`), a record source or Grain
+    dataset (a `GrainData`, whose iterator state each checkpoint stores), or an
+    iterable of batches.
 
     ``first`` is the first batch (for shapes and initialization), ``batches(step)``
     the batches from ``step`` on, checked against the first one, and
@@ -218,14 +220,28 @@ class TrainData:
     batch; an iterable must itself yield this process's share.
     """
 
-    def __init__(self, data, batch_size: int, *, seed: int, shard: tuple[int, int] = (0, 1)):
+    def __init__(
+        self,
+        data,
+        batch_size: int,
+        *,
+        seed: int,
+        shard: tuple[int, int] = (0, 1),
+        workers: int = 0,
+    ):
+        from jaxmint.data._files import RecordSource
+        from jaxmint.data._grain import GrainData, is_grain
+
         if isinstance(data, np.ndarray | jax.Array):
             raise DataError(
                 f"data is a single array of shape {np.shape(data)}; pass a dict of arrays such "
                 "as {'x': inputs, 'y': labels} (or an iterable of such dicts)"
             )
-        self.loader = None
-        if isinstance(data, Mapping):
+        self.loader = self.grain = None
+        if isinstance(data, RecordSource) or is_grain(data):
+            self.grain = GrainData(data, batch_size, seed=seed, shard=shard, workers=workers)
+            self.first = self.grain.first
+        elif isinstance(data, Mapping):
             self.loader = ArrayLoader(data, batch_size, seed=seed, shard=shard)
             self.first = next(self.loader.batches(0))
         elif isinstance(data, Iterable):
@@ -236,8 +252,8 @@ class TrainData:
                 raise DataError("data is an empty iterable: it yielded no batch") from None
         else:
             raise DataError(
-                f"data must be a dict of numpy arrays or an iterable of batches, got "
-                f"{type(data).__name__}"
+                f"data must be a dict of numpy arrays, a record source (jaxmint.data.NpyShards, "
+                f"...), a Grain dataset or an iterable of batches, got {type(data).__name__}"
             )
         self.spec = BatchSpec(self.first)
 
@@ -249,6 +265,8 @@ class TrainData:
     def batches(self, start_step: int) -> Iterator[Batch]:
         if self.loader is not None:
             return self.loader.batches(start_step)
+        if self.grain is not None:
+            return self._checked(self.grain.batches(start_step))
         # An iterable cannot be rewound: resuming skips the batches already used.
         rest = itertools.chain([self.first], self._iterator)
         return self._checked(itertools.islice(rest, start_step, None))
@@ -258,7 +276,18 @@ class TrainData:
             self.spec.check(batch, what=f"batch {i}")
             yield batch
 
+    def iterator_state(self, step: int) -> bytes | None:
+        """A Grain iterator's state after the batch of ``step`` (None for other data)."""
+        return None if self.grain is None else self.grain.state_after(step)
+
+    def resume_iterator(self, state: bytes | None) -> None:
+        """Continue a Grain iterator from the ``state`` a checkpoint stored."""
+        if self.grain is not None:
+            self.grain.resume_from(state)
+
     def position(self, step: int) -> dict:
+        if self.grain is not None:
+            return {"batches_consumed": step, "iterator": "grain"}
         if self.loader is None:
             return {"batches_consumed": step}
         epoch, index = self.loader.position(step)

@@ -171,7 +171,8 @@ class Checkpointer(Hook):
     def on_checkpoint(self, loop, step, state):
         meta = {"data_position": loop.data.position(step), "loss_terms": loop.steps.term_names}
         start = time.perf_counter()
-        self.checkpoints.save(step, state, meta=meta, final=loop.final)
+        data_state = loop.data.iterator_state(step)
+        self.checkpoints.save(step, state, meta=meta, final=loop.final, data_state=data_state)
         end = time.perf_counter()
         if self.preemption.signal:
             self.checkpoints.wait()

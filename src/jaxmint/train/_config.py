@@ -39,6 +39,11 @@ class TrainingSettings:
     grad_accum: int = field(1, "micro-batches per step (gradient accumulation)")
     compute_dtype: str | None = field(None, "e.g. bfloat16: compute dtype, float32 master params")
     prefetch: int = field(2, "batches prefetched to accelerators", run_control=True)
+    data_workers: int = field(
+        0,
+        "worker processes that read a record source (0: threads of this process)",
+        run_control=True,
+    )
 
 
 @dataclasses.dataclass
@@ -153,6 +158,8 @@ class FitConfig(
             raise ValueError(
                 f"compute_dtype={self.compute_dtype!r} is not one of {COMPUTE_DTYPES} (or None)"
             )
+        if self.data_workers < 0:
+            raise ValueError(f"data_workers must be at least 0, got {self.data_workers}")
         if self.keep_last < 1 or self.keep_best < 0 or self.prefetch < 0:
             raise ValueError(
                 "keep_last must be at least 1, keep_best and prefetch at least 0; got "

@@ -169,7 +169,9 @@ class FitLoop:
         self.n_proc, self.proc = jax.process_count(), jax.process_index()
         self.lead = self.proc == 0  # only the first process writes files and draws the bar
 
-        self.data = TrainData(data, s.batch_size, seed=s.seed, shard=(self.proc, self.n_proc))
+        self.data = TrainData(
+            data, s.batch_size, seed=s.seed, shard=(self.proc, self.n_proc), workers=s.data_workers
+        )
         check_inputs(self)
         self.steps: Steps = build_steps(
             model,

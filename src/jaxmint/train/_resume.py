@@ -64,6 +64,8 @@ def resume(loop: FitLoop, state: TrainState, record: dict) -> tuple[TrainState, 
     if restored is None:  # every step was set aside as unreadable: nothing to resume
         return state, 0
     stored, meta, step = restored
+    if loop.data.grain is not None:
+        loop.data.resume_iterator(ckpt.restore_data(step))
     resumed, notes = loop.steps.resume(stored, state, meta.get("loss_terms"))
     if loop.lead:  # one line, whatever the logging setup: the user sees the run go on
         print(f"resuming {run.path} at step {step} of {loop.settings.steps}", flush=True)

@@ -1,0 +1,175 @@
+"""Grain pipelines: what `fit` reads from a record source or a Grain dataset, and the
+iterator state that each checkpoint stores so that a run resumes on the same batch."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import OrderedDict
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+
+from jaxmint._extras import require
+from jaxmint.data._files import RecordSource
+from jaxmint.data._loader import Batch, DataError
+
+log = logging.getLogger("jaxmint")
+
+_KEEP_STATES = 256  # the iterator states of the newest batches read (prefetch reads ahead)
+
+
+def is_grain(data: Any) -> bool:
+    """Whether ``data`` is a Grain dataset or loader (checked without importing Grain)."""
+    return any(
+        cls.__module__.startswith("grain.")
+        and cls.__name__ in ("MapDataset", "IterDataset", "DataLoader")
+        for cls in type(data).__mro__
+    )
+
+
+def pipeline(
+    source: RecordSource,
+    batch_size: int,
+    *,
+    seed: int = 0,
+    shuffle: bool = True,
+    shard: tuple[int, int] = (0, 1),
+    workers: int = 0,
+    threads: int = 4,
+    buffer: int = 256,
+):
+    """The Grain pipeline `fit` builds from a record source.
+
+    Records are shuffled each epoch from ``seed`` (Grain's index shuffle: no
+    buffer, the whole epoch), repeated forever, and process ``i`` of ``n``
+    (``shard=(i, n)``) takes every ``n``-th record, so the ``n`` processes' batches of
+    ``batch_size // n`` together are one global batch and an epoch is read exactly
+    once. ``threads`` read records in each process; ``workers`` > 0 moves reading
+    and batching to that many worker processes. Returns a ``grain.IterDataset``
+    whose iterator state can be saved and restored.
+
+    Example::
+
+        ds = pipeline(NpyShards("data/train"), batch_size=64, seed=0, workers=2)
+        batch = next(iter(ds))
+    """
+    grain = require("grain", "data", "reading files through a Grain pipeline")
+    index, count = shard
+    if batch_size % count:
+        raise DataError(f"batch_size {batch_size} is not divisible by {count} processes")
+    if len(source) < batch_size:
+        raise DataError(
+            f"batch_size {batch_size} is larger than the dataset ({len(source)} examples in "
+            f"{source!r}); lower --batch-size"
+        )
+    ds = grain.MapDataset.source(source)
+    if shuffle:
+        ds = ds.shuffle(seed)  # a new order each epoch: the seed is folded with the epoch
+    ds = ds.repeat()
+    if count > 1:
+        ds = ds[index::count]
+    ds = ds.batch(batch_size // count, drop_remainder=True)
+    options = grain.ReadOptions(num_threads=threads, prefetch_buffer_size=buffer)
+    it = ds.to_iter_dataset(options)
+    if workers > 0:
+        _absl_flags_parsed()
+        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
+    return it
+
+
+def _absl_flags_parsed() -> None:
+    """Grain's worker processes read an absl flag, which fails in a script that never
+    parsed absl flags (google/grain#1355): there, take the flags' defaults as parsed."""
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+
+
+class GrainData:
+    """A Grain dataset or loader as `fit` reads it, remembering each batch's iterator state.
+
+    ``state_after(step)`` is the state once the batch of ``step`` was read: what a
+    checkpoint at ``step`` stores. Batches are read ahead (prefetch), so the state
+    of each of the newest batches is kept until its step is checkpointed.
+    """
+
+    def __init__(self, data, batch_size: int, *, seed: int, shard: tuple[int, int], workers=0):
+        if isinstance(data, RecordSource):
+            data = pipeline(data, batch_size, seed=seed, shard=shard, workers=workers)
+        self.iterator = iter(data)
+        if not hasattr(self.iterator, "get_state"):
+            raise DataError(f"{type(data).__name__} gives an iterator without a state to save")
+        self._initial = self._state()
+        try:
+            self.first = next(self.iterator)
+        except StopIteration:
+            raise DataError(f"the Grain dataset {data!r} yielded no batch") from None
+        per_process = batch_size // shard[1]
+        if not isinstance(self.first, dict):
+            raise DataError(
+                f"the Grain dataset yields {type(self.first).__name__}, not a batch (a dict of "
+                "arrays); map its records to dicts such as {'x': ..., 'y': ...}"
+            )
+        sizes = {k: np.shape(v)[:1] for k, v in self.first.items()}
+        if any(s != (per_process,) for s in sizes.values()):
+            raise DataError(
+                f"the Grain dataset's first batch has leading axes {sizes}, but batch_size is "
+                f"{batch_size} ({per_process} per process): batch it with "
+                f".batch({per_process}, drop_remainder=True), or pass a record source such as "
+                "jaxmint.data.NpyShards and let fit build the pipeline"
+            )
+        self._states: OrderedDict[int, bytes] = OrderedDict()
+        self._resume: bytes | None = None
+
+    def _state(self) -> bytes:
+        state = self.iterator.get_state()
+        return state if isinstance(state, bytes) else json.dumps(state).encode()
+
+    def _set_state(self, state: bytes) -> None:
+        if isinstance(self.iterator, _dataset_iterator()):
+            self.iterator.set_state(json.loads(state))
+        else:
+            self.iterator.set_state(state)
+
+    def resume_from(self, state: bytes | None) -> None:
+        """The state a checkpoint stored: `batches` starts there."""
+        self._resume = state
+
+    def batches(self, start_step: int) -> Iterator[Batch]:
+        if start_step and self._resume is None:
+            log.warning(
+                "the checkpoint holds no data iterator state: skipping the %d batches already "
+                "used, by reading them",
+                start_step,
+            )
+        self._set_state(self._resume if start_step and self._resume else self._initial)
+        skip = start_step if start_step and self._resume is None else 0
+        step = start_step - skip
+        for batch in self.iterator:
+            step += 1
+            if step <= start_step:
+                continue
+            self._states[step] = self._state()
+            while len(self._states) > _KEEP_STATES:
+                self._states.popitem(last=False)
+            yield batch
+
+    def state_after(self, step: int) -> bytes:
+        if step == 0:
+            return self._initial
+        try:
+            return self._states[step]
+        except KeyError:
+            raise DataError(
+                f"no data iterator state for step {step}: it was read more than "
+                f"{_KEEP_STATES} batches ago"
+            ) from None
+
+
+def _dataset_iterator():
+    import grain
+
+    return grain.DatasetIterator
