@@ -1,0 +1,185 @@
+"""fit on Grain: resumed to the bit after SIGKILL, user pipelines, several processes."""
+
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grain
+import jax
+import numpy as np
+import optax
+import pytest
+
+import jaxmint
+from jaxmint import losses
+from jaxmint.data import DataError, NpyShards, write_npy_shards
+
+HERE = Path(__file__).parent
+STEPS, EVERY = 40, 8  # digits: 22 steps of 64 per epoch, so kills land mid-epoch
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    train, _ = jaxmint.data.digits()
+    path = tmp_path_factory.mktemp("data") / "train"
+    write_npy_shards(train, path, rows_per_shard=400)
+    return path
+
+
+def start(shards, workdir, workers, pause=0.0):
+    args = [str(shards), str(workdir), str(STEPS), str(EVERY), str(workers), str(pause)]
+    return subprocess.Popen(
+        [sys.executable, str(HERE / "grain_trainer.py"), *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+    )
+
+
+def wait_for_step(proc, step, timeout=120):
+    deadline = time.monotonic() + timeout
+    for line in proc.stdout:
+        if line.startswith("step ") and int(line.split()[1]) >= step:
+            return
+        assert time.monotonic() < deadline, "trainer too slow"
+    raise AssertionError(f"trainer ended before step {step}: {proc.stderr.read()[-2000:]}")
+
+
+def finish(proc, timeout=180):
+    out, err = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, err[-3000:]
+    return err
+
+
+def final_params(workdir):
+    with np.load(Path(workdir) / "final.npz") as f:
+        return {k: f[k] for k in f.files}
+
+
+@pytest.mark.slow
+def test_sigkill_twice_mid_epoch_resumes_to_the_bit(tmp_path, shards):
+    reference = tmp_path / "reference"
+    finish(start(shards, reference, workers=0))
+    run = tmp_path / "run"
+    # Read by 2 worker processes; killed mid-epoch after the saves at 8 and 24.
+    for kill_at in (11, 27):
+        proc = start(shards, run, workers=2, pause=0.02)
+        wait_for_step(proc, kill_at)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    err = finish(start(shards, run, workers=2))
+    assert "no data iterator state" not in err
+    got, want = final_params(run), final_params(reference)
+    assert got.keys() == want.keys()
+    for k in want:
+        assert np.array_equal(got[k], want[k]), k
+    state = json.loads((run / "checkpoints" / "40" / "data" / "process_0-of-1.json").read_text())
+    assert state  # the iterator state, saved by Grain's orbax handler
+    steps = [r["step"] for r in jaxmint.run.RunDir(run).metrics()]
+    assert steps == list(range(1, STEPS + 1))
+
+
+def train(data, workdir, **kw):
+    settings = dict(steps=20, batch_size=32, seed=1, checkpoint_every=5, progress=False)
+    return jaxmint.fit(
+        jaxmint.models.mlp((32,), 10, dropout=0.1),
+        losses.softmax_cross_entropy(),
+        optax.adam(1e-2),
+        data,
+        workdir=workdir,
+        **(settings | kw),
+    )
+
+
+def same(a, b):
+    return all(jax.tree.leaves(jax.tree.map(np.array_equal, a, b)))
+
+
+def test_a_users_grain_dataset_and_loader_resume_from_their_saved_state(tmp_path, shards, caplog):
+    source = NpyShards(shards)
+    pipelines = {
+        "map": lambda: grain.MapDataset.source(source).shuffle(seed=4).repeat().batch(32),
+        "iter": lambda: (
+            grain.MapDataset.source(source).shuffle(seed=4).repeat().to_iter_dataset().batch(32)
+        ),
+        "loader": lambda: grain.DataLoader(
+            data_source=source,
+            sampler=grain.samplers.IndexSampler(len(source), shuffle=True, seed=4),
+            operations=[grain.transforms.Batch(32, drop_remainder=True)],
+        ),
+    }
+    for name, make in pipelines.items():
+        straight = train(make(), tmp_path / f"{name}-straight")
+        train(make(), tmp_path / name, stop_after=12)  # saved at 5, 10 and 12; resumed at 12
+        with caplog.at_level(logging.WARNING, logger="jaxmint"):
+            resumed = train(make(), tmp_path / name)
+        assert "no data iterator state" not in caplog.text
+        assert same(resumed.params, straight.params), name
+        saved = tmp_path / name / "checkpoints" / "20" / "data" / "process_0-of-1.json"
+        assert saved.is_file(), name
+
+
+def test_an_unbatched_or_non_dict_grain_dataset_is_named(shards):
+    source = NpyShards(shards)
+    with pytest.raises(DataError, match=r"leading axes .* batch it with \.batch\(32"):
+        train(grain.MapDataset.source(source), None)
+    with pytest.raises(DataError, match="yields int, not a batch"):
+        train(grain.MapDataset.range(100), None)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_processes_read_disjoint_shares_covering_the_epoch_once(tmp_path):
+    train_arrays, _ = jaxmint.data.digits()
+    n = 22 * 64  # one epoch is exactly 22 global batches
+    data = {k: v[:n] for k, v in train_arrays.items()} | {"id": np.arange(n)}
+    write_npy_shards(data, tmp_path / "shards", rows_per_shard=300)
+    seen: dict[int, dict[int, list[int]]] = {}  # step -> process -> ids
+    for stop_after in (11, 22):  # a checkpoint at 11; the second run resumes there
+        port = free_port()
+        procs = [
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    str(HERE / "grain_multihost_worker.py"),
+                    str(port),
+                    str(i),
+                    str(tmp_path / "shards"),
+                    str(tmp_path / "run"),
+                    str(stop_after),
+                ],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                env={**os.environ, "JAX_PLATFORMS": "cpu"},
+            )
+            for i in range(2)
+        ]
+        outs = [p.communicate(timeout=300) for p in procs]
+        for p, (_, err) in zip(procs, outs, strict=True):
+            assert p.returncode == 0, err[-3000:]
+        for i, (out, _) in enumerate(outs):
+            for line in out.splitlines():
+                if line.startswith("IDS "):
+                    step, *ids = map(int, line.split()[1:])
+                    seen.setdefault(step, {})[i] = ids
+    assert sorted(seen) == list(range(1, 23))
+    for step, by_process in seen.items():
+        assert len(by_process[0]) == len(by_process[1]) == 32, step
+        assert not set(by_process[0]) & set(by_process[1]), step
+    everything = [i for by_process in seen.values() for ids in by_process.values() for i in ids]
+    assert sorted(everything) == list(range(n))  # the epoch, each example exactly once
+    saved = tmp_path / "run" / "checkpoints" / "11" / "data"
+    assert sorted(p.name for p in saved.iterdir()) == ["process_0-of-2.json", "process_1-of-2.json"]
