@@ -53,7 +53,7 @@ def wait_for_step(proc, step, timeout=120):
 
 
 def finish(proc, timeout=180):
-    out, err = proc.communicate(timeout=timeout)
+    _, err = proc.communicate(timeout=timeout)
     assert proc.returncode == 0, err[-3000:]
     return err
 
