@@ -19,7 +19,7 @@ import jax
 
 from jaxmint.checkpoint import CheckpointError
 from jaxmint.config import field, parse
-from jaxmint.data import DataError
+from jaxmint.data import DataError, first_examples
 from jaxmint.debug import CheckError, rerun_command
 from jaxmint.losses import LossError
 from jaxmint.models import summary
@@ -96,10 +96,7 @@ def main(
 
 def _print_summary(exp: Experiment, config: Common):
     """Print the model summary on one batch of the training data (``--summary``)."""
-    if isinstance(exp.train, Mapping):
-        sample = {k: v[: config.batch_size] for k, v in exp.train.items()}
-    else:
-        sample = next(iter(exp.train))
+    sample = first_examples(exp.train, config.batch_size)
     result = summary(exp.model, sample, input_key=exp.input_key, show=False)
     print(result)
     return result

@@ -50,6 +50,9 @@ LAZY_OK = {
     "iree",
     "tensorboardX",
     "sklearn",
+    "grain",  # the data extra: file-backed sources read through Grain
+    "array_record",
+    "pyarrow",
 }
 
 

@@ -11,14 +11,15 @@ from jaxmint.data._files import RecordSource as RecordSource
 from jaxmint.data._files import write_array_record as write_array_record
 from jaxmint.data._files import write_npy_shards as write_npy_shards
 from jaxmint.data._files import write_parquet as write_parquet
+from jaxmint.data._grain import first_examples as first_examples
 from jaxmint.data._grain import pipeline as pipeline
 from jaxmint.data._loader import ArrayLoader as ArrayLoader
 from jaxmint.data._loader import BatchSpec as BatchSpec
 from jaxmint.data._loader import DataError as DataError
-from jaxmint.data._loader import TrainData as TrainData
 from jaxmint.data._loader import check_input_range as check_input_range
 from jaxmint.data._loader import eval_batches as eval_batches
 from jaxmint.data._loader import prefetch_to_device as prefetch_to_device
+from jaxmint.data._train_data import TrainData as TrainData
 
 __all__ = [
     "ArrayLoader",
@@ -32,6 +33,7 @@ __all__ = [
     "check_input_range",
     "digits",
     "eval_batches",
+    "first_examples",
     "pipeline",
     "prefetch_to_device",
     "stdlib_chars",

@@ -19,6 +19,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import msgpack
 import numpy as np
 
 from jaxmint._extras import require
@@ -275,8 +276,6 @@ MAX_RECORD_BYTES = 256 << 20
 
 
 def _encode_record(example: Mapping[str, np.ndarray]) -> bytes:
-    import msgpack
-
     out = {}
     for key, value in example.items():
         value = np.asarray(value)
@@ -286,8 +285,6 @@ def _encode_record(example: Mapping[str, np.ndarray]) -> bytes:
 
 
 def _decode_record(raw: bytes, where: str) -> dict[str, np.ndarray]:
-    import msgpack
-
     try:
         if len(raw) > MAX_RECORD_BYTES:
             raise ValueError(f"{len(raw)} bytes, more than {MAX_RECORD_BYTES >> 20} MiB")

@@ -6,10 +6,11 @@ from __future__ import annotations
 import json
 import logging
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import numpy as np
+from absl import flags
 
 from jaxmint._extras import require
 from jaxmint.data._files import RecordSource
@@ -82,8 +83,6 @@ def pipeline(
 def _absl_flags_parsed() -> None:
     """Grain's worker processes read an absl flag, which fails in a script that never
     parsed absl flags (google/grain#1355): there, take the flags' defaults as parsed."""
-    from absl import flags
-
     if not flags.FLAGS.is_parsed():
         flags.FLAGS.mark_as_parsed()
 
@@ -173,3 +172,16 @@ def _dataset_iterator():
     import grain
 
     return grain.DatasetIterator
+
+
+def first_examples(data, n: int) -> dict[str, np.ndarray]:
+    """Up to ``n`` examples from the start of any training data `fit` takes: a dict of
+    arrays, a record source, a Grain dataset or loader, or an iterable of batches
+    (a sample for shapes: export, summaries)."""
+    if isinstance(data, Mapping):
+        return {k: np.asarray(v[:n]) for k, v in data.items()}
+    if isinstance(data, RecordSource):
+        records = [data[i] for i in range(min(n, len(data)))]
+        return {k: np.stack([r[k] for r in records]) for k in records[0]}
+    first = next(iter(data))
+    return {k: np.asarray(v[:n]) for k, v in first.items()}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
@@ -35,6 +36,12 @@ def localize_nonfinite(run_dir: str | os.PathLike) -> str:
     steps = build_steps(
         exp.model, exp.loss, exp.optimizer, input_key=exp.input_key, metrics=exp.metrics
     )
+    if not isinstance(exp.train, Mapping):
+        raise ValueError(
+            f"the experiment of {run.path} reads its training data from a stream or files, "
+            "whose batch at a step is not replayed here; replay the step with --replay-from "
+            "(it continues the run from its checkpoint)"
+        )
     loader = ArrayLoader(exp.train, config.batch_size, seed=config.seed)
     template = jax.eval_shape(steps.init, jax.random.PRNGKey(config.seed), next(loader.batches(0)))
     good = [s for s in run.checkpoint_steps() if s < bad_step]

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
+from jaxmint.data import first_examples
 from jaxmint.export._artifact import DEFAULT_BATCH_SIZES, config_hash, export_model
 from jaxmint.export._lower import ExportError
 from jaxmint.run import RunDir, RunDirError
@@ -75,7 +76,4 @@ def export_run(
 
 
 def _sample(train, input_key: str, n: int = 16) -> np.ndarray:
-    if isinstance(train, Mapping):
-        return np.asarray(train[input_key][:n])
-    first = next(iter(train))
-    return np.asarray(first[input_key][:n])
+    return first_examples(train, n)[input_key]
