@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +12,7 @@ import pytest
 
 from jaxmint.diagnose import diagnose_run
 from jaxmint.experiment import load_module
+from jaxmint.export import export_run
 
 REPO = Path(__file__).resolve().parents[1]
 EXPERIMENTS = sorted((REPO / "experiments").glob("*.py"))
@@ -85,3 +87,21 @@ def test_digits_default_config_reaches_97_percent(tmp_path):
 
     result = fit_experiment(module.build(config), config)
     assert result.final_eval["eval/accuracy"] >= 0.97
+
+
+def test_char_transformer_trains_on_a_corpus_on_disk_and_exports(tmp_path):
+    corpus = tmp_path / "corpus"
+    shutil.copytree(REPO / "src" / "jaxmint" / "data", corpus)  # some text files of our own
+    workdir = tmp_path / "run"
+    script = REPO / "experiments/char_transformer.py"
+    args = ["--smoke", "--data", corpus, "--data-workers", "1", "--workdir", workdir]
+    out = run(script, *args, "--no-progress")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "eval/accuracy" in out.stdout
+    saved = workdir / "checkpoints" / "12" / "data" / "process_0-of-1.json"
+    assert saved.is_file()  # the Grain iterator's state, beside the train state
+    result = export_run(workdir, tmp_path / "artifact")
+    assert result.exists()
+    missing = run(script, "--smoke", "--data", tmp_path / "nowhere", "--workdir", tmp_path / "x")
+    assert missing.returncode == 1 and "error: no such file" in missing.stderr
+    assert "Traceback" not in missing.stderr

@@ -71,12 +71,11 @@ def main(
 ):
     """Parse the command line, build the experiment, train it and print the outcome."""
     config = parse(config_cls, argv, smoke=smoke)
-    if config.summary:
-        return _print_summary(build(config), config)
-    initialize_distributed(config.coordinator, config.num_processes, config.process_id)
-    exp = build(config)
     try:
-        result = fit_experiment(exp, config)
+        if config.summary:
+            return _print_summary(build(config), config)
+        initialize_distributed(config.coordinator, config.num_processes, config.process_id)
+        result = fit_experiment(build(config), config)
     except (NonFiniteError, CheckpointError, DataError, LossError, MeshError) as e:
         # Errors about the user's run or data: the message says what to do; no traceback.
         raise SystemExit(f"error: {e}") from e

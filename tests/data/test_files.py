@@ -8,6 +8,7 @@ import pytest
 
 from jaxmint.data import (
     ArrayRecordSource,
+    ByteWindows,
     DataError,
     NpyShards,
     ParquetSource,
@@ -179,3 +180,51 @@ def test_pipeline_shards_cover_each_epoch_exactly_once(tmp_path):
         pipeline(source, 16, shard=(0, 3))
     with pytest.raises(DataError, match="larger than the dataset"):
         pipeline(source, 128)
+
+
+def test_byte_windows_read_text_files_in_place(tmp_path):
+    (tmp_path / "a.txt").write_bytes(bytes(range(100)))
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "b.txt").write_bytes(bytes(range(200, 250)))
+    (tmp_path / "tiny.txt").write_bytes(b"ab")  # shorter than a window: skipped
+    windows = ByteWindows(tmp_path, 8)
+    assert len(windows) == 99 // 8 + 49 // 8 == 18
+    first, last = windows[0], windows[17]
+    np.testing.assert_array_equal(first["x"], np.arange(8))
+    np.testing.assert_array_equal(first["y"], np.arange(1, 9))
+    np.testing.assert_array_equal(last["x"], np.arange(240, 248))  # never across files
+    assert first["x"].dtype == np.int32
+    train, test = ByteWindows(tmp_path, 8, split=(0, 0.5)), ByteWindows(tmp_path, 8, split=(0.5, 1))
+    assert len(train) + len(test) == 18
+    np.testing.assert_array_equal(test[0]["x"], windows[9]["x"])
+    assert test.arrays()["x"].shape == (9, 8)
+    with pytest.raises(DataError, match="no file longer than seq_len"):
+        ByteWindows(tmp_path / "tiny.txt", 8)
+    with pytest.raises(DataError, match="no such file"):
+        ByteWindows([tmp_path / "gone.txt"], 8)
+
+
+def test_data_convert_between_every_format(tmp_path, capsys):
+    from jaxmint.cli import main
+
+    data = arrays(70)
+    np.savez(tmp_path / "a.npz", **data)
+    steps = [
+        ("a.npz", "npy", "shards"),
+        ("shards", "arrayrecord", "records"),
+        ("records", "parquet", "table.parquet"),
+        ("table.parquet", "npy", "back"),
+    ]
+    for source, fmt, out in steps:
+        args = ["data", "convert", str(tmp_path / source), str(tmp_path / out)]
+        assert main([*args, "--format", fmt, "--rows-per-shard", "16"]) == 0
+    back = NpyShards(tmp_path / "back")
+    for i in (0, 33, 69):
+        for k, v in data.items():
+            np.testing.assert_array_equal(back[i][k], v[i])
+    assert main(["data", "info", str(tmp_path / "records")]) == 0
+    assert "x float32[3, 4]" in capsys.readouterr().out
+    assert main(["data", "convert", str(tmp_path / "a.npz"), str(tmp_path / "back")]) == 2
+    assert "exists; pass overwrite=True (--overwrite)" in capsys.readouterr().err
+    assert main(["data", "info", str(tmp_path / "nothing")]) == 2
+    assert "does not exist" in capsys.readouterr().err

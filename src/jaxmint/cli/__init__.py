@@ -14,6 +14,7 @@ from rich.table import Table
 import jaxmint
 from jaxmint._extras import MissingExtra
 from jaxmint.checkpoint import CheckpointError
+from jaxmint.cli._data import add_parsers as add_data_parsers
 from jaxmint.cli._debug import add_parsers as add_debug_parsers
 from jaxmint.cli._diagnose import add_commands as add_diagnose_parsers
 from jaxmint.cli._sweep import add_parsers as add_sweep_parsers
@@ -255,6 +256,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--no-analysis", action="store_true", help="skip XLA's cost analysis")
     p.set_defaults(fn=_inspect)
+
+    add_data_parsers(sub)
 
     add_debug_parsers(sub)
 

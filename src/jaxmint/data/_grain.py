@@ -156,6 +156,12 @@ class GrainData:
                 self._states.popitem(last=False)
             yield batch
 
+    def close(self) -> None:
+        """Stop the reader threads and worker processes (and free their shared memory)."""
+        close = getattr(self.iterator, "close", None)
+        if close is not None:
+            close()
+
     def state_after(self, step: int) -> bytes:
         if step == 0:
             return self._initial

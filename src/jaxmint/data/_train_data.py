@@ -78,6 +78,11 @@ class TrainData:
             self.spec.check(batch, what=f"batch {i}")
             yield batch
 
+    def close(self) -> None:
+        """Release what reading holds: a Grain pipeline's threads and worker processes."""
+        if self.grain is not None:
+            self.grain.close()
+
     def iterator_state(self, step: int) -> bytes | None:
         """A Grain iterator's state after the batch of ``step`` (None for other data)."""
         return None if self.grain is None else self.grain.state_after(step)

@@ -290,8 +290,11 @@ class FitLoop:
                 parallel.to_host(state.params), state, self.history, self._path(), self.stopped
             )
         finally:
-            for h in self.hooks:
-                h.on_end(self, result)
+            try:
+                for h in self.hooks:
+                    h.on_end(self, result)
+            finally:
+                self.data.close()
         return result
 
     def _log(self, step, state, batch, out, do_eval) -> None:
