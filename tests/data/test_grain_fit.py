@@ -183,3 +183,52 @@ def test_two_processes_read_disjoint_shares_covering_the_epoch_once(tmp_path):
     assert sorted(everything) == list(range(n))  # the epoch, each example exactly once
     saved = tmp_path / "run" / "checkpoints" / "11" / "data"
     assert sorted(p.name for p in saved.iterdir()) == ["process_0-of-2.json", "process_1-of-2.json"]
+
+
+class SyntheticRows:
+    """A column made a slice at a time (what the writers read), never held whole."""
+
+    def __init__(self, n: int, width: int | None):
+        self.shape = (n, width) if width else (n,)
+        self.dtype = np.dtype(np.float32 if width else np.int32)
+
+    def __getitem__(self, rows: slice) -> np.ndarray:
+        index = np.arange(*rows.indices(self.shape[0]))
+        if len(self.shape) == 1:
+            return (index % 10).astype(np.int32)
+        rows = np.random.default_rng(index[:1]).random((len(index), self.shape[1]), np.float32)
+        rows[np.arange(len(index)), index % 10] += 3.0  # the label, learnable
+        return rows
+
+
+LIMIT_MIB = 2000  # a training process on CPU peaks near 1.7 GiB of address space
+
+
+@pytest.mark.slow
+def test_a_dataset_larger_than_the_memory_limit_trains(tmp_path):
+    n = 540_000  # rows of 4 KiB: 2.1 GiB
+    columns = {"x": SyntheticRows(n, 1024), "y": SyntheticRows(n, None)}
+    write_npy_shards(columns, tmp_path / "big", rows_per_shard=4096)
+    size_mib = sum(f.stat().st_size for f in (tmp_path / "big").iterdir()) >> 20
+    assert size_mib > LIMIT_MIB
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    # The limit bites: reading the dataset into memory under it fails.
+    load_all = (
+        "import resource, sys, numpy as np, glob;"
+        f"resource.setrlimit(resource.RLIMIT_AS, ({LIMIT_MIB << 20}, {LIMIT_MIB << 20}));"
+        f"xs = [np.load(f) for f in sorted(glob.glob('{tmp_path / 'big'}/x-*.npy'))]"
+    )
+    control = subprocess.run([sys.executable, "-c", load_all], capture_output=True, text=True)
+    assert control.returncode != 0 and "MemoryError" in control.stderr
+    args = [str(tmp_path / "big"), "30", str(LIMIT_MIB), "1"]  # one worker process too
+    out = subprocess.run(
+        [sys.executable, str(HERE / "limited_trainer.py"), *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    peak = int(out.stdout.split("PEAK_MIB ")[1].split()[0])
+    assert peak < LIMIT_MIB < size_mib
+    assert float(out.stdout.split("LOSS ")[1].split()[0]) < 2.3  # it learned from the files
