@@ -88,6 +88,19 @@ def test_http_parsers_quick(tmp_path):
     assert json.loads((tmp_path / "h.json").read_text())["us_per_request"]
 
 
+def test_data_quick(tmp_path):
+    out = run("benchmarks/data.py", "--quick", "--out", tmp_path / "d.json")
+    assert "target (a): grain_npy / memory" in out
+    result = json.loads((tmp_path / "d.json").read_text())
+    assert set(result["over_memory"]) == {
+        "grain_npy",
+        "grain_npy_1_worker",
+        "grain_arrayrecord",
+        "grain_parquet",
+    }
+    assert result["larger_than_memory"]["big"]["steps_per_sec"] > 0
+
+
 def test_memory_quick(tmp_path):
     run("benchmarks/memory.py", "--quick", "--out", tmp_path / "m.json")
     result = json.loads((tmp_path / "m.json").read_text())

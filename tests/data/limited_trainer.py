@@ -26,9 +26,10 @@ from jaxmint import losses  # noqa: E402
 
 
 def peak_mib() -> int:
-    for line in open("/proc/self/status"):
-        if line.startswith("VmPeak:"):
-            return int(line.split()[1]) // 1024
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmPeak:"):
+                return int(line.split()[1]) // 1024
     return -1
 
 

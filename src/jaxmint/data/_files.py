@@ -9,7 +9,6 @@ checked when it is read, so a damaged file is named with the record that shows i
 
 from __future__ import annotations
 
-import bisect
 import json
 import os
 import shutil
@@ -50,6 +49,12 @@ class RecordSource:
 
     def __getitem__(self, index: int) -> dict[str, np.ndarray]:
         raise NotImplementedError
+
+    def read(self, indices: np.ndarray) -> dict[str, np.ndarray]:
+        """The records at ``indices``, stacked into a batch (sources override it with a
+        vectorized read: the pipeline reads a batch at a time)."""
+        records = [self[int(i)] for i in indices]
+        return {k: np.stack([r[k] for r in records]) for k in records[0]}
 
 
 class OpenFiles:
@@ -155,7 +160,8 @@ class NpyShards(RecordSource):
 
     At most ``max_open`` shards are mapped at once (the least recently used is
     unmapped), so a dataset larger than the process's address space is read. Each
-    record's checksum is checked as it is read (``verify=False`` skips it).
+    record's checksum is checked the first time this process reads it
+    (``verify=False`` skips it).
     """
 
     def __init__(self, path: str | os.PathLike, *, verify: bool = True, max_open: int = 8):
@@ -182,6 +188,7 @@ class NpyShards(RecordSource):
                 self._check_file(shard["files"][key], (shard["rows"], *shape), dtype)
             self._check_file(shard["crc"], (shard["rows"], len(self.keys)), np.dtype(np.uint32))
         self._maps = OpenFiles(self.max_open, self._open_shard)
+        self._checked: dict[int, np.ndarray] = {}  # shard -> rows whose checksum passed
 
     def _file(self, name: str) -> Path:
         if not isinstance(name, str) or Path(name).name != name or name in ("", ".", ".."):
@@ -225,7 +232,8 @@ class NpyShards(RecordSource):
     def _open_shard(self, index: int) -> dict[str, np.ndarray]:
         shard = self.shards[index]
         return {
-            name: np.load(self._file(file), mmap_mode="r", allow_pickle=False)
+            # a plain array over the map: indexing skips np.memmap's per-call bookkeeping
+            name: np.asarray(np.load(self._file(file), mmap_mode="r", allow_pickle=False))
             for name, file in [*shard["files"].items(), ("crc", shard["crc"])]
         }
 
@@ -233,20 +241,68 @@ class NpyShards(RecordSource):
         index = int(index)
         if not 0 <= index < self._length:
             raise IndexError(f"record {index} of {self._length}")
-        shard = bisect.bisect_right(self._starts, index) - 1
-        row = index - self._starts[shard]
-        maps = self._maps.get(shard)
-        record = {key: np.array(maps[key][row]) for key in self.keys}
+        return {k: v[0] for k, v in self.read(np.array([index])).items()}
+
+    def read(self, indices: np.ndarray) -> dict[str, np.ndarray]:
+        """The records at ``indices`` as a batch: one gather per shard and key, and each
+        row's checksum checked."""
+        indices = np.asarray(indices, np.int64)
+        if indices.size and (indices.min() < 0 or indices.max() >= self._length):
+            raise IndexError(f"records {indices.min()}..{indices.max()} of {self._length}")
+        shard_of = np.searchsorted(self._starts, indices, side="right") - 1
+        rows = indices - np.asarray(self._starts)[shard_of]
+        n = len(indices)
+        out = {k: np.empty((n, *shape), dtype) for k, (shape, dtype) in self.spec.items()}
+        want = np.empty((n, len(self.keys)), np.uint32)
+        shards = np.unique(shard_of)
+        for shard in shards:
+            where = slice(None) if len(shards) == 1 else np.flatnonzero(shard_of == shard)
+            maps = self._maps.get(int(shard))
+            for key in self.keys:
+                out[key][where] = maps[key][rows[where]]
+            want[where] = maps["crc"][rows[where]]
         if self.verify:
-            crcs = maps["crc"][row]
-            for j, key in enumerate(self.keys):
-                if zlib.crc32(record[key].tobytes()) != int(crcs[j]):
-                    file = self.path / self.shards[shard]["files"][key]
-                    raise DataError(
-                        f"{file}: record {row} (example {index}) does not match its checksum; "
-                        "the file is damaged: write the dataset again from its source"
-                    )
-        return record
+            self._verify(out, want, shard_of, rows, indices)
+        return out
+
+    def _verify(self, out, want, shard_of, rows, indices) -> None:
+        """Check the checksums of the rows this process has not read before (a record is
+        checked once per process: later epochs read it unchecked, at no cost)."""
+        seen = np.empty(len(rows), bool)
+        for shard in np.unique(shard_of).tolist():
+            where = shard_of == shard
+            seen[where] = self._seen(shard)[rows[where]]
+        if seen.all():
+            return
+        todo = np.flatnonzero(~seen)
+        out = {k: v[todo] for k, v in out.items()}
+        want, shard_of, rows, indices = want[todo], shard_of[todo], rows[todo], indices[todo]
+        self._check_rows(out, want, shard_of, rows, indices)
+        for shard in np.unique(shard_of).tolist():
+            self._seen(shard)[rows[shard_of == shard]] = True
+
+    def _seen(self, shard: int) -> np.ndarray:
+        seen = self._checked.get(shard)
+        if seen is None:
+            seen = self._checked.setdefault(shard, np.zeros(self.shards[shard]["rows"], bool))
+        return seen
+
+    def _check_rows(self, out, want, shard_of, rows, indices) -> None:
+        n = len(indices)
+        for j, key in enumerate(self.keys):
+            size = out[key].itemsize * int(np.prod(out[key].shape[1:]))
+            raw = memoryview(out[key]).cast("B")
+            got = np.fromiter(
+                (zlib.crc32(raw[i * size : (i + 1) * size]) for i in range(n)), np.uint32, n
+            )
+            bad = np.flatnonzero(got != want[:, j])
+            if bad.size:
+                i = bad[0]
+                file = self.path / self.shards[shard_of[i]]["files"][key]
+                raise DataError(
+                    f"{file}: record {rows[i]} (example {indices[i]}) does not match its "
+                    "checksum; the file is damaged: write the dataset again from its source"
+                )
 
     def __repr__(self) -> str:
         return f"NpyShards({str(self.path)!r}, {self._length} records, keys {self.keys})"

@@ -220,7 +220,7 @@ class ParquetSource(RecordSource):
         path: str | os.PathLike | list[str | os.PathLike],
         *,
         columns: list[str] | None = None,
-        cache_groups: int = 4,
+        cache_groups: int = 16,
     ):
         pq = require("pyarrow.parquet", "data", "Parquet files")
 
@@ -294,6 +294,25 @@ class ParquetSource(RecordSource):
         group = bisect.bisect_right(self._starts, index) - 1
         rows = self._groups_cache.get(group)
         return {k: np.array(v[index - self._starts[group]]) for k, v in rows.items()}
+
+    def read(self, indices: np.ndarray) -> dict[str, np.ndarray]:
+        """The records at ``indices`` as a batch: one gather per row group and column."""
+        indices = np.asarray(indices, np.int64)
+        if indices.size and (indices.min() < 0 or indices.max() >= len(self)):
+            raise IndexError(f"records {indices.min()}..{indices.max()} of {len(self)}")
+        group_of = np.searchsorted(self._starts, indices, side="right") - 1
+        rows = indices - np.asarray(self._starts)[group_of]
+        out = None
+        for group in np.unique(group_of):
+            where = np.flatnonzero(group_of == group)
+            columns = self._groups_cache.get(int(group))
+            if out is None:
+                out = {
+                    k: np.empty((len(indices), *v.shape[1:]), v.dtype) for k, v in columns.items()
+                }
+            for k, v in columns.items():
+                out[k][where] = v[rows[where]]
+        return out
 
     def __repr__(self) -> str:
         return f"ParquetSource({len(self.files)} files, {len(self)} records, {self.columns})"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -38,7 +39,7 @@ def pipeline(
     shuffle: bool = True,
     shard: tuple[int, int] = (0, 1),
     workers: int = 0,
-    threads: int = 4,
+    threads: int = 0,
     buffer: int = 256,
 ):
     """The Grain pipeline `fit` builds from a record source.
@@ -57,7 +58,7 @@ def pipeline(
         batch = next(iter(ds))
     """
     grain = require("grain", "data", "reading files through a Grain pipeline")
-    index, count = shard
+    count = shard[1]
     if batch_size % count:
         raise DataError(f"batch_size {batch_size} is not divisible by {count} processes")
     if len(source) < batch_size:
@@ -65,19 +66,73 @@ def pipeline(
             f"batch_size {batch_size} is larger than the dataset ({len(source)} examples in "
             f"{source!r}); lower --batch-size"
         )
-    ds = grain.MapDataset.source(source)
-    if shuffle:
-        ds = ds.shuffle(seed)  # a new order each epoch: the seed is folded with the epoch
-    ds = ds.repeat()
-    if count > 1:
-        ds = ds[index::count]
-    ds = ds.batch(batch_size // count, drop_remainder=True)
+    # Element k is global batch k: its indices, then this process's share, read at once.
+    batches = _EpochOrder(len(source), batch_size, seed=seed, shuffle=shuffle, shard=shard)
+    ds = grain.MapDataset.range(_FOREVER).map(batches).map(_Read(source))
     options = grain.ReadOptions(num_threads=threads, prefetch_buffer_size=buffer)
     it = ds.to_iter_dataset(options)
     if workers > 0:
         _absl_flags_parsed()
         it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
     return it
+
+
+_FOREVER = 1 << 62  # batches: the pipeline repeats its epochs without end
+
+
+class _EpochOrder:
+    """Global batch ``k`` -> the indices of this process's share of it.
+
+    Epoch ``e`` visits the records in ``default_rng([seed, e]).permutation(n)`` order,
+    a pure function of the seed and epoch like `ArrayLoader`'s, batch by batch; the
+    last partial batch of an epoch is dropped. Process ``i`` of ``n`` takes every
+    ``n``-th index of each batch. One permutation (4 or 8 bytes a record) is computed
+    per epoch and kept: Grain's per-index shuffle costs about 10 microseconds an index,
+    more than a small model's step for a batch of 64.
+    """
+
+    def __init__(self, n: int, batch_size: int, *, seed: int, shuffle: bool, shard):
+        self.n, self.batch_size, self.seed, self.shuffle = n, batch_size, seed, shuffle
+        self.index, self.count = shard
+        self.steps_per_epoch = n // batch_size
+        self._orders: OrderedDict[int, np.ndarray] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def order(self, epoch: int) -> np.ndarray:
+        with self._lock:
+            order = self._orders.get(epoch)
+            if order is None:
+                dtype = np.int32 if self.n < 2**31 else np.int64
+                if self.shuffle:
+                    rng = np.random.default_rng([self.seed, epoch])
+                    order = rng.permutation(self.n).astype(dtype)
+                else:
+                    order = np.arange(self.n, dtype=dtype)
+                self._orders[epoch] = order
+                while len(self._orders) > 2:  # reader threads straddle one epoch boundary
+                    self._orders.popitem(last=False)
+            return order
+
+    def __call__(self, k) -> np.ndarray:
+        epoch, i = divmod(int(k), self.steps_per_epoch)
+        batch = self.order(epoch)[i * self.batch_size : (i + 1) * self.batch_size]
+        return batch[self.index :: self.count]
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_orders": OrderedDict(), "_lock": None}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state, _lock=threading.Lock())
+
+
+class _Read:
+    """Reads a batch of indices from a source (a class, so worker processes receive it)."""
+
+    def __init__(self, source: RecordSource):
+        self.source = source
+
+    def __call__(self, indices: np.ndarray) -> Batch:
+        return self.source.read(indices)
 
 
 def _absl_flags_parsed() -> None:
