@@ -27,6 +27,8 @@ MANIFEST = "jaxmint_shards.json"
 """The index of a folder of ``.npy`` shards: keys, shapes, dtypes, files and row counts."""
 
 FORMAT = "jaxmint-npy-shards/1"
+_MAP_FROM_ROWS = 8  # a batch's rows in one unmapped shard: fewer are read, more mapped
+_OPEN_FILES = 64
 MAX_MANIFEST_BYTES = 64 << 20
 
 
@@ -57,6 +59,10 @@ class RecordSource:
         return {k: np.stack([r[k] for r in records]) for k in records[0]}
 
 
+def _open_file(path: Path):
+    return open(path, "rb", buffering=0)
+
+
 class OpenFiles:
     """The ``size`` most recently used opened things (memory maps, decoded row groups),
     shared by Grain's reader threads; what falls out is released (unmapped) once
@@ -64,8 +70,11 @@ class OpenFiles:
 
     def __init__(self, size: int, open_fn):
         self.size, self.open_fn = max(1, size), open_fn
-        self._items: OrderedDict[int, Any] = OrderedDict()
+        self._items: OrderedDict[Any, Any] = OrderedDict()
         self._lock = threading.Lock()
+
+    def has(self, key) -> bool:
+        return key in self._items
 
     def get(self, index: int):
         with self._lock:
@@ -182,12 +191,14 @@ class NpyShards(RecordSource):
                 f"{self.path / MANIFEST}: the shards hold {self._length} records, the manifest "
                 f"says {manifest['num_records']}; the folder is damaged, write it again"
             )
+        self._offsets: dict[str, int] = {}  # file -> where its data starts
         for shard in self.shards:
             for key in self.keys:
                 shape, dtype = self.spec[key]
                 self._check_file(shard["files"][key], (shard["rows"], *shape), dtype)
             self._check_file(shard["crc"], (shard["rows"], len(self.keys)), np.dtype(np.uint32))
         self._maps = OpenFiles(self.max_open, self._open_shard)
+        self._fds = OpenFiles(_OPEN_FILES, _open_file)
         self._checked: dict[int, np.ndarray] = {}  # shard -> rows whose checksum passed
 
     def _file(self, name: str) -> Path:
@@ -218,6 +229,7 @@ class NpyShards(RecordSource):
                 f"{file} holds shape {got_shape} and dtype {got_dtype}; the manifest says "
                 f"shape {tuple(shape)} and dtype {dtype}"
             )
+        self._offsets[name] = offset
         want = offset + int(np.prod(shape)) * dtype.itemsize
         size = file.stat().st_size
         if size != want:
@@ -255,15 +267,30 @@ class NpyShards(RecordSource):
         out = {k: np.empty((n, *shape), dtype) for k, (shape, dtype) in self.spec.items()}
         want = np.empty((n, len(self.keys)), np.uint32)
         shards = np.unique(shard_of)
-        for shard in shards:
+        for shard in shards.tolist():
             where = slice(None) if len(shards) == 1 else np.flatnonzero(shard_of == shard)
-            maps = self._maps.get(int(shard))
+            if len(rows[where]) < _MAP_FROM_ROWS and not self._maps.has(shard):
+                self._pread(shard, rows[where], where, out, want)  # cheaper than a new map
+                continue
+            maps = self._maps.get(shard)
             for key in self.keys:
                 out[key][where] = maps[key][rows[where]]
             want[where] = maps["crc"][rows[where]]
         if self.verify:
             self._verify(out, want, shard_of, rows, indices)
         return out
+
+    def _pread(self, shard: int, rows, where, out, want) -> None:
+        """Read a few rows of a shard that is not mapped, one ``pread`` each."""
+        files = self.shards[shard]
+        targets = [(files["files"][k], out[k]) for k in self.keys] + [(files["crc"], want)]
+        for name, target in targets:
+            file = self._fds.get(self._file(name))  # held here: closed once evicted and unused
+            size = target[0].nbytes
+            start = self._offsets[name]
+            for i, row in zip(np.arange(len(target))[where].tolist(), rows.tolist(), strict=True):
+                raw = os.pread(file.fileno(), size, start + row * size)
+                target[i] = np.frombuffer(raw, target.dtype).reshape(target.shape[1:])
 
     def _verify(self, out, want, shard_of, rows, indices) -> None:
         """Check the checksums of the rows this process has not read before (a record is
