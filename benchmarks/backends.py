@@ -150,7 +150,8 @@ def main(argv=None) -> dict:
     seconds = 0.2 if args.quick else 2.0
     tables = {
         "digits_mlp": bench.run_all(mlp, [1, 8, 64], seconds),
-        "char_transformer": bench.run_all(transformer, [1, 8], seconds),
+        # --quick times cold starts on the MLP only: one subprocess per backend less
+        "char_transformer": bench.run_all(transformer, [1, 8], seconds, cold=not args.quick),
     }
     result = {
         "environment": environment(),

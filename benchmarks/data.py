@@ -100,7 +100,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS / "data.json")
     args = parser.parse_args()
     load_before = os.getloadavg()
-    rounds, steps, log_every = (1, 60, 20) if args.quick else (5, 600, 100)
+    rounds, steps, log_every = (1, 40, 20) if args.quick else (5, 600, 100)
 
     scratch = Path(tempfile.mkdtemp(prefix="jaxmint-data-", dir=args.scratch))
     try:
@@ -141,7 +141,7 @@ def main() -> None:
         jaxmint.data.write_npy_shards(columns, scratch / "big", rows_per_shard=4096)
         small = {k: v[: n // 64] for k, v in columns.items()}
         jaxmint.data.write_npy_shards(small, scratch / "small", rows_per_shard=4096)
-        big_steps = 40 if args.quick else 300
+        big_steps = 20 if args.quick else 300
         big = limited_run(scratch / "big", big_steps, limit)
         fits = limited_run(scratch / "small", big_steps, limit)
     finally:
