@@ -122,6 +122,7 @@ class ArrayRecordSource(RecordSource):
         except Exception as e:  # the C++ reader raises its own types
             raise DataError(f"{path}: not readable as ArrayRecord ({e})") from None
         self._starts = np.concatenate([[0], np.cumsum(lengths)]).tolist()
+        self._readers = OpenFiles(16, self._open_reader)
 
     @staticmethod
     def _file_length(file: Path) -> int:
@@ -149,6 +150,33 @@ class ArrayRecordSource(RecordSource):
         except Exception as e:  # the C++ reader raises its own types
             raise DataError(f"{where} cannot be read ({e}); the file is damaged") from None
         return _decode_record(raw, where)
+
+    def read(self, indices: np.ndarray) -> dict[str, np.ndarray]:
+        """The records at ``indices`` as a batch: one batched read per file."""
+        indices = np.asarray(indices, np.int64)
+        if indices.size and (indices.min() < 0 or indices.max() >= len(self)):
+            raise IndexError(f"records {indices.min()}..{indices.max()} of {len(self)}")
+        file_of = np.searchsorted(self._starts, indices, side="right") - 1
+        rows = (indices - np.asarray(self._starts)[file_of]).tolist()
+        records: list = [None] * len(indices)
+        for file in np.unique(file_of).tolist():
+            where = np.flatnonzero(file_of == file).tolist()
+            try:
+                raws = self._readers.get(file).read([rows[i] for i in where])
+            except Exception as e:  # the C++ reader raises its own types
+                first = min(rows[i] for i in where)
+                raise DataError(
+                    f"{self.files[file]}: a record from {first} on cannot be read ({e}); the "
+                    "file is damaged"
+                ) from None
+            for i, raw in zip(where, raws, strict=True):
+                where_i = f"{self.files[file]}: record {rows[i]} (example {indices[i]})"
+                records[i] = _decode_record(raw, where_i)
+        return {k: np.stack([r[k] for r in records]) for k in records[0]}
+
+    def _open_reader(self, file: int):
+        module = require("array_record.python.array_record_module", "data", "ArrayRecord files")
+        return module.ArrayRecordReader(str(self.files[file]), "readahead_buffer_size:0")
 
     def __repr__(self) -> str:
         return f"ArrayRecordSource({len(self.files)} files, {len(self)} records)"
