@@ -26,6 +26,14 @@ def parser() -> argparse.ArgumentParser:
         "--port", type=int, default=_D.port, help="port; 0 picks a free one (default %(default)s)"
     )
     p.add_argument(
+        "--grpc-port",
+        type=int,
+        default=None,
+        help="port of the gRPC service (inference.GRPCInferenceService); 0 picks a free one "
+        "(default: 8001 when the [grpc] extra is installed; a free one with --port 0)",
+    )
+    p.add_argument("--no-grpc", action="store_true", help="serve REST only")
+    p.add_argument(
         "--max-batch-size",
         type=int,
         default=None,
@@ -111,6 +119,22 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+DEFAULT_GRPC_PORT = 8001
+
+
+def _grpc_port(asked: int | None, http_port: int) -> int | None:
+    """The gRPC port: as asked (the extra must be there), or if the extra is installed 8001
+    (any free port when the HTTP port is 0: several servers on one machine, as in tests)."""
+    if asked is not None:
+        return asked
+    try:
+        import grpc  # noqa: F401
+    except ImportError:
+        logging.info("gRPC is off: pip install 'jaxmint-runtime[grpc]' to serve it")
+        return None
+    return 0 if http_port == 0 else DEFAULT_GRPC_PORT
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     logging.basicConfig(
@@ -137,9 +161,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ArtifactError, OSError) as e:
         print(f"jaxmint-serve: {e}", file=sys.stderr)
         return 2
+    grpc_port = None if args.no_grpc else _grpc_port(args.grpc_port, args.port)
     config = ServeConfig(
         host=args.host,
         port=args.port,
+        grpc_port=grpc_port,
         batching=args.batching,
         max_batch_size=args.max_batch_size,
         max_delay_ms=args.max_delay_ms,
@@ -170,9 +196,14 @@ def main(argv: list[str] | None = None) -> int:
             logging.info("model %r (%s backend): %s", name, predictor.backend_name, how)
         # One parseable line on stdout: scripts started with --port 0 read the port from it.
         print(f"jaxmint-serve: listening on {s.url}", flush=True)
+        if s.grpc_port is not None:
+            print(f"jaxmint-serve: gRPC listening on {config.host}:{s.grpc_port}", flush=True)
 
     try:
         drained = server.serve_forever(on_ready=ready)
+    except ImportError as e:  # --grpc-port without the [grpc] extra
+        print(f"jaxmint-serve: {e}", file=sys.stderr)
+        return 2
     except OSError as e:  # the address is taken, or not ours to bind
         print(f"jaxmint-serve: cannot listen on {config.host}:{config.port} ({e})", file=sys.stderr)
         return 2

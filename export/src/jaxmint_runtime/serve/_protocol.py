@@ -152,7 +152,7 @@ def decode_infer(
             raise ProtocolError(
                 f"input {name!r} has datatype {datatype!r}; the model expects {want}"
             )
-        shape = _shape(item.get("shape"), name, max_elements)
+        shape = check_shape(item.get("shape"), name, max_elements)
         count = math.prod(shape)
         dtype = np_dtype(spec.dtype)
         params = _parameters(item, f"input {name!r}")
@@ -224,7 +224,7 @@ def _parameters(obj: dict, where: str) -> dict:
     return params
 
 
-def _shape(shape: Any, name: str, max_elements: int) -> list[int]:
+def check_shape(shape: Any, name: str, max_elements: int) -> list[int]:
     if not isinstance(shape, list) or not all(
         isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
     ):

@@ -55,6 +55,7 @@ class ServeConfig:
     read_timeout_s: float = 30.0
     max_connections: int = 1024
     max_connections_per_client: int = 256
+    grpc_port: int | None = None  # None: no gRPC; 0: any free port (needs the [grpc] extra)
 
 
 @dataclass(eq=False)
@@ -63,6 +64,7 @@ class _Pending:
     model: str
     request: _protocol.InferRequest
     received: float
+    grpc: bool = False  # resolved with (outputs, error) for the gRPC service to encode
 
 
 class Server:
@@ -108,6 +110,10 @@ class Server:
         self._tasks: list[asyncio.Task] = []
         self._pending: set[_Pending] = set()  # submitted, not answered yet
         self._thread: threading.Thread | None = None
+        self._grpc = None  # the grpc.aio server, when config.grpc_port is set
+        self.grpc_port: int | None = None
+
+    extensions = ("binary_tensor_data", "model_configuration")
 
     @property
     def url(self) -> str:
@@ -159,16 +165,38 @@ class Server:
                 batcher.close(1)
             raise
         self.port = self._listener.sockets[0].getsockname()[1]
+        if c.grpc_port is not None:
+            await self._open_grpc(c.host, c.grpc_port)
         self._tasks = [
             loop.create_task(self._connections.sweep_forever()),
             loop.create_task(self._expire_forever()),
         ]
+
+    async def _open_grpc(self, host: str, port: int) -> None:
+        try:
+            from jaxmint_runtime.serve import _grpc
+
+            self._grpc, self.grpc_port = _grpc.make_server(self, host, port)
+        except (ImportError, OSError) as e:
+            self._listener.close()
+            for batcher in self.batchers.values():
+                batcher.close(1)
+            if isinstance(e, OSError):
+                raise
+            raise ImportError(
+                f"gRPC serving needs grpcio and protobuf ({e}): pip install "
+                "'jaxmint-runtime[grpc]', or serve REST only (--no-grpc)"
+            ) from None
+        await self._grpc.start()
 
     async def _shutdown(self, timeout: float | None = None) -> bool:
         """Stop accepting, answer what is in flight, stop the batchers; True if all drained."""
         timeout = self.config.drain_timeout_s if timeout is None else timeout
         self.draining = True
         self._listener.close()
+        grpc_stopped = None
+        if self._grpc is not None:  # no new RPCs; those in flight get the drain timeout
+            grpc_stopped = asyncio.ensure_future(self._grpc.stop(timeout))
         self._connections.drain()
         for batcher in self.batchers.values():
             batcher.flush()
@@ -186,6 +214,8 @@ class Server:
         for batcher in self.batchers.values():
             await loop.run_in_executor(None, batcher.close, max(deadline - time.monotonic(), 1))
         self._connections.close_all()
+        if grpc_stopped is not None:
+            await grpc_stopped
         for task in self._tasks:
             task.cancel()
         return drained
@@ -282,7 +312,7 @@ class Server:
                 {
                     "name": "jaxmint-serve",
                     "version": __version__,
-                    "extensions": ["binary_tensor_data", "model_configuration"],
+                    "extensions": list(self.extensions),
                 },
             )
         if parts[1:2] == ["health"] and len(parts) == 3 and parts[2] in ("live", "ready"):
@@ -379,6 +409,24 @@ class Server:
         self._pending.add(pending)
         return future
 
+    async def submit(self, model: str, request: _protocol.InferRequest, received: float) -> dict:
+        """Run a decoded request through the model's batcher; its outputs (for gRPC).
+
+        Raises `QueueFull`, or `ProtocolError` with status 500 (the model failed) or
+        504 (no answer within ``request_timeout_s``).
+        """
+        future = self._loop.create_future()
+        pending = _Pending(future, model, request, received, grpc=True)
+        self.batchers[model].submit(request.arrays, request.batch, pending)
+        self._pending.add(pending)
+        answer = await future
+        if isinstance(answer, Response):  # expired
+            raise _protocol.ProtocolError(json.loads(answer.body)["error"], answer.status)
+        outputs, exc = answer
+        if exc is not None:
+            raise _protocol.ProtocolError(f"model {model!r} failed: {exc}", 500)
+        return outputs
+
     def _decompress(self, request: Request) -> bytes:
         encoding = request.headers.get("content-encoding", "identity").lower()
         if encoding == "identity":
@@ -408,6 +456,13 @@ class Server:
         """Answer the requests of one batch (runs on the loop, called by the batcher)."""
         for pending, outputs, exc in results:
             if pending.future.done():  # timed out already: never answer twice
+                continue
+            if pending.grpc:
+                self._pending.discard(pending)
+                self.metrics.requests.inc(pending.model, "500" if exc is not None else "200")
+                if exc is None:
+                    self.metrics.latency.observe(time.monotonic() - pending.received, pending.model)
+                pending.future.set_result((outputs, exc))
                 continue
             if exc is not None:
                 response = error(500, f"model {pending.model!r} failed: {exc}")
