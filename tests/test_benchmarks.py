@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -99,6 +100,14 @@ def test_data_quick(tmp_path):
         "grain_parquet",
     }
     assert result["larger_than_memory"]["big"]["steps_per_sec"] > 0
+
+
+@pytest.mark.skipif(shutil.which("wrk") is None, reason="needs wrk (apt-get install -y wrk)")
+def test_grpc_rest_quick(tmp_path):
+    out = run("benchmarks/grpc_rest.py", "--quick", "--out", tmp_path / "g.json")
+    assert "gRPC/REST" in out
+    result = json.loads((tmp_path / "g.json").read_text())
+    assert result["connections"]["8"]["grpc"]["requests_per_s"] > 0
 
 
 def test_memory_quick(tmp_path):
