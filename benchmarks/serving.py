@@ -49,6 +49,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from prometheus_client.parser import text_string_to_metric_families
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CLIENTS = 64
@@ -206,12 +207,13 @@ class ServerProcess:
         conn.request("GET", "/metrics")
         text = conn.getresponse().read().decode()
         conn.close()
-        values = {}
-        for line in text.splitlines():
-            if line and not line.startswith("#"):
-                name, value = line.rsplit(" ", 1)
-                values[name] = float(value)
-        return values
+        # {sample name: value} for the served model's series and the unlabelled ones
+        return {
+            sample.name: sample.value
+            for family in text_string_to_metric_families(text)
+            for sample in family.samples
+            if sample.labels.get("model", "digits") == "digits" and "le" not in sample.labels
+        }
 
     def cpu_seconds(self) -> float:
         try:
@@ -229,7 +231,7 @@ def measure(ctx, server: ServerProcess, kind: str, seconds: float, processes: in
     before, cpu = server.metrics(), server.cpu_seconds()
     result = load(ctx, server.port, kind, seconds, processes)
     after, cpu = server.metrics(), server.cpu_seconds() - cpu
-    key = 'jaxmint_batch_size_{}{{model="digits"}}'
+    key = "jaxmint_batch_size_{}"
     batches = after[key.format("count")] - before.get(key.format("count"), 0)
     examples = after[key.format("sum")] - before.get(key.format("sum"), 0)
     served = result["requests_per_s"] * seconds

@@ -7,6 +7,10 @@ import threading
 import numpy as np
 import pytest
 import tritonclient.http as triton
+from prometheus_client.openmetrics.parser import (
+    text_string_to_metric_families as openmetrics_families,
+)
+from prometheus_client.parser import text_string_to_metric_families
 from runtime_helpers import (
     binary_body,
     http_post,
@@ -207,25 +211,48 @@ def test_metrics(server, inputs):
         assert request(port, "POST", INFER, json_body(inputs[:2]))[0] == 200
     assert request(port, "POST", INFER, b"{not json")[0] == 400
     status, headers, body = request(port, "GET", "/metrics")
-    assert status == 200 and headers["Content-Type"].startswith("text/plain; version=0.0.4")
-    text = body.decode()
+    assert status == 200 and headers["Content-Type"].startswith("text/plain; version=")
+    families = {f.name: f for f in text_string_to_metric_families(body.decode())}
     for name, kind in [
-        ("jaxmint_inference_requests_total", "counter"),
-        ("jaxmint_http_requests_total", "counter"),
+        ("jaxmint_inference_requests", "counter"),
+        ("jaxmint_http_requests", "counter"),
         ("jaxmint_inference_request_duration_seconds", "histogram"),
         ("jaxmint_batch_size", "histogram"),
         ("jaxmint_queue_depth", "gauge"),
         ("jaxmint_open_connections", "gauge"),
         ("jaxmint_process_peak_rss_bytes", "gauge"),
+        ("process_cpu_seconds", "counter"),  # prometheus_client's process collector
+        ("process_resident_memory_bytes", "gauge"),
     ]:
-        assert f"# TYPE {name} {kind}" in text
-    lines = set(text.splitlines())
-    assert 'jaxmint_inference_requests_total{model="digits",code="200"} 3' in lines
-    assert 'jaxmint_inference_requests_total{model="digits",code="400"} 1' in lines
-    assert 'jaxmint_inference_request_duration_seconds_count{model="digits"} 3' in lines
-    assert 'jaxmint_batch_size_sum{model="digits"} 6' in lines
-    assert 'jaxmint_batch_size_bucket{model="digits",le="+Inf"} 3' in lines
-    assert 'jaxmint_queue_depth{model="digits"} 0' in lines
+        assert families[name].type == kind, name
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for f in families.values()
+        for s in f.samples
+    }
+    digits = (("model", "digits"), ("version", "1"))
+
+    def value(name, *labels):
+        return samples[(name, tuple(sorted((*digits, *labels))))]
+
+    assert value("jaxmint_inference_requests_total", ("code", "200")) == 3
+    assert value("jaxmint_inference_requests_total", ("code", "400")) == 1
+    assert value("jaxmint_inference_request_duration_seconds_count") == 3
+    assert value("jaxmint_batch_size_sum") == 6
+    assert value("jaxmint_batch_size_bucket", ("le", "+Inf")) == 3
+    assert value("jaxmint_queue_depth") == 0
+    assert samples[("process_resident_memory_bytes", ())] > 10e6
+    assert samples[("jaxmint_process_peak_rss_bytes", ())] >= 10e6
+    assert server.metrics.requests("digits", 200) == 3
+
+
+def test_metrics_in_openmetrics_when_asked(server):
+    accept = "application/openmetrics-text; version=1.0.0"
+    status, headers, body = request(server.port, "GET", "/metrics", headers={"Accept": accept})
+    assert status == 200 and headers["Content-Type"].startswith("application/openmetrics-text")
+    families = {f.name for f in openmetrics_families(body.decode())}
+    assert {"jaxmint_inference_requests", "jaxmint_batch_size"} <= families
+    assert body.endswith(b"# EOF\n")
 
 
 def test_concurrent_requests_are_merged_into_batches(make_server, predictor, inputs):
@@ -250,7 +277,7 @@ def test_concurrent_requests_are_merged_into_batches(make_server, predictor, inp
             rtol=1e-5,
             atol=1e-6,
         )
-    counts = server.metrics.batch_size.counts("digits")
+    counts = server.metrics.batch_counts("digits")
     batches = counts[float("inf")]
     assert batches < n, f"{n} concurrent requests ran as {batches} batches: nothing merged"
     assert counts[1.0] < batches  # some batch held more than one example
@@ -266,5 +293,5 @@ def test_no_batching_runs_each_request_alone(make_server, inputs):
         t.start()
     for t in threads:
         t.join(timeout=30)
-    counts = server.metrics.batch_size.counts("digits")
+    counts = server.metrics.batch_counts("digits")
     assert counts[1.0] == counts[float("inf")] == 8

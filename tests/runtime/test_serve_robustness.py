@@ -54,9 +54,9 @@ def test_overload_answers_503_quickly_and_every_request_exactly_once(
             assert status == 503 and headers["retry-after"] == "1"
             assert "--max-queue" in json.loads(body)["error"] and elapsed < 5
     assert 503 in codes.values() and 200 in codes.values()
-    m = server.metrics.requests
-    assert m.get("digits", "503") == list(codes.values()).count(503)
-    assert m.get("digits", "200") == list(codes.values()).count(200)
+    m = server.metrics
+    assert m.requests("digits", 503) == list(codes.values()).count(503)
+    assert m.requests("digits", 200) == list(codes.values()).count(200)
 
 
 # (field, value) pairs that make a request invalid; "inputs" and "parameters" are top-level.
@@ -183,7 +183,7 @@ def test_fuzz_malformed_requests_then_correct_answers(make_server, predictor, in
         body, headers = binary_body(x)
         got = output_of(*request(server.port, "POST", INFER, body, headers))
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
-    assert server.metrics.requests.get("digits", "500") == 0
+    assert server.metrics.requests("digits", 500) == 0
 
 
 def test_slow_clients_time_out(make_server):
@@ -213,7 +213,7 @@ def test_timeouts_answer_504_once_and_model_errors_answer_500(predictor, inputs)
         ((status, _, body),) = parse_responses(stream)  # one answer, though the model ends later
         assert status == 504 and "within 0.2 s" in json.loads(body)["error"]
         time.sleep(1.5)
-        assert server.metrics.requests.get("digits", "200") == 0
+        assert server.metrics.requests("digits", 200) == 0
 
     def broken_run(arrays):
         raise RuntimeError("the accelerator caught fire")

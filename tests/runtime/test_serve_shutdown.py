@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 from runtime_helpers import json_body, output_of, request
 
 from jaxmint_runtime import Predictor
@@ -39,9 +40,10 @@ def first_line(proc: subprocess.Popen, timeout: float) -> str:
 
 def queue_depth(port: int, headers: dict) -> float:
     _, _, body = request(port, "GET", "/metrics", headers=headers)
-    for line in body.decode().splitlines():
-        if line.startswith('jaxmint_queue_depth{model="digits"}'):
-            return float(line.split()[-1])
+    for family in text_string_to_metric_families(body.decode()):
+        for sample in family.samples:
+            if sample.name == "jaxmint_queue_depth" and sample.labels["model"] == "digits":
+                return sample.value
     return -1
 
 

@@ -218,10 +218,10 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             decoded = decode_infer(request, predictor, max_elements=server.config.max_elements)
             outputs = await server.submit(name, decoded, received)
         except _protocol.ProtocolError as e:
-            server.metrics.requests.inc(name, str(e.status))
+            server.metrics.infer(name, e.status)
             await context.abort(_STATUS.get(e.status, grpc.StatusCode.UNKNOWN), str(e))
         except QueueFull as e:
-            server.metrics.requests.inc(name, "503")
+            server.metrics.infer(name, 503)
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
         return encode_infer(name, decoded, outputs)
 

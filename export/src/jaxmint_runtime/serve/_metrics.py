@@ -1,170 +1,134 @@
-"""Prometheus text-format metrics: counters, histograms and gauges, thread-safe.
+"""The server's Prometheus metrics, kept and rendered by ``prometheus_client``.
 
-Only what the server needs, in the exposition format version 0.0.4:
-``# HELP``/``# TYPE`` lines, cumulative ``_bucket{le=...}`` lines with ``_sum``
-and ``_count`` for histograms, label values escaped.
+Each `Server` has its own registry (two servers in one process never mix their
+counts). Infer metrics are labelled by ``model`` and ``version``; the process
+collector adds the standard ``process_cpu_seconds_total``,
+``process_resident_memory_bytes`` and friends; queue depths and open connections
+are read when ``/metrics`` is scraped. ``/metrics`` answers in the classic text
+format, or in OpenMetrics when the scraper's ``Accept`` header asks for it.
 """
 
 from __future__ import annotations
 
-import bisect
-import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.exposition import choose_encoder
+from prometheus_client.registry import Collector
 
 from jaxmint_runtime.bench import peak_rss_bytes
 
-CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+BUCKET = "jaxmint_batch_size_bucket"
 
 
-def _labels(names: Sequence[str], values: Sequence[str], extra: str = "") -> str:
-    parts = [f'{n}="{_escape(v)}"' for n, v in zip(names, values, strict=True)]
-    if extra:
-        parts.append(extra)
-    return "{" + ",".join(parts) + "}" if parts else ""
+class _ScrapeTime(Collector):
+    """Gauges whose values are read at scrape time: queue depth per model, connections."""
 
+    def __init__(self, queue_depths: Callable[[], dict], connections: Callable[[], int], version):
+        self.queue_depths, self.connections, self.version = queue_depths, connections, version
 
-def _escape(value: str) -> str:
-    return str(value).replace("\\", r"\\").replace("\n", r"\n").replace('"', r"\"")
-
-
-def _number(x: float) -> str:
-    if x == float("inf"):
-        return "+Inf"
-    return repr(float(x)) if isinstance(x, float) and not x.is_integer() else str(int(x))
-
-
-class Counter:
-    def __init__(self, name: str, help: str, labels: Sequence[str] = ()):
-        self.name, self.help, self.labels = name, help, tuple(labels)
-        self._values: dict[tuple, float] = {}
-        self._lock = threading.Lock()
-
-    def inc(self, *values: str, amount: float = 1) -> None:
-        with self._lock:
-            self._values[values] = self._values.get(values, 0) + amount
-
-    def get(self, *values: str) -> float:
-        return self._values.get(values, 0)
-
-    def render(self) -> list[str]:
-        lines = [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} counter"]
-        with self._lock:
-            items = sorted(self._values.items())
-        lines += [f"{self.name}{_labels(self.labels, k)} {_number(v)}" for k, v in items]
-        return lines
-
-
-class Histogram:
-    def __init__(self, name: str, help: str, buckets: Sequence[float], labels: Sequence[str] = ()):
-        self.name, self.help, self.labels = name, help, tuple(labels)
-        self.bounds = sorted(float(b) for b in buckets)
-        self._series: dict[tuple, list] = {}  # labels -> [bucket counts..., +Inf count, sum]
-        self._lock = threading.Lock()
-
-    def observe(self, value: float, *values: str) -> None:
-        i = bisect.bisect_left(self.bounds, value)
-        with self._lock:
-            series = self._series.get(values)
-            if series is None:
-                series = self._series[values] = [0] * (len(self.bounds) + 1) + [0.0]
-            series[i] += 1
-            series[-1] += value
-
-    def declare(self, *values: str) -> None:
-        """Show this label set (with zero counts) before anything is observed."""
-        with self._lock:
-            self._series.setdefault(values, [0] * (len(self.bounds) + 1) + [0.0])
-
-    def counts(self, *values: str) -> dict[float, int]:
-        """Cumulative count per upper bound (``inf`` last), as Prometheus reports them."""
-        with self._lock:
-            series = list(self._series.get(values, [0] * (len(self.bounds) + 2)))
-        out, running = {}, 0
-        for bound, c in zip([*self.bounds, float("inf")], series[:-1], strict=True):
-            running += c
-            out[bound] = running
-        return out
-
-    def render(self) -> list[str]:
-        lines = [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} histogram"]
-        with self._lock:
-            items = sorted((k, list(v)) for k, v in self._series.items())
-        for key, series in items:
-            running = 0
-            for bound, c in zip([*self.bounds, float("inf")], series[:-1], strict=True):
-                running += c
-                le = 'le="' + _number(bound) + '"'
-                lines.append(f"{self.name}_bucket{_labels(self.labels, key, le)} {running}")
-            lines.append(f"{self.name}_sum{_labels(self.labels, key)} {_number(series[-1])}")
-            lines.append(f"{self.name}_count{_labels(self.labels, key)} {running}")
-        return lines
-
-
-class Gauge:
-    """A value read when metrics are scraped: ``read()`` returns {label values: value}."""
-
-    def __init__(self, name: str, help: str, read: Callable[[], dict], labels: Sequence[str] = ()):
-        self.name, self.help, self.labels, self.read = name, help, tuple(labels), read
-
-    def render(self) -> list[str]:
-        lines = [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} gauge"]
-        lines += [
-            f"{self.name}{_labels(self.labels, k)} {_number(v)}" for k, v in self.read().items()
-        ]
-        return lines
+    def collect(self):
+        depth = GaugeMetricFamily(
+            "jaxmint_queue_depth",
+            "Requests waiting for the model (not counting the batch running).",
+            labels=("model", "version"),
+        )
+        for model, value in self.queue_depths().items():
+            depth.add_metric((model, self.version(model)), value)
+        yield depth
+        yield GaugeMetricFamily(
+            "jaxmint_open_connections", "Open client connections.", value=self.connections()
+        )
+        yield GaugeMetricFamily(
+            "jaxmint_process_peak_rss_bytes",
+            "Peak resident set size of the server process.",
+            value=peak_rss_bytes(),
+        )
 
 
 class Metrics:
-    """The server's metrics; ``queue_depths`` and ``connections`` are read at scrape time."""
+    """Counters and histograms of one server, with the calls the server makes.
 
-    def __init__(self, queue_depths: Callable[[], dict], connections: Callable[[], int]):
-        self.requests = Counter(
+    Args:
+      queue_depths: returns {model name: requests waiting}, read at scrape time.
+      connections: returns the number of open client connections.
+      version: the version label of a model name.
+    """
+
+    def __init__(
+        self,
+        queue_depths: Callable[[], dict],
+        connections: Callable[[], int],
+        version: Callable[[str], str],
+    ):
+        self.registry = registry = CollectorRegistry()
+        self.version = version
+        self._requests = Counter(
             "jaxmint_inference_requests_total",
-            "Infer requests to a served model, by model and HTTP status code.",
-            ("model", "code"),
+            "Infer requests to a served model, by model, version and status code.",
+            ("model", "version", "code"),
+            registry=registry,
         )
-        self.http = Counter(
+        self._http = Counter(
             "jaxmint_http_requests_total",
             "All HTTP requests, by status code (including health, metadata and errors).",
             ("code",),
+            registry=registry,
         )
-        self.latency = Histogram(
+        self._latency = Histogram(
             "jaxmint_inference_request_duration_seconds",
             "Time from a whole infer request received to its response ready.",
-            (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
-            ("model",),
+            ("model", "version"),
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
         )
-        self.batch_size = Histogram(
+        self._batch_size = Histogram(
             "jaxmint_batch_size",
             "Examples per batch run through the model (after merging requests).",
-            (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024),
-            ("model",),
+            ("model", "version"),
+            buckets=BATCH_BUCKETS,
+            registry=registry,
         )
-        self.queue_depth = Gauge(
-            "jaxmint_queue_depth",
-            "Requests waiting for the model (not counting the batch running).",
-            lambda: {(name,): depth for name, depth in queue_depths().items()},
-            ("model",),
-        )
-        self.connections = Gauge(
-            "jaxmint_open_connections", "Open client connections.", lambda: {(): connections()}
-        )
-        self.peak_rss = Gauge(
-            "jaxmint_process_peak_rss_bytes",
-            "Peak resident set size of the server process.",
-            lambda: {(): peak_rss_bytes()},
-        )
+        ProcessCollector(registry=registry)
+        registry.register(_ScrapeTime(queue_depths, connections, version))
 
-    def render(self) -> bytes:
-        lines: list[str] = []
-        for metric in (
-            self.requests,
-            self.http,
-            self.latency,
-            self.batch_size,
-            self.queue_depth,
-            self.connections,
-            self.peak_rss,
-        ):
-            lines += metric.render()
-        return ("\n".join(lines) + "\n").encode()
+    def declare(self, model: str) -> None:
+        """Show a model's series (at zero) before its first request."""
+        self._latency.labels(model, self.version(model))
+        self._batch_size.labels(model, self.version(model))
+
+    def infer(self, model: str, code: int | str, seconds: float | None = None) -> None:
+        """Count one answered infer request; time it when it succeeded."""
+        version = self.version(model)
+        self._requests.labels(model, version, str(code)).inc()
+        if seconds is not None:
+            self._latency.labels(model, version).observe(seconds)
+
+    def batch(self, model: str, size: int) -> None:
+        self._batch_size.labels(model, self.version(model)).observe(size)
+
+    def http(self, code: int) -> None:
+        self._http.labels(str(code)).inc()
+
+    def render(self, accept: str = "") -> tuple[bytes, str]:
+        """The exposition body and its content type, as the ``Accept`` header asks."""
+        encode, content_type = choose_encoder(accept)
+        return encode(self.registry), content_type
+
+    # -- reading back (tests, benchmarks) -------------------------------------------------
+    def requests(self, model: str, code: int | str) -> float:
+        labels = {"model": model, "version": self.version(model), "code": str(code)}
+        return self.registry.get_sample_value("jaxmint_inference_requests_total", labels) or 0.0
+
+    def batch_counts(self, model: str) -> dict[float, int]:
+        """Cumulative batches per upper bound (``inf`` last), as Prometheus reports them."""
+        labels = {"model": model, "version": self.version(model)}
+        out = {}
+        for bound in [*BATCH_BUCKETS, float("inf")]:
+            le = "+Inf" if bound == float("inf") else str(float(bound))
+            sample = {**labels, "le": le}
+            out[float(bound)] = int(self.registry.get_sample_value(BUCKET, sample) or 0)
+        return out

@@ -27,7 +27,7 @@ from jaxmint_runtime._predictor import Predictor, load
 from jaxmint_runtime.serve import _protocol
 from jaxmint_runtime.serve._batcher import Batcher, QueueFull
 from jaxmint_runtime.serve._http import Connections, Limits, Request, Response, error
-from jaxmint_runtime.serve._metrics import CONTENT_TYPE, Metrics
+from jaxmint_runtime.serve._metrics import Metrics
 
 log = logging.getLogger("jaxmint_runtime.serve")
 
@@ -100,6 +100,7 @@ class Server:
         self.metrics = Metrics(
             lambda: {name: b.depth for name, b in self.batchers.items()},
             lambda: len(self._connections.open) if self._connections else 0,
+            lambda model: _protocol.MODEL_VERSION,
         )
         self.draining = False
         self.port: int | None = None
@@ -136,15 +137,14 @@ class Server:
     async def _open(self) -> None:
         loop = self._loop = asyncio.get_running_loop()
         for name, predictor in self.models.items():
-            self.metrics.latency.declare(name)
-            self.metrics.batch_size.declare(name)
+            self.metrics.declare(name)
             self.batchers[name] = Batcher(
                 predictor,
                 lambda results: loop.call_soon_threadsafe(self._resolve, results),
                 max_batch_size=self.max_batch_size(predictor),
                 max_delay_s=self.config.max_delay_ms / 1000 if self.config.batching else 0.0,
                 max_queue=self.config.max_queue,
-                on_batch=lambda n, name=name: self.metrics.batch_size.observe(n, name),
+                on_batch=lambda n, name=name: self.metrics.batch(name, n),
             )
         c = self.config
         limits = Limits(
@@ -285,7 +285,7 @@ class Server:
 
     # -- requests ---------------------------------------------------------------------------
     def responded(self, status: int) -> None:
-        self.metrics.http.inc(str(status))
+        self.metrics.http(status)
 
     def admit(self, request: Request) -> Response | None:
         """Before the body is read: refuse a request without the bearer token."""
@@ -303,7 +303,9 @@ class Server:
         path = request.path.rstrip("/") or "/"
         parts = [unquote(p) for p in path.split("/")[1:]]
         if parts == ["metrics"]:
-            return self._get(request) or Response(200, self.metrics.render(), CONTENT_TYPE)
+            return self._get(request) or Response(
+                200, *self.metrics.render(request.headers.get("accept", ""))
+            )
         if not parts or parts[0] != "v2":
             return self._not_found(request)
         if parts == ["v2"]:
@@ -397,14 +399,14 @@ class Server:
                 body, header_length, predictor, max_elements=self.config.max_elements
             )
         except _protocol.ProtocolError as e:
-            self.metrics.requests.inc(name, str(e.status))
+            self.metrics.infer(name, e.status)
             return error(e.status, str(e))
         future = self._loop.create_future()
         pending = _Pending(future, name, decoded, request.received)
         try:
             self.batchers[name].submit(decoded.arrays, decoded.batch, pending)
         except QueueFull as e:
-            self.metrics.requests.inc(name, "503")
+            self.metrics.infer(name, 503)
             return error(503, str(e), headers=[("Retry-After", "1")])
         self._pending.add(pending)
         return future
@@ -459,9 +461,10 @@ class Server:
                 continue
             if pending.grpc:
                 self._pending.discard(pending)
-                self.metrics.requests.inc(pending.model, "500" if exc is not None else "200")
                 if exc is None:
-                    self.metrics.latency.observe(time.monotonic() - pending.received, pending.model)
+                    self.metrics.infer(pending.model, 200, time.monotonic() - pending.received)
+                else:
+                    self.metrics.infer(pending.model, 500)
                 pending.future.set_result((outputs, exc))
                 continue
             if exc is not None:
@@ -503,9 +506,8 @@ class Server:
 
     def _answer(self, pending: _Pending, response: Response) -> None:
         self._pending.discard(pending)
-        self.metrics.requests.inc(pending.model, str(response.status))
-        if response.status == 200:
-            self.metrics.latency.observe(time.monotonic() - pending.received, pending.model)
+        seconds = time.monotonic() - pending.received if response.status == 200 else None
+        self.metrics.infer(pending.model, response.status, seconds)
         pending.future.set_result(response)
 
 
