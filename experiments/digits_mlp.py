@@ -54,6 +54,7 @@ def build(config: Config) -> Experiment:
         train=train,
         eval=test,
         metrics={"accuracy": jaxmint.metrics.accuracy()},
+        labels=[str(digit) for digit in range(10)],  # exported as labels.txt
     )
 
 

@@ -322,6 +322,20 @@ def test_cli_export_and_inspect(tmp_path, capsys):
     assert report["analysis"]["1"]["flops"] > 0
     assert main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "a")]) == 2
     assert "--force" in capsys.readouterr().err
+    # The experiment names its classes; --labels FILE overrides them.
+    assert (tmp_path / "a/labels.txt").read_text().split() == [str(d) for d in range(10)]
+    names = tmp_path / "names.txt"
+    names.write_text("".join(f"digit {d}\n" for d in range(10)))
+    base = ["export", str(tmp_path / "run"), "--batch-sizes", "1", "--no-precompile"]
+    assert main([*base, "--out", str(tmp_path / "b"), "--labels", str(names)]) == 0
+    assert jaxmint_runtime.load(tmp_path / "b").labels["output"][3] == "digit 3"
+    names.write_text("a\nb\n")
+    assert main([*base, "--out", str(tmp_path / "c"), "--labels", str(names)]) == 2
+    err = capsys.readouterr().err
+    assert "2 labels for output 'output' of shape ['batch', 10]" in err
+    assert not (tmp_path / "c").exists()
+    assert main([*base, "--out", str(tmp_path / "c"), "--labels", str(tmp_path / "no")]) == 2
+    assert "--labels" in capsys.readouterr().err
 
 
 def test_force_never_drops_a_target_in_silence(trained, artifact, tmp_path):

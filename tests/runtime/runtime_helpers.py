@@ -30,12 +30,16 @@ def train_digits(steps: int = 20):
     return model, {"params": result.params}, test
 
 
+DIGIT_NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+
+
 def build_artifact(out: Path, *, steps: int = 20) -> Path:
-    """Train the digits MLP for a few steps and export it as the artifact "digits"."""
+    """Train the digits MLP for a few steps and export it as the artifact "digits",
+    with its class names in ``labels.txt``."""
     from jaxmint.export import export_model
 
     model, variables, test = train_digits(steps)
-    return export_model(model, variables, test["x"][:16], out, name="digits")
+    return export_model(model, variables, test["x"][:16], out, name="digits", labels=DIGIT_NAMES)
 
 
 def request(port: int, method: str, path: str, body: bytes = b"", headers=None, timeout=10):

@@ -90,7 +90,7 @@ def test_bad_requests_get_triton_codes_and_say_what_to_change(server, inputs):
     e = refused("digits", [infer_input(inputs[:1])], model_version="2")
     assert "only version 1" in e.message()
     e = refused("digits", [infer_input(inputs[:1])], outputs=[tgrpc.InferRequestedOutput("z")])
-    assert "requested output(s) ['z'] do not exist" in e.message()
+    assert "asks for 'z'; this model's outputs are ['output']" in e.message()
     nan = inputs[:1].copy()
     nan[0, 3] = np.nan
     e = refused("digits", [infer_input(nan)])

@@ -9,7 +9,13 @@ import pytest
 from runtime_helpers import binary_body, json_body
 
 from jaxmint_runtime.serve import ProtocolError
-from jaxmint_runtime.serve._protocol import decode_infer, encode_infer, model_metadata
+from jaxmint_runtime.serve._protocol import (
+    InferRequest,
+    OutputRequest,
+    decode_infer,
+    encode_infer,
+    model_metadata,
+)
 
 LIMIT = 1 << 20
 
@@ -34,21 +40,21 @@ def test_json_data_flat_or_nested(predictor, inputs, nested):
     decoded = decode(predictor, json.dumps(req).encode())
     assert decoded.id == "r1" and decoded.batch == 3
     np.testing.assert_array_equal(decoded.arrays["x"], x)
-    assert decoded.outputs == [("output", False)]
+    assert decoded.outputs == [OutputRequest("output", False)]
 
 
 def test_binary_input_and_binary_outputs_by_default(predictor, inputs):
     body, headers = binary_body(inputs[:2])
     decoded = decode(predictor, body, int(headers["Inference-Header-Content-Length"]))
     np.testing.assert_array_equal(decoded.arrays["x"], inputs[:2])
-    assert decoded.outputs == [("output", True)]
+    assert decoded.outputs == [OutputRequest("output", True)]
 
 
 def test_requested_outputs_choose_their_form(predictor, inputs):
     body = json_body(inputs[:1], outputs=[{"name": "output", "parameters": {"binary_data": True}}])
-    assert decode(predictor, body).outputs == [("output", True)]
+    assert decode(predictor, body).outputs == [OutputRequest("output", True)]
     body = json_body(inputs[:1], outputs=[{"name": "output"}])
-    assert decode(predictor, body).outputs == [("output", False)]
+    assert decode(predictor, body).outputs == [OutputRequest("output", False)]
 
 
 BAD = [
@@ -124,17 +130,22 @@ def test_binary_sizes_must_add_up(predictor, inputs):
         decode(predictor, header + body[length:], len(header))
 
 
+def answer(request_id, *outputs, parameters=None):
+    """The decoded request an answer is encoded for (only id, outputs, parameters matter)."""
+    return InferRequest(request_id, {}, 0, list(outputs), parameters or {})
+
+
 def test_non_finite_outputs_are_null_in_json_and_exact_in_binary():
     out = {"y": np.array([[np.nan, np.inf, -np.inf, 0.1]], np.float32)}
-    body, _ = encode_infer("m", None, out, [("y", False)])
+    body, _ = encode_infer("m", answer(None, OutputRequest("y")), out)
     assert json.loads(body)["outputs"][0]["data"] == [None, None, None, 0.1]  # valid JSON
-    body, header_length = encode_infer("m", None, out, [("y", True)])
+    body, header_length = encode_infer("m", answer(None, OutputRequest("y", True)), out)
     np.testing.assert_array_equal(np.frombuffer(body[header_length:], "<f4"), out["y"][0])
 
 
 def test_encode_json_and_binary(predictor, inputs):
     outputs = predictor.run({"x": inputs[:3]})
-    body, header_length = encode_infer("digits", "id7", outputs, [("output", False)])
+    body, header_length = encode_infer("digits", answer("id7", OutputRequest("output")), outputs)
     assert header_length is None
     msg = json.loads(body)
     assert msg["model_name"] == "digits" and msg["id"] == "id7"
@@ -143,7 +154,9 @@ def test_encode_json_and_binary(predictor, inputs):
     np.testing.assert_array_equal(
         np.asarray(out["data"], np.float32).reshape(3, 10), outputs["output"]
     )
-    body, header_length = encode_infer("digits", None, outputs, [("output", True)])
+    body, header_length = encode_infer(
+        "digits", answer(None, OutputRequest("output", True)), outputs
+    )
     head = json.loads(body[:header_length])
     assert "id" not in head
     size = head["outputs"][0]["parameters"]["binary_data_size"]

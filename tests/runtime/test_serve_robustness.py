@@ -99,6 +99,14 @@ INVALID = [
     ("inputs", []),
     ("parameters", [1]),
     ("parameters", {"binary_data_output": "x"}),
+    ("parameters", {"trace": None}),
+    ("parameters", {"trace": [1]}),
+    ("parameters", {"trace": {"a": 1}}),
+    ("parameters", {"trace": 2**64 - 1}),
+    ("parameters", {"trace": "x" * 5000}),
+    ("outputs", [{"name": "output", "parameters": {"classification": 0}}]),
+    ("outputs", [{"name": "output", "parameters": {"classification": "3"}}]),
+    ("outputs", [{"name": "output", "parameters": {"classification": True}}]),
 ]
 TOP_LEVEL = {"id", "outputs", "inputs", "parameters"}
 

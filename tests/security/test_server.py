@@ -246,7 +246,7 @@ def test_huge_dimensions_are_a_400_not_a_500(serve, tiny, sample, shape):
     )
     assert status == 400, answer
     assert "dimension" in json.loads(answer)["error"]
-    assert server.metrics.requests.get("tiny", "500") == 0
+    assert server.metrics.requests("tiny", 500) == 0
     _correct_answer_follows(server, tiny, sample)
 
 

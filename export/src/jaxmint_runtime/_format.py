@@ -205,6 +205,44 @@ def verify_files(directory: str | os.PathLike, manifest: dict, *, hashes: bool =
     check_files(Path(directory), manifest, hashes=hashes)
 
 
+MAX_LABEL_CHARS = 1024
+
+
+def read_labels(directory: str | os.PathLike, manifest: dict) -> dict[str, list[str]]:
+    """{output name: its class labels} from the files the outputs name (``labels``).
+
+    Each file is UTF-8 text with one label per line, as many lines as the output's
+    last dimension; the files were verified against the manifest before this runs.
+    """
+    directory = Path(directory)
+    labels = {}
+    for spec in manifest["outputs"]:
+        if "labels" not in spec:
+            continue
+        path = directory / spec["labels"]
+        size = manifest["files"][spec["labels"]]["bytes"]
+        with open(path, "rb") as f:
+            raw = f.read(size)
+        try:
+            lines = raw.decode("utf-8").splitlines()
+        except UnicodeDecodeError as e:
+            raise ArtifactError(f"{path}: labels must be UTF-8 text ({e})") from None
+        classes = spec["shape"][-1] if spec["shape"] else None
+        if not isinstance(classes, int) or len(lines) != classes:
+            raise ArtifactError(
+                f"{path}: {len(lines)} labels for output {spec['name']!r} of shape "
+                f"{spec['shape']}; it needs one label per entry of its last dimension"
+            )
+        for i, label in enumerate(lines):
+            if len(label) > MAX_LABEL_CHARS or not label.isprintable():
+                raise ArtifactError(
+                    f"{path}: line {i + 1} is not a label (printable, at most "
+                    f"{MAX_LABEL_CHARS} characters)"
+                )
+        labels[spec["name"]] = lines
+    return labels
+
+
 def read_weights(directory: str | os.PathLike, manifest: dict) -> list[np.ndarray]:
     """The artifact's weights in argument order (memory-mapped, read-only)."""
     directory = Path(directory)

@@ -18,6 +18,7 @@ from jaxmint_runtime._format import (
     MANIFEST,
     ArtifactError,
     np_dtype,
+    read_labels,
     read_manifest,
     verify_files,
 )
@@ -101,6 +102,7 @@ class Predictor:
         self.check_finite = check_finite
         self.backend = backend
         self.buckets: list[int] | None = None  # see `bucketed`
+        self.labels: dict[str, list[str]] = {}  # output name -> class labels (labels.txt)
         self.executables: dict[int, str] = {}  # filled by warmup()
         self._fast: dict[tuple, Any] = {}  # (shape, dtype) -> module key, validated once
 
@@ -372,6 +374,7 @@ def load(
     if precompiled and hasattr(engine, "use_precompiled"):
         engine.use_precompiled()
     predictor = Predictor(directory, manifest, engine, check_finite=check_finite)
+    predictor.labels = read_labels(directory, manifest)
     if warmup:
         how = predictor.warmup()
         if how:

@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 import jax
 from rich.console import Console
@@ -70,6 +71,7 @@ def _ints(text: str) -> list[int]:
 def _export(args) -> int:
     step = "best" if args.best else args.step
     try:
+        labels = _read_labels(args.labels) if args.labels else None
         out = export_run(
             args.run_dir,
             args.out,
@@ -84,6 +86,7 @@ def _export(args) -> int:
             onnx_opset=args.onnx_opset,
             iree_cpu=args.iree_cpu,
             iree_hal_targets=args.iree_hal_targets.split(",") if args.iree_hal_targets else None,
+            labels=labels,
         )
     except (ExportError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -103,6 +106,14 @@ def _export(args) -> int:
     for name, why in skipped.items():
         print(f"warning: target {name} was skipped: {why}", file=sys.stderr)
     return 3 if skipped else 0
+
+
+def _read_labels(path: str) -> list[str]:
+    """One class label per line of a UTF-8 text file (`ExportError` if unreadable)."""
+    try:
+        return Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ExportError(f"--labels {path}: cannot read it as UTF-8 text ({e})") from None
 
 
 def _inspect_details(name: str, t: dict) -> str:
@@ -221,6 +232,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=None,
         metavar="NAME",
         help="xla, onnx or iree; repeat or comma-separate for several (default: xla)",
+    )
+    p.add_argument(
+        "--labels",
+        metavar="FILE",
+        help="class labels, one per line, for the classification extension of the server "
+        "(default: the experiment's labels, if it has any)",
     )
     p.add_argument(
         "--onnx-opset",

@@ -85,6 +85,7 @@ def export_model(
     onnx_opset: int = DEFAULT_ONNX_OPSET,
     iree_hal_targets: Sequence[str] | None = None,
     iree_cpu: str | None = None,
+    labels: Sequence[str] | Mapping[str, Sequence[str]] | None = None,
 ) -> Path:
     """Export ``model.apply(variables, x, train=False)`` to an artifact directory.
 
@@ -110,6 +111,9 @@ def export_model(
         ``vulkan-spirv`` when the compiler has it).
       iree_cpu: LLVM CPU for ``llvm-cpu`` modules: ``x86-64-v3`` on x86 (default),
         ``generic``, ``host`` or any CPU name clang knows.
+      labels: class names, one per entry of the output's last dimension, written
+        to ``labels.txt`` for the server's classification extension; a mapping
+        ``{output name: names}`` for a model with several outputs.
 
     Example::
 
@@ -138,6 +142,8 @@ def export_model(
 
     predict, names, weights = predict_function(model, variables, input_key)
     weights = [np.asarray(jax.device_get(w)) for w in weights]
+    outputs, single = output_specs(predict, weights, sample, input_key)
+    label_files = _label_files(labels, outputs)  # checked before anything is compiled
     modules = {}
     if "xla" in targets:
         sizes = batch_sizes if fixed_batch else [None]
@@ -145,7 +151,6 @@ def export_model(
             b: lower(predict, weights, sample, input_key, platforms=platforms, batch_size=b)
             for b in sizes
         }
-    outputs, single = output_specs(predict, weights, sample, input_key)
     in_shape = ["batch", *sample.shape[1:]]
     job = Job(
         name=name,
@@ -176,6 +181,11 @@ def export_model(
             except TargetSkipped as e:
                 skipped[target] = str(e)
                 _remove_target(tmp, target)
+        for spec in outputs:
+            if spec["name"] in label_files:
+                file, lines = label_files[spec["name"]]
+                (tmp / file).write_text("".join(f"{line}\n" for line in lines), encoding="utf-8")
+                spec["labels"] = file
         if "xla" in written or "iree" in written:
             write_safetensors(tmp / WEIGHTS, dict(zip(names, weights, strict=True)))
         created = dt.datetime.now(dt.UTC)
@@ -229,6 +239,41 @@ def export_model(
     for target, why in skipped.items():
         log.warning("export target %s skipped: %s", target, why)
     return out
+
+
+def _label_files(labels, outputs: list[dict]) -> dict[str, tuple[str, list[str]]]:
+    """{output name: (file name, labels)}, each list checked against its output."""
+    if labels is None:
+        return {}
+    names = [o["name"] for o in outputs]
+    if not isinstance(labels, Mapping):
+        if isinstance(labels, str) or len(outputs) != 1:
+            raise ExportError(
+                f"labels must be a list of class names for the one output, or a mapping "
+                f"{{output name: names}} for the outputs {names}"
+            )
+        labels = {names[0]: labels}
+    files = {}
+    for name, given in labels.items():
+        if name not in names:
+            raise ExportError(f"labels are given for {name!r}; the model's outputs are {names}")
+        spec = outputs[names.index(name)]
+        given = list(given)
+        classes = spec["shape"][-1] if spec["shape"] else None
+        if not isinstance(classes, int) or len(given) != classes:
+            raise ExportError(
+                f"{len(given)} labels for output {name!r} of shape {spec['shape']}; give one "
+                "per entry of its last dimension"
+            )
+        for i, label in enumerate(given):
+            if not isinstance(label, str) or len(label) > 1024 or not label.isprintable():
+                raise ExportError(
+                    f"label {i} of output {name!r} is {str(label)[:40]!r}; labels are "
+                    "printable strings of at most 1024 characters, without line breaks"
+                )
+        index = names.index(name)
+        files[name] = ("labels.txt" if index == 0 else f"labels-{index}.txt", given)
+    return files
 
 
 def _input_spec(model, input_key: str, sample: np.ndarray, shape: list) -> dict:

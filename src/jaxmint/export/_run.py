@@ -37,6 +37,7 @@ def export_run(
     precompile: bool = True,
     force: bool = False,
     replace: bool = False,
+    labels: Sequence[str] | None = None,
     **target_options,
 ) -> Path:
     """Export the model of a run dir at its latest step, a given ``step``, or ``"best"``.
@@ -44,7 +45,8 @@ def export_run(
     The experiment script recorded in ``config.json`` rebuilds the same model
     (``build(config)``); its weights come from the checkpoint. ``targets`` and
     ``target_options`` (``onnx_opset``, ``iree_cpu``, ``iree_hal_targets``) are
-    those of `export_model`.
+    those of `export_model`. ``labels`` (class names for the output) default to the
+    experiment's ``labels``.
     """
     run = RunDir.of(run_dir)
     module, config, recorded = load_experiment(run)
@@ -66,6 +68,7 @@ def export_run(
         precompile=precompile,
         force=force,
         replace=replace,
+        labels=exp.labels if labels is None else labels,
         experiment={
             "name": Path(recorded["experiment"]).stem,
             "config_hash": config_hash(recorded),

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -26,6 +26,7 @@ class Experiment(NamedTuple):
     eval: Mapping[str, Any] | None = None
     metrics: Mapping[str, Callable] | None = None
     input_key: str = "x"
+    labels: Sequence[str] | None = None  # class names of the output, exported as labels.txt
 
 
 def fit_experiment(

@@ -118,32 +118,52 @@ def decode_infer(
         arrays, batch = predictor.validate(arrays, check_finite=True)
     except InputError as e:
         raise _protocol.ProtocolError(str(e)) from None
-    names = [o.name for o in predictor.outputs]
-    wanted = [o.name for o in request.outputs] or names
-    unknown = sorted(set(wanted) - set(names))
-    if unknown:
-        raise _protocol.ProtocolError(
-            f"requested output(s) {unknown} do not exist; this model's outputs are {names}"
-        )
-    return _protocol.InferRequest(request.id or None, arrays, batch, [(n, True) for n in wanted])
+    wanted = None
+    if request.outputs:
+        wanted = [
+            {"name": o.name, "parameters": parameters(o.parameters, f"output {o.name!r}")}
+            for o in request.outputs
+        ]
+    outputs = _protocol.requested_outputs(wanted, predictor, binary_default=True)
+    passed = parameters(request.parameters, "the request")
+    return _protocol.InferRequest(request.id or None, arrays, batch, outputs, passed)
+
+
+def parameters(params, where: str) -> dict:
+    """A protobuf ``map<string, InferParameter>`` as a dict, checked like REST's."""
+    values = {}
+    for key, param in params.items():
+        kind = param.WhichOneof("parameter_choice")
+        values[key] = None if kind is None else getattr(param, kind)  # unset: refused
+    return _protocol.check_parameters(values, where)
+
+
+def set_parameters(target, values: dict) -> None:
+    for key, value in values.items():
+        if isinstance(value, bool):
+            target[key].bool_param = value
+        elif isinstance(value, int):
+            target[key].int64_param = value
+        elif isinstance(value, float):
+            target[key].double_param = value
+        else:
+            target[key].string_param = value
 
 
 def encode_infer(
-    model: str, request: _protocol.InferRequest, outputs: dict
+    model: str, request: _protocol.InferRequest, outputs: dict, labels: dict
 ) -> pb.ModelInferResponse:
     """A `ModelInferResponse` with every requested output as raw little-endian bytes."""
     response = pb.ModelInferResponse(
         model_name=model, model_version=_protocol.MODEL_VERSION, id=request.id or ""
     )
-    for name, _ in request.outputs:
-        array = np.asarray(outputs[name])
+    set_parameters(response.parameters, request.parameters)
+    for want, array in _protocol.answer_outputs(outputs, request.outputs, labels):
         tensor = response.outputs.add()
-        tensor.name = name
+        tensor.name = want.name
         tensor.datatype = _protocol.DATATYPES[array.dtype.name]
         tensor.shape.extend(array.shape)
-        response.raw_output_contents.append(
-            np.ascontiguousarray(array, array.dtype.newbyteorder("<")).tobytes()
-        )
+        response.raw_output_contents.append(_protocol.raw_tensor(array))
     return response
 
 
@@ -223,7 +243,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         except QueueFull as e:
             server.metrics.infer(name, 503)
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
-        return encode_infer(name, decoded, outputs)
+        return encode_infer(name, decoded, outputs, predictor.labels)
 
 
 def make_server(server: Server, host: str, port: int) -> tuple[grpc.aio.Server, int]:

@@ -11,6 +11,13 @@ tensor form and Triton's binary tensor extension are read and written:
   ``outputs[i].parameters.binary_data`` or ``parameters.binary_data_output``
   (tritonclient's default), else as flat JSON lists.
 
+``parameters`` objects hold strings, booleans and finite numbers only. The
+request's own parameters, other than the ones the protocol reads, are passed
+through: the response carries them back. Triton's classification extension
+(``outputs[i].parameters.classification = k``) answers the top ``k`` entries of
+the output's last dimension as BYTES strings ``"value:index[:label]"``, highest
+first, with the labels of the artifact's ``labels.txt``.
+
 Everything a client can get wrong raises `ProtocolError` (a 400 by default) whose
 message names the tensor and what to change, before any large allocation.
 """
@@ -20,7 +27,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -44,9 +51,15 @@ DATATYPES = {
     "float32": "FP32",
     "float64": "FP64",
     "bfloat16": "BF16",
+    "object": "BYTES",  # classification strings, answered only
 }
 NUMPY_NAMES = {v: k for k, v in DATATYPES.items()}
 MODEL_VERSION = "1"
+EXTENSIONS = ("binary_tensor_data", "classification", "model_configuration", "parameters")
+REQUEST_PARAMETERS = ("binary_data_output",)  # read here, not passed through
+MAX_PARAMETERS = 64
+MAX_PARAMETER_CHARS = 4096
+INT64 = (-(2**63), 2**63 - 1)
 
 
 class ProtocolError(ValueError):
@@ -57,6 +70,15 @@ class ProtocolError(ValueError):
         self.status = status
 
 
+@dataclass(frozen=True)
+class OutputRequest:
+    """One output a request asks for, and how."""
+
+    name: str
+    binary: bool = False  # raw bytes after the JSON header (REST)
+    classification: int | None = None  # the top k as "value:index[:label]" strings
+
+
 @dataclass
 class InferRequest:
     """A decoded, validated infer request: arrays ready for `Predictor.run`."""
@@ -64,7 +86,8 @@ class InferRequest:
     id: str | None
     arrays: dict[str, np.ndarray]
     batch: int
-    outputs: list[tuple[str, bool]]  # (output name, send as binary)
+    outputs: list[OutputRequest]
+    parameters: dict[str, Any] = field(default_factory=dict)  # passed through to the response
 
 
 def v2_shape(shape: tuple) -> list[int]:
@@ -128,6 +151,10 @@ def decode_infer(
     if request_id is not None and not isinstance(request_id, str):
         raise ProtocolError(f"'id' must be a string, got {type(request_id).__name__}")
     parameters = _parameters(request, "the request")
+    binary_default = parameters.get("binary_data_output", False)
+    if not isinstance(binary_default, bool):
+        raise ProtocolError("parameters.binary_data_output must be true or false")
+    outputs = requested_outputs(request.get("outputs"), predictor, binary_default)
 
     raw_inputs = request.get("inputs")
     if not isinstance(raw_inputs, list) or not raw_inputs:
@@ -179,10 +206,8 @@ def decode_infer(
     except InputError as e:
         raise ProtocolError(str(e)) from None
 
-    binary_default = parameters.get("binary_data_output", False)
-    if not isinstance(binary_default, bool):
-        raise ProtocolError("parameters.binary_data_output must be true or false")
-    return InferRequest(request_id, arrays, batch, _outputs(request, predictor, binary_default))
+    passed = {k: v for k, v in parameters.items() if k not in REQUEST_PARAMETERS}
+    return InferRequest(request_id, arrays, batch, outputs, passed)
 
 
 _NONFINITE = (b"NaN", b"Infinity")
@@ -221,7 +246,41 @@ def _parameters(obj: dict, where: str) -> dict:
     params = obj.get("parameters", {})
     if not isinstance(params, dict):
         raise ProtocolError(f"'parameters' of {where} must be an object")
+    return check_parameters(params, where)
+
+
+def check_parameters(params: dict, where: str) -> dict:
+    """``params`` if each value is a string, a boolean or a finite number (int64 for
+    integers), with at most `MAX_PARAMETERS` keys; else a `ProtocolError` naming it."""
+    if len(params) > MAX_PARAMETERS:
+        raise ProtocolError(
+            f"the parameters of {where} have {len(params)} keys; at most {MAX_PARAMETERS}"
+        )
+    for key, value in params.items():
+        if len(key) > 256:
+            raise ProtocolError(f"a parameter name of {where} is longer than 256 characters")
+        if isinstance(value, str):
+            ok = len(value) <= MAX_PARAMETER_CHARS
+        elif isinstance(value, bool):
+            ok = True
+        elif isinstance(value, int):
+            ok = INT64[0] <= value <= INT64[1]
+        elif isinstance(value, float):
+            ok = math.isfinite(value)
+        else:
+            ok = False
+        if not ok:
+            raise ProtocolError(
+                f"parameter {key[:64]!r} of {where} is {_short_value(value)}; a parameter is "
+                f"a string (at most {MAX_PARAMETER_CHARS} characters), a boolean or a finite "
+                "number (an integer within int64)"
+            )
     return params
+
+
+def _short_value(value: Any) -> str:
+    text = orjson.dumps(value, option=orjson.OPT_SERIALIZE_NUMPY) if value is not None else b"null"
+    return text[:40].decode(errors="replace") + ("..." if len(text) > 40 else "")
 
 
 def check_shape(shape: Any, name: str, max_elements: int) -> list[int]:
@@ -297,34 +356,104 @@ def _from_json(data: Any, dtype: np.dtype, count: int, name: str, datatype: str)
         ) from None
 
 
-def _outputs(request: dict, predictor: Predictor, binary_default: bool) -> list[tuple[str, bool]]:
-    names = [s.name for s in predictor.outputs]
-    wanted = request.get("outputs")
+def requested_outputs(
+    wanted: Any, predictor: Predictor, binary_default: bool
+) -> list[OutputRequest]:
+    """The outputs a request's ``outputs`` list asks for (all of them when it is None)."""
+    specs = {s.name: s for s in predictor.outputs}
+    names = list(specs)
     if wanted is None:
-        return [(n, binary_default) for n in names]
+        return [OutputRequest(n, binary_default) for n in names]
     if not isinstance(wanted, list):
         raise ProtocolError("'outputs' must be a list of {name, parameters} objects")
     if len(wanted) > len(names):
         raise ProtocolError(
             f"'outputs' lists {len(wanted)} entries; this model has {len(names)} outputs {names}"
         )
-    result = []
+    result: list[OutputRequest] = []
     for i, item in enumerate(wanted):
         name = item.get("name") if isinstance(item, dict) else None
         if name not in names:
             raise ProtocolError(f"outputs[{i}] asks for {name!r}; this model's outputs are {names}")
-        if any(name == n for n, _ in result):  # an answer may not be larger than asked for
+        if any(name == o.name for o in result):  # an answer may not be larger than asked for
             raise ProtocolError(f"outputs[{i}] asks for {name!r} again; name each output once")
         params = _parameters(item, f"output {name!r}")
-        if "classification" in params or "shared_memory_region" in params:
-            raise ProtocolError(
-                f"output {name!r}: classification and shared memory are not supported"
-            )
+        if "shared_memory_region" in params:
+            raise ProtocolError(f"output {name!r}: shared memory is not supported by this server")
         binary = params.get("binary_data", binary_default)
         if not isinstance(binary, bool):
             raise ProtocolError(f"output {name!r}: parameters.binary_data must be true or false")
-        result.append((name, binary))
+        k = params.get("classification")
+        if k is not None:
+            _check_classification(specs[name], k)
+        result.append(OutputRequest(name, binary, k))
     return result
+
+
+def _check_classification(spec, k: Any) -> None:
+    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+        raise ProtocolError(
+            f"output {spec.name!r}: parameters.classification must be a positive integer "
+            f"(how many top classes), got {_short_value(k)}"
+        )
+    if not spec.shape or spec.dtype == "bool":
+        raise ProtocolError(
+            f"output {spec.name!r} ({spec.dtype}, shape {list(spec.shape)}) has no classes to "
+            "rank; classification needs a numeric output with a last dimension"
+        )
+
+
+def classify(array: np.ndarray, k: int, labels: list[str] | None = None) -> np.ndarray:
+    """The top ``k`` entries of the last axis as ``"value:index[:label]"`` bytes, highest
+    first (ties by lower index), in the shape ``(..., min(k, classes))``.
+
+    Values are written as Triton writes them: ``%f`` for floating point, integers as
+    they are.
+    """
+    k = min(k, array.shape[-1])
+    key = array.astype(np.float64)
+    order = np.argsort(-key, axis=-1, kind="stable")[..., :k]
+    values = np.take_along_axis(array, order, axis=-1)
+    floating = array.dtype.kind in "fV"  # bfloat16 reports kind "V"
+    out = np.empty(order.shape, dtype=object)
+    flat_out, flat_order, flat_values = out.reshape(-1), order.reshape(-1), values.reshape(-1)
+    for i, (index, value) in enumerate(zip(flat_order.tolist(), flat_values.tolist(), strict=True)):
+        text = f"{value:f}:{index}" if floating else f"{int(value)}:{index}"
+        if labels is not None:
+            text += ":" + labels[index]
+        flat_out[i] = text.encode()
+    return out
+
+
+def answer_outputs(
+    outputs: Mapping[str, np.ndarray],
+    requested: list[OutputRequest],
+    labels: Mapping[str, list[str]],
+) -> list[tuple[OutputRequest, np.ndarray]]:
+    """The requested outputs in order, classification applied (BYTES as object arrays)."""
+    answers = []
+    for want in requested:
+        arr = np.asarray(outputs[want.name])
+        if want.classification is not None:
+            arr = classify(arr, want.classification, labels.get(want.name))
+        answers.append((want, arr))
+    return answers
+
+
+def bytes_tensor(arr: np.ndarray) -> bytes:
+    """A BYTES tensor in the protocol's binary form: each element's length (uint32,
+    little-endian), then its bytes, in row-major order."""
+    parts = []
+    for item in arr.reshape(-1):
+        parts += [len(item).to_bytes(4, "little"), item]
+    return b"".join(parts)
+
+
+def raw_tensor(arr: np.ndarray) -> bytes:
+    """Any output's bytes for binary transport (little-endian; BYTES length-prefixed)."""
+    if arr.dtype == object:
+        return bytes_tensor(arr)
+    return np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("<")).tobytes()
 
 
 def _short(e: BaseException) -> str:
@@ -335,28 +464,31 @@ def _short(e: BaseException) -> str:
 # -- encoding --------------------------------------------------------------------------
 def encode_infer(
     model_name: str,
-    request_id: str | None,
+    request: InferRequest,
     outputs: Mapping[str, np.ndarray],
-    requested: list[tuple[str, bool]],
+    labels: Mapping[str, list[str]] | None = None,
 ) -> tuple[bytes, int | None]:
     """The response body and, when some output is binary, the JSON header's length."""
     tensors, chunks = [], []
-    for name, binary in requested:
-        arr = outputs[name]
+    for want, arr in answer_outputs(outputs, request.outputs, labels or {}):
         datatype = DATATYPES[str(arr.dtype)]
-        tensor: dict[str, Any] = {"name": name, "datatype": datatype, "shape": list(arr.shape)}
-        if binary:
-            raw = np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("<")).tobytes()
+        tensor: dict[str, Any] = {"name": want.name, "datatype": datatype, "shape": list(arr.shape)}
+        if want.binary:
+            raw = raw_tensor(arr)
             tensor["parameters"] = {"binary_data_size": len(raw)}
             chunks.append(raw)
+        elif datatype == "BYTES":
+            tensor["data"] = [item.decode() for item in arr.reshape(-1)]
         else:
             # JSON has no bfloat16; its values are exact in float32.
             flat = arr.astype(np.float32) if datatype == "BF16" else arr
             tensor["data"] = np.ascontiguousarray(flat.reshape(-1))
         tensors.append(tensor)
     response: dict[str, Any] = {"model_name": model_name, "model_version": MODEL_VERSION}
-    if request_id is not None:
-        response["id"] = request_id
+    if request.id is not None:
+        response["id"] = request.id
+    if request.parameters:
+        response["parameters"] = request.parameters
     response["outputs"] = tensors
     head = orjson.dumps(response, option=orjson.OPT_SERIALIZE_NUMPY)
     if not chunks:

@@ -114,7 +114,7 @@ class Server:
         self._grpc = None  # the grpc.aio server, when config.grpc_port is set
         self.grpc_port: int | None = None
 
-    extensions = ("binary_tensor_data", "model_configuration")
+    extensions = _protocol.EXTENSIONS
 
     @property
     def url(self) -> str:
@@ -477,11 +477,10 @@ class Server:
                     response = error(500, f"cannot encode the outputs of {pending.model!r}: {e}")
             self._answer(pending, response)
 
-    @staticmethod
-    def _encode(pending: _Pending, outputs: dict) -> Response:
-        request = pending.request
+    def _encode(self, pending: _Pending, outputs: dict) -> Response:
+        labels = self.models[pending.model].labels
         body, header_length = _protocol.encode_infer(
-            pending.model, request.id, outputs, request.outputs
+            pending.model, pending.request, outputs, labels
         )
         if header_length is None:
             return Response(200, body)
