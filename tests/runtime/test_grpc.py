@@ -88,7 +88,7 @@ def test_bad_requests_get_triton_codes_and_say_what_to_change(server, inputs):
     e = refused("digits", [infer_input(np.zeros((1, 63), np.float32))])
     assert e.status() == "StatusCode.INVALID_ARGUMENT" and "63" in e.message()
     e = refused("digits", [infer_input(inputs[:1])], model_version="2")
-    assert "only version 1" in e.message()
+    assert "has no version '2'; it serves versions ['1']" in e.message()
     e = refused("digits", [infer_input(inputs[:1])], outputs=[tgrpc.InferRequestedOutput("z")])
     assert "asks for 'z'; this model's outputs are ['output']" in e.message()
     nan = inputs[:1].copy()

@@ -143,7 +143,7 @@ def test_versioned_paths(server, inputs):
     assert status == 200 and json.loads(body)["model_version"] == "1"
     assert request(server.port, "GET", "/v2/models/digits/versions/1/ready")[0] == 200
     status, _, body = request(server.port, "POST", "/v2/models/digits/versions/2/infer")
-    assert status == 404 and "only version 1" in json.loads(body)["error"]
+    assert status == 404 and "it serves versions ['1']" in json.loads(body)["error"]
 
 
 # -- labels: written by the exporter, checked by the runtime --------------------------------

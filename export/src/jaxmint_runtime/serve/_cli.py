@@ -20,7 +20,26 @@ def parser() -> argparse.ArgumentParser:
         description="Serve jaxmint artifacts over the Open Inference Protocol v2 (KServe v2) "
         "REST API, with Triton's binary tensor extension and dynamic batching.",
     )
-    p.add_argument("artifacts", nargs="+", metavar="ARTIFACT_DIR", help="artifact directories")
+    p.add_argument(
+        "artifacts",
+        nargs="+",
+        metavar="DIR",
+        help="artifact directories, or model repositories laid out as DIR/MODEL/VERSION/",
+    )
+    p.add_argument(
+        "--version-policy",
+        default=_D.version_policy,
+        help="which versions of a repository's models to serve: latest:N, all, or "
+        "specific:V1,V2 (default %(default)s)",
+    )
+    p.add_argument(
+        "--poll-interval",
+        type=float,
+        default=_D.poll_interval_s,
+        metavar="SECONDS",
+        help="rescan repositories this often, loading new versions and retiring old ones "
+        "(default 0: only on POST /v2/repository/models/NAME/load)",
+    )
     p.add_argument("--host", default=_D.host, help="address to bind (default %(default)s)")
     p.add_argument(
         "--port", type=int, default=_D.port, help="port; 0 picks a free one (default %(default)s)"
@@ -151,15 +170,8 @@ def main(argv: list[str] | None = None) -> int:
         if value < 1:
             print(f"jaxmint-serve: {name} must be at least 1, got {value}", file=sys.stderr)
             return 2
-    from jaxmint_runtime._predictor import load
-
-    try:
-        models = [
-            load(path, backend=args.backend, allow_expired=args.allow_expired)
-            for path in args.artifacts
-        ]
-    except (ArtifactError, OSError) as e:
-        print(f"jaxmint-serve: {e}", file=sys.stderr)
+    if args.poll_interval < 0:
+        print("jaxmint-serve: --poll-interval must be at least 0", file=sys.stderr)
         return 2
     grpc_port = None if args.no_grpc else _grpc_port(args.grpc_port, args.port)
     config = ServeConfig(
@@ -178,22 +190,34 @@ def main(argv: list[str] | None = None) -> int:
         idle_timeout_s=args.idle_timeout,
         max_connections=args.max_connections,
         max_connections_per_client=args.max_connections_per_client,
+        version_policy=args.version_policy,
+        poll_interval_s=args.poll_interval,
+        backend=args.backend,
+        allow_expired=args.allow_expired,
     )
     try:
-        server = Server(models, config)
-    except ValueError as e:
+        server = Server(args.artifacts, config)
+    except (ArtifactError, OSError, ValueError) as e:
         print(f"jaxmint-serve: {e}", file=sys.stderr)
         return 2
 
     def ready(s: Server) -> None:
-        for name, predictor in s.models.items():
-            how = (
-                f"batches up to {s.max_batch_size(predictor)} examples, "
-                f"{config.max_delay_ms:g} ms delay"
-                if config.batching
-                else "no batching"
-            )
-            logging.info("model %r (%s backend): %s", name, predictor.backend_name, how)
+        for name, versions in s.served.items():
+            for version, served in versions.items():
+                predictor = served.predictor
+                how = (
+                    f"batches up to {s.max_batch_size(predictor)} examples, "
+                    f"{config.max_delay_ms:g} ms delay"
+                    if config.batching
+                    else "no batching"
+                )
+                logging.info(
+                    "model %r version %s (%s backend): %s",
+                    name,
+                    version,
+                    predictor.backend_name,
+                    how,
+                )
         # One parseable line on stdout: scripts started with --port 0 read the port from it.
         print(f"jaxmint-serve: listening on {s.url}", flush=True)
         if s.grpc_port is not None:

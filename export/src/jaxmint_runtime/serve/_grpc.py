@@ -25,7 +25,7 @@ from jaxmint_runtime.serve.grpc_proto import open_inference_pb2 as pb
 from jaxmint_runtime.serve.grpc_proto import open_inference_pb2_grpc as pb_grpc
 
 if TYPE_CHECKING:
-    from jaxmint_runtime.serve._server import Server
+    from jaxmint_runtime.serve._server import Served, Server
 
 # Where each datatype's values travel when a request sends them in `contents`.
 _CONTENTS = {
@@ -151,12 +151,13 @@ def set_parameters(target, values: dict) -> None:
 
 
 def encode_infer(
-    model: str, request: _protocol.InferRequest, outputs: dict, labels: dict
+    served: Served, request: _protocol.InferRequest, outputs: dict
 ) -> pb.ModelInferResponse:
     """A `ModelInferResponse` with every requested output as raw little-endian bytes."""
     response = pb.ModelInferResponse(
-        model_name=model, model_version=_protocol.MODEL_VERSION, id=request.id or ""
+        model_name=served.model, model_version=served.version, id=request.id or ""
     )
+    labels = served.predictor.labels
     set_parameters(response.parameters, request.parameters)
     for want, array in _protocol.answer_outputs(outputs, request.outputs, labels):
         tensor = response.outputs.add()
@@ -184,19 +185,11 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
                 "missing or wrong bearer token: send metadata 'authorization: Bearer TOKEN'",
             )
 
-    async def _model(self, context, name: str, version: str) -> Predictor:
-        predictor = self.server.models.get(name)
-        if predictor is None:
-            await context.abort(
-                grpc.StatusCode.NOT_FOUND,
-                f"unknown model {name!r}; this server serves {sorted(self.server.models)}",
-            )
-        if version not in ("", _protocol.MODEL_VERSION):
-            await context.abort(
-                grpc.StatusCode.NOT_FOUND,
-                f"model {name!r} has only version {_protocol.MODEL_VERSION}",
-            )
-        return predictor
+    async def _model(self, context, name: str, version: str) -> Served:
+        try:
+            return self.server.route(name, version)
+        except LookupError as e:
+            await context.abort(grpc.StatusCode.NOT_FOUND, str(e))
 
     async def ServerLive(self, request, context):
         return pb.ServerLiveResponse(live=True)
@@ -217,8 +210,10 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
 
     async def ModelMetadata(self, request, context):
         await self._admit(context, "ModelMetadata")
-        predictor = await self._model(context, request.name, request.version)
-        meta = _protocol.model_metadata(predictor)
+        served = await self._model(context, request.name, request.version)
+        versions = self.server.served.get(served.model, {})
+        listed = [served.version] if request.version else sorted(versions, key=int)
+        meta = _protocol.model_metadata(served.predictor, listed)
         response = pb.ModelMetadataResponse(
             name=meta["name"], versions=meta["versions"], platform=meta["platform"]
         )
@@ -232,18 +227,20 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelInfer(self, request, context):
         received = time.monotonic()
         await self._admit(context, "ModelInfer")
-        predictor = await self._model(context, request.model_name, request.model_version)
-        name, server = predictor.name, self.server
+        served = await self._model(context, request.model_name, request.model_version)
+        name, version, server = served.model, served.version, self.server
         try:
-            decoded = decode_infer(request, predictor, max_elements=server.config.max_elements)
-            outputs = await server.submit(name, decoded, received)
+            decoded = decode_infer(
+                request, served.predictor, max_elements=server.config.max_elements
+            )
+            outputs = await server.submit(served, decoded, received)
         except _protocol.ProtocolError as e:
-            server.metrics.infer(name, e.status)
+            server.metrics.infer(name, version, e.status)
             await context.abort(_STATUS.get(e.status, grpc.StatusCode.UNKNOWN), str(e))
         except QueueFull as e:
-            server.metrics.infer(name, 503)
+            server.metrics.infer(name, version, 503)
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
-        return encode_infer(name, decoded, outputs, predictor.labels)
+        return encode_infer(served, decoded, outputs)
 
 
 def make_server(server: Server, host: str, port: int) -> tuple[grpc.aio.Server, int]:

@@ -27,8 +27,8 @@ BUCKET = "jaxmint_batch_size_bucket"
 class _ScrapeTime(Collector):
     """Gauges whose values are read at scrape time: queue depth per model, connections."""
 
-    def __init__(self, queue_depths: Callable[[], dict], connections: Callable[[], int], version):
-        self.queue_depths, self.connections, self.version = queue_depths, connections, version
+    def __init__(self, queue_depths: Callable[[], dict], connections: Callable[[], int]):
+        self.queue_depths, self.connections = queue_depths, connections
 
     def collect(self):
         depth = GaugeMetricFamily(
@@ -36,8 +36,8 @@ class _ScrapeTime(Collector):
             "Requests waiting for the model (not counting the batch running).",
             labels=("model", "version"),
         )
-        for model, value in self.queue_depths().items():
-            depth.add_metric((model, self.version(model)), value)
+        for (model, version), value in self.queue_depths().items():
+            depth.add_metric((model, version), value)
         yield depth
         yield GaugeMetricFamily(
             "jaxmint_open_connections", "Open client connections.", value=self.connections()
@@ -53,19 +53,12 @@ class Metrics:
     """Counters and histograms of one server, with the calls the server makes.
 
     Args:
-      queue_depths: returns {model name: requests waiting}, read at scrape time.
+      queue_depths: returns {(model, version): requests waiting}, read at scrape time.
       connections: returns the number of open client connections.
-      version: the version label of a model name.
     """
 
-    def __init__(
-        self,
-        queue_depths: Callable[[], dict],
-        connections: Callable[[], int],
-        version: Callable[[str], str],
-    ):
+    def __init__(self, queue_depths: Callable[[], dict], connections: Callable[[], int]):
         self.registry = registry = CollectorRegistry()
-        self.version = version
         self._requests = Counter(
             "jaxmint_inference_requests_total",
             "Infer requests to a served model, by model, version and status code.",
@@ -93,22 +86,21 @@ class Metrics:
             registry=registry,
         )
         ProcessCollector(registry=registry)
-        registry.register(_ScrapeTime(queue_depths, connections, version))
+        registry.register(_ScrapeTime(queue_depths, connections))
 
-    def declare(self, model: str) -> None:
-        """Show a model's series (at zero) before its first request."""
-        self._latency.labels(model, self.version(model))
-        self._batch_size.labels(model, self.version(model))
+    def declare(self, model: str, version: str) -> None:
+        """Show a model version's series (at zero) before its first request."""
+        self._latency.labels(model, version)
+        self._batch_size.labels(model, version)
 
-    def infer(self, model: str, code: int | str, seconds: float | None = None) -> None:
+    def infer(self, model: str, version: str, code: int, seconds: float | None = None) -> None:
         """Count one answered infer request; time it when it succeeded."""
-        version = self.version(model)
         self._requests.labels(model, version, str(code)).inc()
         if seconds is not None:
             self._latency.labels(model, version).observe(seconds)
 
-    def batch(self, model: str, size: int) -> None:
-        self._batch_size.labels(model, self.version(model)).observe(size)
+    def batch(self, model: str, version: str, size: int) -> None:
+        self._batch_size.labels(model, version).observe(size)
 
     def http(self, code: int) -> None:
         self._http.labels(str(code)).inc()
@@ -119,13 +111,13 @@ class Metrics:
         return encode(self.registry), content_type
 
     # -- reading back (tests, benchmarks) -------------------------------------------------
-    def requests(self, model: str, code: int | str) -> float:
-        labels = {"model": model, "version": self.version(model), "code": str(code)}
+    def requests(self, model: str, code: int, version: str = "1") -> float:
+        labels = {"model": model, "version": version, "code": str(code)}
         return self.registry.get_sample_value("jaxmint_inference_requests_total", labels) or 0.0
 
-    def batch_counts(self, model: str) -> dict[float, int]:
+    def batch_counts(self, model: str, version: str = "1") -> dict[float, int]:
         """Cumulative batches per upper bound (``inf`` last), as Prometheus reports them."""
-        labels = {"model": model, "version": self.version(model)}
+        labels = {"model": model, "version": version}
         out = {}
         for bound in [*BATCH_BUCKETS, float("inf")]:
             le = "+Inf" if bound == float("inf") else str(float(bound))

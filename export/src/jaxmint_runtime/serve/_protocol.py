@@ -95,13 +95,13 @@ def v2_shape(shape: tuple) -> list[int]:
     return [-1 if isinstance(d, str) else int(d) for d in shape]
 
 
-def model_metadata(predictor: Predictor) -> dict:
+def model_metadata(predictor: Predictor, versions: list[str] | None = None) -> dict:
     def tensor(spec):
         return {"name": spec.name, "datatype": DATATYPES[spec.dtype], "shape": v2_shape(spec.shape)}
 
     metadata = {
         "name": predictor.name,
-        "versions": [MODEL_VERSION],
+        "versions": versions or [MODEL_VERSION],
         "platform": f"jaxmint/{predictor.backend_name}",
         "inputs": [tensor(s) for s in predictor.inputs],
         "outputs": [tensor(s) for s in predictor.outputs],
@@ -467,6 +467,7 @@ def encode_infer(
     request: InferRequest,
     outputs: Mapping[str, np.ndarray],
     labels: Mapping[str, list[str]] | None = None,
+    version: str = MODEL_VERSION,
 ) -> tuple[bytes, int | None]:
     """The response body and, when some output is binary, the JSON header's length."""
     tensors, chunks = [], []
@@ -484,7 +485,7 @@ def encode_infer(
             flat = arr.astype(np.float32) if datatype == "BF16" else arr
             tensor["data"] = np.ascontiguousarray(flat.reshape(-1))
         tensors.append(tensor)
-    response: dict[str, Any] = {"model_name": model_name, "model_version": MODEL_VERSION}
+    response: dict[str, Any] = {"model_name": model_name, "model_version": version}
     if request.id is not None:
         response["id"] = request.id
     if request.parameters:

@@ -9,6 +9,7 @@ resolves (one loop wake-up per batch).
 from __future__ import annotations
 
 import asyncio
+import gc
 import hmac
 import json
 import logging
@@ -28,6 +29,7 @@ from jaxmint_runtime.serve import _protocol
 from jaxmint_runtime.serve._batcher import Batcher, QueueFull
 from jaxmint_runtime.serve._http import Connections, Limits, Request, Response, error
 from jaxmint_runtime.serve._metrics import Metrics
+from jaxmint_runtime.serve._repository import RepositoryError, VersionPolicy, is_artifact, scan
 
 log = logging.getLogger("jaxmint_runtime.serve")
 
@@ -56,15 +58,34 @@ class ServeConfig:
     max_connections: int = 1024
     max_connections_per_client: int = 256
     grpc_port: int | None = None  # None: no gRPC; 0: any free port (needs the [grpc] extra)
+    version_policy: str = "latest:1"  # of a repository: latest:N, all, specific:V1,V2
+    poll_interval_s: float = 0.0  # rescan repositories this often (0: only on load requests)
+    backend: str = "auto"  # for artifacts the server loads itself
+    allow_expired: bool = False
+
+
+@dataclass(eq=False)
+class Served:
+    """One version of a model, loaded and warm, with its batcher once serving."""
+
+    model: str
+    version: str
+    predictor: Predictor
+    path: Path | None = None  # its artifact directory, for a repository's versions
+    batcher: Batcher | None = None
 
 
 @dataclass(eq=False)
 class _Pending:
     future: asyncio.Future
-    model: str
+    served: Served
     request: _protocol.InferRequest
     received: float
     grpc: bool = False  # resolved with (outputs, error) for the gRPC service to encode
+
+    @property
+    def model(self) -> str:
+        return self.served.model
 
 
 class Server:
@@ -83,24 +104,37 @@ class Server:
         **overrides,
     ):
         self.config = replace(config or ServeConfig(), **overrides)
-        self.models: dict[str, Predictor] = {}
+        self.policy = VersionPolicy.parse(self.config.version_policy)
+        # model -> version -> Served: what requests are routed to. Changed on the loop only
+        # (once serving), so a request sees one consistent table.
+        self.served: dict[str, dict[str, Served]] = {}
+        self._roots: list[Path] = []  # repositories, rescanned by load requests and polling
+        self._failed: dict[Path, tuple[int, str]] = {}  # version dir -> (manifest mtime, why)
+        self._unloaded: set[str] = set()  # models unloaded on request: not reloaded by polling
+        self._fixed: set[str] = set()  # models given as artifacts or predictors, not rescanned
+        self._sync_lock: asyncio.Lock | None = None
         for m in models:
-            predictor = m if isinstance(m, Predictor) else load(Path(m))
-            if predictor.name in self.models:
-                raise ValueError(
-                    f"two artifacts are named {predictor.name!r}; model names must be unique"
-                )
-            # Bounded batch sizes, all compiled now: never an XLA compile on the request path.
-            bucketed = predictor.bucketed(self.bucket_max(predictor))
-            bucketed.warmup()
-            self.models[predictor.name] = bucketed
-        if not self.models:
-            raise ValueError("give at least one artifact to serve")
-        self.batchers: dict[str, Batcher] = {}
+            if isinstance(m, Predictor) or is_artifact(Path(m)):
+                predictor = m if isinstance(m, Predictor) else self._load(Path(m))
+                self._add(Served(predictor.name, "1", self._prepare(predictor)))
+                self._fixed.add(predictor.name)
+            else:
+                root = Path(m)
+                self._roots.append(root)
+                for name, versions in scan(root).items():
+                    for v in self.policy.select(list(versions)):
+                        predictor = self._prepare(self._load(versions[v]), name)
+                        self._add(Served(name, str(v), predictor, versions[v]))
+        if not self.served:
+            raise ValueError(
+                "give at least one artifact or repository to serve "
+                f"(no model versions found in {[str(r) for r in self._roots]})"
+            )
         self.metrics = Metrics(
-            lambda: {name: b.depth for name, b in self.batchers.items()},
+            lambda: {
+                (s.model, s.version): s.batcher.depth for s in self._all() if s.batcher is not None
+            },
             lambda: len(self._connections.open) if self._connections else 0,
-            lambda model: _protocol.MODEL_VERSION,
         )
         self.draining = False
         self.port: int | None = None
@@ -115,6 +149,69 @@ class Server:
         self.grpc_port: int | None = None
 
     extensions = _protocol.EXTENSIONS
+
+    @property
+    def models(self) -> dict[str, Predictor]:
+        """{model name: the predictor of its newest served version}."""
+        return {name: self._newest(versions).predictor for name, versions in self.served.items()}
+
+    def _all(self) -> list[Served]:
+        return [s for versions in list(self.served.values()) for s in list(versions.values())]
+
+    @staticmethod
+    def _newest(versions: dict[str, Served]) -> Served:
+        return versions[max(versions, key=int)]
+
+    def route(self, name: str, version: str | None) -> Served:
+        """The served version a request names (the newest when ``version`` is empty);
+        `LookupError` with the message to answer 404 with."""
+        versions = self.served.get(name)
+        if not versions:
+            raise LookupError(f"unknown model {name!r}; this server serves {sorted(self.served)}")
+        if not version:
+            return self._newest(versions)
+        served = versions.get(version)
+        if served is None:
+            raise LookupError(
+                f"model {name!r} has no version {version[:20]!r}; it serves versions "
+                f"{sorted(versions, key=int)}"
+            )
+        return served
+
+    # -- loading ---------------------------------------------------------------------------
+    def _load(self, path: Path) -> Predictor:
+        return load(path, backend=self.config.backend, allow_expired=self.config.allow_expired)
+
+    def _prepare(self, predictor: Predictor, name: str | None = None) -> Predictor:
+        """Bounded batch sizes, all compiled now: never an XLA compile on the request path."""
+        bucketed = predictor.bucketed(self.bucket_max(predictor))
+        if name is not None:
+            bucketed.name = name  # a repository names models by their directories
+        bucketed.warmup()
+        return bucketed
+
+    def _add(self, served: Served) -> None:
+        versions = self.served.setdefault(served.model, {})
+        if served.version in versions or (served.model in self._fixed):
+            raise ValueError(
+                f"two artifacts are model {served.model!r} version {served.version}; "
+                "model names must be unique"
+            )
+        versions[served.version] = served
+
+    def _start(self, served: Served) -> None:
+        """Give a version its batcher (on the loop thread)."""
+        loop = self._loop
+        predictor = served.predictor
+        self.metrics.declare(served.model, served.version)
+        served.batcher = Batcher(
+            predictor,
+            lambda results: loop.call_soon_threadsafe(self._resolve, results),
+            max_batch_size=self.max_batch_size(predictor),
+            max_delay_s=self.config.max_delay_ms / 1000 if self.config.batching else 0.0,
+            max_queue=self.config.max_queue,
+            on_batch=lambda n: self.metrics.batch(served.model, served.version, n),
+        )
 
     @property
     def url(self) -> str:
@@ -136,16 +233,9 @@ class Server:
     # -- lifecycle ------------------------------------------------------------------------
     async def _open(self) -> None:
         loop = self._loop = asyncio.get_running_loop()
-        for name, predictor in self.models.items():
-            self.metrics.declare(name)
-            self.batchers[name] = Batcher(
-                predictor,
-                lambda results: loop.call_soon_threadsafe(self._resolve, results),
-                max_batch_size=self.max_batch_size(predictor),
-                max_delay_s=self.config.max_delay_ms / 1000 if self.config.batching else 0.0,
-                max_queue=self.config.max_queue,
-                on_batch=lambda n, name=name: self.metrics.batch(name, n),
-            )
+        self._sync_lock = asyncio.Lock()
+        for served in self._all():
+            self._start(served)
         c = self.config
         limits = Limits(
             c.max_body_bytes,
@@ -161,8 +251,7 @@ class Server:
                 self._connections.protocol, c.host, c.port, reuse_address=True, backlog=1024
             )
         except OSError:
-            for batcher in self.batchers.values():
-                batcher.close(1)
+            self._close_batchers()
             raise
         self.port = self._listener.sockets[0].getsockname()[1]
         if c.grpc_port is not None:
@@ -171,6 +260,13 @@ class Server:
             loop.create_task(self._connections.sweep_forever()),
             loop.create_task(self._expire_forever()),
         ]
+        if self._roots and c.poll_interval_s > 0:
+            self._tasks.append(loop.create_task(self._poll_forever(c.poll_interval_s)))
+
+    def _close_batchers(self) -> None:
+        for served in self._all():
+            if served.batcher is not None:
+                served.batcher.close(1)
 
     async def _open_grpc(self, host: str, port: int) -> None:
         try:
@@ -179,8 +275,7 @@ class Server:
             self._grpc, self.grpc_port = _grpc.make_server(self, host, port)
         except (ImportError, OSError) as e:
             self._listener.close()
-            for batcher in self.batchers.values():
-                batcher.close(1)
+            self._close_batchers()
             if isinstance(e, OSError):
                 raise
             raise ImportError(
@@ -198,8 +293,8 @@ class Server:
         if self._grpc is not None:  # no new RPCs; those in flight get the drain timeout
             grpc_stopped = asyncio.ensure_future(self._grpc.stop(timeout))
         self._connections.drain()
-        for batcher in self.batchers.values():
-            batcher.flush()
+        for served in self._all():
+            served.batcher.flush()
         deadline = time.monotonic() + timeout
         while self._connections.open and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
@@ -211,8 +306,12 @@ class Server:
                 timeout,
             )
         loop = asyncio.get_running_loop()
-        for batcher in self.batchers.values():
-            await loop.run_in_executor(None, batcher.close, max(deadline - time.monotonic(), 1))
+        for task in self._tasks:  # no reload starts now
+            task.cancel()
+        async with self._sync_lock:  # nor is one under way
+            for served in self._all():
+                left = max(deadline - time.monotonic(), 1)
+                await loop.run_in_executor(None, served.batcher.close, left)
         self._connections.close_all()
         if grpc_stopped is not None:
             await grpc_stopped
@@ -321,28 +420,31 @@ class Server:
             if parts[2] == "ready" and self.draining:
                 return self._get(request) or error(400, "the server is shutting down")
             return self._get(request) or _json(200, {parts[2]: True})
+        if parts[1:2] == ["repository"]:
+            return self._repository(request, parts[2:])
         if parts[1:2] != ["models"] or len(parts) < 3:
             return self._not_found(request)
-        name, rest = parts[2], parts[3:]
-        predictor = self.models.get(name)
-        if predictor is None:
-            return error(404, f"unknown model {name!r}; this server serves {sorted(self.models)}")
-        if rest[:1] == ["versions"]:
-            if len(rest) < 2 or rest[1] != _protocol.MODEL_VERSION:
-                return error(404, f"model {name!r} has only version {_protocol.MODEL_VERSION}")
-            rest = rest[2:]
+        name, rest, version = parts[2], parts[3:], None
+        if rest[:1] == ["versions"] and len(rest) >= 2:
+            version, rest = rest[1], rest[2:]
+        try:
+            served = self.route(name, version)
+        except LookupError as e:
+            return error(404, str(e))
+        predictor = served.predictor
         if rest == ["infer"]:
             if request.method != "POST":
                 return error(405, "infer takes POST", headers=[("Allow", "POST")])
-            return self._infer(predictor, request)
+            return self._infer(served, request)
         if rest == []:
-            return self._get(request) or _json(200, _protocol.model_metadata(predictor))
+            versions = [served.version] if version else sorted(self.served[name], key=int)
+            return self._get(request) or _json(200, _protocol.model_metadata(predictor, versions))
         if rest == ["ready"]:
             if self.draining:
                 return self._get(request) or error(400, "the server is shutting down")
             return self._get(request) or _json(200, {"name": name, "ready": True})
         if rest == ["config"]:
-            return self._get(request) or _json(200, self._model_config(predictor))
+            return self._get(request) or _json(200, self._model_config(served))
         return self._not_found(request)
 
     def _authorized(self, request: Request) -> bool:
@@ -364,8 +466,8 @@ class Server:
             "protocol: /v2, /v2/health/{live,ready}, /v2/models/NAME[/ready|/infer]",
         )
 
-    def _model_config(self, predictor: Predictor) -> dict:
-        batcher = self.batchers[predictor.name]
+    def _model_config(self, served: Served) -> dict:
+        predictor, batcher = served.predictor, served.batcher
         return {
             "name": predictor.name,
             "platform": f"jaxmint/{predictor.backend_name}",
@@ -378,13 +480,172 @@ class Server:
             else None,
             "declared_batch_sizes": predictor.batch_sizes,
             "batch_buckets": predictor.buckets,
+            "version_policy": str(self.policy),
             "input": _protocol.model_metadata(predictor)["inputs"],
             "output": _protocol.model_metadata(predictor)["outputs"],
         }
 
+    # -- the repository (Triton's model repository extension) ---------------------------------
+    def _repository(self, request: Request, parts: list[str]) -> Response | asyncio.Future:
+        if request.method != "POST":
+            return error(405, "repository requests take POST", headers=[("Allow", "POST")])
+        if parts == ["index"]:
+            return asyncio.ensure_future(self._index(request.body))
+        if len(parts) == 3 and parts[0] == "models" and parts[2] in ("load", "unload"):
+            action = self._load_model if parts[2] == "load" else self._unload_model
+            return asyncio.ensure_future(action(parts[1]))
+        return self._not_found(request)
+
+    async def _index(self, body: bytes) -> Response:
+        try:
+            query = json.loads(body) if body.strip() else {}
+        except ValueError:
+            query = None
+        if not isinstance(query, dict) or not isinstance(query.get("ready", False), bool):
+            return error(400, 'the index request body is empty or {"ready": true|false}')
+        on_disk = await self._scan()
+        entries = []
+        for name in sorted(set(on_disk) | set(self.served)):
+            served = self.served.get(name, {})
+            versions = set(served) | {str(v) for v in on_disk.get(name, {})}
+            for version in sorted(versions, key=int):
+                if version in served:
+                    entries.append({"name": name, "version": version, "state": "READY"})
+                elif not query.get("ready", False):
+                    path = on_disk[name][int(version)]
+                    reason = self._failure(path) or (
+                        "unloaded on request"
+                        if name in self._unloaded
+                        else f"not chosen by the version policy {self.policy}"
+                    )
+                    entries.append(
+                        {"name": name, "version": version, "state": "UNAVAILABLE", "reason": reason}
+                    )
+        return _json(200, entries)
+
+    async def _load_model(self, name: str) -> Response:
+        if name in self._fixed:
+            return _json(200, {})  # given as an artifact: loaded for the server's lifetime
+        if not self._roots:
+            return error(400, "this server serves artifacts, not a repository: nothing to load")
+        self._unloaded.discard(name)
+        await self.sync(only=name)
+        if name not in self.served:
+            versions = (await self._scan()).get(name)
+            if not versions:
+                return error(400, f"the repository has no model {name!r} (no ROOT/{name}/N/)")
+            reasons = [self._failure(p) for p in versions.values()]
+            return error(400, f"model {name!r} failed to load: {'; '.join(filter(None, reasons))}")
+        return _json(200, {})
+
+    async def _unload_model(self, name: str) -> Response:
+        if name in self._fixed:
+            return error(
+                400,
+                f"model {name!r} was given as an artifact; only a repository's "
+                "models can be unloaded",
+            )
+        if name not in self.served and name not in await self._scan():
+            return error(400, f"unknown model {name!r}; this server serves {sorted(self.served)}")
+        self._unloaded.add(name)
+        async with self._sync_lock:
+            await self._retire(name, list(self.served.get(name, {})))
+        return _json(200, {})
+
+    async def sync(self, only: str | None = None) -> None:
+        """Serve what the repositories hold now: load the versions the policy picks, retire
+        the others. A version that fails to load is logged and skipped (the versions
+        served keep serving) until its manifest changes. Runs on the server's loop."""
+        async with self._sync_lock:
+            if self.draining:
+                return
+            on_disk = await self._scan()
+            for name in sorted(set(on_disk) | set(self.served)):
+                if name in self._fixed or (only is not None and name != only):
+                    continue
+                if name in self._unloaded or name not in on_disk:
+                    await self._retire(name, list(self.served.get(name, {})))
+                else:
+                    await self._sync_model(name, on_disk[name])
+
+    async def _sync_model(self, name: str, on_disk: dict[int, Path]) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            served = self.served.get(name, {})
+            usable = [
+                v for v, path in on_disk.items() if str(v) in served or not self._failure(path)
+            ]
+            wanted = self.policy.select(usable)
+            missing = [v for v in wanted if str(v) not in served]
+            if not missing:
+                break
+            for v in missing:
+                path = on_disk[v]
+                try:
+                    predictor = await loop.run_in_executor(None, self._load_prepared, path, name)
+                except Exception as e:  # a broken version never replaces a working one
+                    self._failed[path] = (_mtime(path), str(e)[:2000])
+                    log.warning(
+                        "model %r version %d at %s not loaded (the versions served keep "
+                        "serving): %s",
+                        name,
+                        v,
+                        path,
+                        e,
+                    )
+                    continue
+                self._failed.pop(path, None)
+                entry = Served(name, str(v), predictor, path)
+                self._start(entry)
+                self.served.setdefault(name, {})[str(v)] = entry
+                log.info("model %r version %d loaded from %s", name, v, path)
+        stale = [v for v in self.served.get(name, {}) if int(v) not in wanted]
+        await self._retire(name, stale)
+
+    def _load_prepared(self, path: Path, name: str) -> Predictor:
+        return self._prepare(self._load(path), name)
+
+    async def _retire(self, name: str, versions: list[str]) -> None:
+        """Stop routing to ``versions``, then answer what they queued and let them go."""
+        loop = asyncio.get_running_loop()
+        for version in versions:
+            served = self.served[name].pop(version)
+            if not self.served[name]:
+                del self.served[name]
+            await loop.run_in_executor(None, served.batcher.close, self.config.drain_timeout_s)
+            log.info("model %r version %s unloaded", name, version)
+        if versions:
+            await loop.run_in_executor(None, gc.collect)
+
+    async def _scan(self) -> dict[str, dict[int, Path]]:
+        loop = asyncio.get_running_loop()
+        found: dict[str, dict[int, Path]] = {}
+        for root in self._roots:
+            try:
+                models = await loop.run_in_executor(None, scan, root)
+            except (OSError, RepositoryError) as e:
+                log.warning("repository %s cannot be read: %s", root, e)
+                continue
+            for name, versions in models.items():
+                found.setdefault(name, versions)
+        return found
+
+    def _failure(self, path: Path) -> str | None:
+        """Why ``path`` did not load, unless its manifest changed since."""
+        failed = self._failed.get(path)
+        return failed[1] if failed and failed[0] == _mtime(path) else None
+
+    async def _poll_forever(self, period_s: float) -> None:
+        while True:
+            await asyncio.sleep(period_s)
+            try:
+                await self.sync()
+            except Exception:  # a poll that fails is logged; serving goes on
+                log.exception("repository poll failed")
+
     # -- infer --------------------------------------------------------------------------------
-    def _infer(self, predictor: Predictor, request: Request) -> Response | asyncio.Future:
-        name = predictor.name
+    def _infer(self, served: Served, request: Request) -> Response | asyncio.Future:
+        predictor, name, version = served.predictor, served.model, served.version
         try:
             body = self._decompress(request)
             header_length = request.headers.get("inference-header-content-length")
@@ -399,34 +660,36 @@ class Server:
                 body, header_length, predictor, max_elements=self.config.max_elements
             )
         except _protocol.ProtocolError as e:
-            self.metrics.infer(name, e.status)
+            self.metrics.infer(name, version, e.status)
             return error(e.status, str(e))
         future = self._loop.create_future()
-        pending = _Pending(future, name, decoded, request.received)
+        pending = _Pending(future, served, decoded, request.received)
         try:
-            self.batchers[name].submit(decoded.arrays, decoded.batch, pending)
+            served.batcher.submit(decoded.arrays, decoded.batch, pending)
         except QueueFull as e:
-            self.metrics.infer(name, 503)
+            self.metrics.infer(name, version, 503)
             return error(503, str(e), headers=[("Retry-After", "1")])
         self._pending.add(pending)
         return future
 
-    async def submit(self, model: str, request: _protocol.InferRequest, received: float) -> dict:
-        """Run a decoded request through the model's batcher; its outputs (for gRPC).
+    async def submit(
+        self, served: Served, request: _protocol.InferRequest, received: float
+    ) -> dict:
+        """Run a decoded request through the version's batcher; its outputs (for gRPC).
 
         Raises `QueueFull`, or `ProtocolError` with status 500 (the model failed) or
         504 (no answer within ``request_timeout_s``).
         """
         future = self._loop.create_future()
-        pending = _Pending(future, model, request, received, grpc=True)
-        self.batchers[model].submit(request.arrays, request.batch, pending)
+        pending = _Pending(future, served, request, received, grpc=True)
+        served.batcher.submit(request.arrays, request.batch, pending)
         self._pending.add(pending)
         answer = await future
         if isinstance(answer, Response):  # expired
             raise _protocol.ProtocolError(json.loads(answer.body)["error"], answer.status)
         outputs, exc = answer
         if exc is not None:
-            raise _protocol.ProtocolError(f"model {model!r} failed: {exc}", 500)
+            raise _protocol.ProtocolError(f"model {served.model!r} failed: {exc}", 500)
         return outputs
 
     def _decompress(self, request: Request) -> bytes:
@@ -461,10 +724,12 @@ class Server:
                 continue
             if pending.grpc:
                 self._pending.discard(pending)
+                served = pending.served
                 if exc is None:
-                    self.metrics.infer(pending.model, 200, time.monotonic() - pending.received)
+                    seconds = time.monotonic() - pending.received
+                    self.metrics.infer(served.model, served.version, 200, seconds)
                 else:
-                    self.metrics.infer(pending.model, 500)
+                    self.metrics.infer(served.model, served.version, 500)
                 pending.future.set_result((outputs, exc))
                 continue
             if exc is not None:
@@ -478,9 +743,9 @@ class Server:
             self._answer(pending, response)
 
     def _encode(self, pending: _Pending, outputs: dict) -> Response:
-        labels = self.models[pending.model].labels
+        served = pending.served
         body, header_length = _protocol.encode_infer(
-            pending.model, pending.request, outputs, labels
+            served.model, pending.request, outputs, served.predictor.labels, served.version
         )
         if header_length is None:
             return Response(200, body)
@@ -506,8 +771,15 @@ class Server:
     def _answer(self, pending: _Pending, response: Response) -> None:
         self._pending.discard(pending)
         seconds = time.monotonic() - pending.received if response.status == 200 else None
-        self.metrics.infer(pending.model, response.status, seconds)
+        self.metrics.infer(pending.served.model, pending.served.version, response.status, seconds)
         pending.future.set_result(response)
+
+
+def _mtime(path: Path) -> int:
+    try:
+        return os.stat(path / "manifest.json").st_mtime_ns
+    except OSError:
+        return -1
 
 
 def _json(status: int, obj) -> Response:

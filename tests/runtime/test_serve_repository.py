@@ -1,0 +1,225 @@
+"""A model repository: versions, policies, Triton's repository extension, reload under load."""
+
+import http.client
+import json
+import logging
+import os
+import shutil
+import threading
+import time
+
+import numpy as np
+import pytest
+from runtime_helpers import json_body, output_of, request
+
+from jaxmint_runtime.serve import Server
+from jaxmint_runtime.serve._cli import main as serve_main
+from jaxmint_runtime.serve._repository import RepositoryError, VersionPolicy, scan
+
+
+def add_version(repo, artifact, model: str, version: int, *, corrupt: bool = False):
+    """Copy ``artifact`` in as ``repo/model/version``, appearing at once (a rename)."""
+    staging = repo / f".staging-{model}-{version}"
+    shutil.copytree(artifact, staging)
+    if corrupt:  # one flipped byte: the manifest's sha256 no longer matches
+        weights = staging / "weights.safetensors"
+        data = bytearray(weights.read_bytes())
+        data[-1] ^= 0xFF
+        weights.write_bytes(bytes(data))
+    (repo / model).mkdir(exist_ok=True)
+    os.rename(staging, repo / model / str(version))
+
+
+@pytest.fixture
+def repo(tmp_path, artifact):
+    root = tmp_path / "repo"
+    root.mkdir()
+    add_version(root, artifact, "digits", 1)
+    add_version(root, artifact, "digits", 2)
+    shutil.copytree(artifact, root / "plain")  # a model directory that is an artifact: version 1
+    (root / "notes.txt").write_text("not a model")
+    (root / "digits" / "latest").mkdir()  # not a version number: skipped
+    return root
+
+
+def get(port, path, headers=None):
+    status, _, body = request(port, "GET", path, headers=headers)
+    return status, json.loads(body) if body else None
+
+
+def post(port, path, body=b"", headers=None):
+    status, _, answer = request(port, "POST", path, body, headers=headers, timeout=60)
+    return status, json.loads(answer) if answer else None
+
+
+def test_scan_and_policies(repo):
+    found = scan(repo)
+    assert sorted(found) == ["digits", "plain"] and sorted(found["digits"]) == [1, 2]
+    assert list(found["plain"]) == [1]
+    assert VersionPolicy.parse("latest:2").select([3, 1, 2]) == [2, 3]
+    assert VersionPolicy.parse("all").select([2, 1]) == [1, 2]
+    assert VersionPolicy.parse("specific:1,3").select([1, 2]) == [1]
+    for bad in ("latest:0", "newest", "specific:", "specific:a", "all:2"):
+        with pytest.raises(RepositoryError, match="is not one of latest:N"):
+            VersionPolicy.parse(bad)
+
+
+def test_versions_are_served_by_policy_and_addressed_by_path(repo, predictor, inputs):
+    x = inputs[:2]
+    want = predictor.run({"x": x})["output"]
+    with Server([repo], port=0, version_policy="all") as server:
+        status, meta = get(server.port, "/v2/models/digits")
+        assert status == 200 and meta["versions"] == ["1", "2"]
+        assert get(server.port, "/v2/models/digits/versions/1")[1]["versions"] == ["1"]
+        for path, version in [
+            ("/v2/models/digits/infer", "2"),  # the newest by default
+            ("/v2/models/digits/versions/1/infer", "1"),
+            ("/v2/models/plain/infer", "1"),
+        ]:
+            status, headers, body = request(server.port, "POST", path, json_body(x))
+            assert status == 200 and json.loads(body)["model_version"] == version
+            np.testing.assert_allclose(output_of(status, headers, body), want, rtol=1e-6)
+        status, answer = post(server.port, "/v2/models/digits/versions/7/infer", json_body(x))
+        assert status == 404 and "serves versions ['1', '2']" in answer["error"]
+    with Server([repo], port=0, version_policy="specific:1") as server:
+        assert get(server.port, "/v2/models/digits")[1]["versions"] == ["1"]
+    with Server([repo], port=0) as server:  # latest:1
+        assert get(server.port, "/v2/models/digits")[1]["versions"] == ["2"]
+        assert get(server.port, "/v2/models/digits/config")[1]["version_policy"] == "latest:1"
+
+
+def test_repository_index_unload_and_load(repo, inputs):
+    token = {"Authorization": "Bearer t0k"}
+    with Server([repo], port=0, token="t0k") as server:
+        assert post(server.port, "/v2/repository/index")[0] == 401  # the token guards it
+        status, index = post(server.port, "/v2/repository/index", headers=token)
+        assert status == 200
+        assert {(e["name"], e["version"], e["state"]) for e in index} == {
+            ("digits", "1", "UNAVAILABLE"),
+            ("digits", "2", "READY"),
+            ("plain", "1", "READY"),
+        }
+        (old,) = [e for e in index if e["version"] == "1" and e["name"] == "digits"]
+        assert "version policy latest:1" in old["reason"]
+        ready = post(server.port, "/v2/repository/index", b'{"ready": true}', token)[1]
+        assert len(ready) == 2 and all(e["state"] == "READY" for e in ready)
+        assert post(server.port, "/v2/repository/index", b"[1]", token)[0] == 400
+
+        assert post(server.port, "/v2/repository/models/digits/unload", headers=token) == (200, {})
+        status, answer = post(server.port, "/v2/models/digits/infer", json_body(inputs[:1]), token)
+        assert status == 404 and "unknown model 'digits'" in answer["error"]
+        index = post(server.port, "/v2/repository/index", headers=token)[1]
+        assert {e["reason"] for e in index if e["name"] == "digits"} == {"unloaded on request"}
+        assert post(server.port, "/v2/repository/models/digits/load", headers=token) == (200, {})
+        status, _, body = request(
+            server.port, "POST", "/v2/models/digits/infer", json_body(inputs[:1]), token
+        )
+        assert status == 200 and json.loads(body)["model_version"] == "2"
+        status, answer = post(server.port, "/v2/repository/models/nope/load", headers=token)
+        assert status == 400 and "no model 'nope'" in answer["error"]
+        assert post(server.port, "/v2/repository/models/nope/unload", headers=token)[0] == 400
+        assert get(server.port, "/v2/repository/index", token)[0] == 405
+
+
+def test_a_reload_under_load_answers_every_request_once(repo, artifact, predictor, inputs):
+    """16 clients send requests while version 3 appears and version 2 is retired: each
+    request is answered once, by the version it was routed to, and none fails."""
+    with Server([repo], port=0, poll_interval_s=0.1, max_delay_ms=5) as server:
+        stop = threading.Event()
+        answers: dict[int, list] = {}
+        failures: list = []
+
+        def client(c: int):
+            conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+            mine = answers.setdefault(c, [])
+            i = 0
+            while not stop.is_set() and i < 2000:
+                row = inputs[(c * 7 + i) % len(inputs)][None]
+                rid = f"{c}-{i}"
+                conn.request("POST", "/v2/models/digits/infer", json_body(row, rid))
+                response = conn.getresponse()
+                body = response.read()
+                if response.status != 200:
+                    failures.append((response.status, body[:200]))
+                    break
+                msg = json.loads(body)
+                if msg["id"] != rid:
+                    failures.append(("answered with another request's id", rid, msg["id"]))
+                got = np.asarray(msg["outputs"][0]["data"], np.float32)
+                want = predictor.run({"x": row})["output"][0]
+                if not np.allclose(got, want, rtol=1e-5, atol=1e-6):
+                    failures.append(("wrong answer", rid))
+                mine.append(msg["model_version"])
+                i += 1
+            conn.close()
+
+        threads = [threading.Thread(target=client, args=(c,)) for c in range(16)]
+        for t in threads:
+            t.start()
+        time.sleep(0.5)
+        add_version(repo, artifact, "digits", 3)
+        deadline = time.monotonic() + 60
+        while get(server.port, "/v2/models/digits")[1]["versions"] != ["3"]:
+            assert time.monotonic() < deadline, "version 3 never replaced version 2"
+            time.sleep(0.05)
+        time.sleep(0.5)
+        stop.set()
+        for t in threads:
+            t.join(timeout=60)
+        assert not failures, failures[:5]
+        versions = [v for mine in answers.values() for v in mine]
+        assert set(versions) == {"2", "3"}
+        for mine in answers.values():  # each client saw 2 until it saw 3, never back
+            assert mine == sorted(mine, key=int)
+        counted = server.metrics.requests("digits", 200, "2") + server.metrics.requests(
+            "digits", 200, "3"
+        )
+        assert counted == len(versions)  # answered exactly once each
+
+
+def test_a_broken_version_is_refused_and_the_old_one_keeps_serving(repo, artifact, inputs, caplog):
+    caplog.set_level(logging.WARNING, logger="jaxmint_runtime.serve")
+    with Server([repo], port=0, poll_interval_s=0.1) as server:
+        add_version(repo, artifact, "digits", 3, corrupt=True)
+        deadline = time.monotonic() + 30
+        while "not loaded" not in caplog.text:
+            assert time.monotonic() < deadline, "the broken version was never tried"
+            time.sleep(0.05)
+        assert "version 3" in caplog.text and "sha256 does not match" in caplog.text
+        assert get(server.port, "/v2/models/digits")[1]["versions"] == ["2"]
+        status, _, body = request(
+            server.port, "POST", "/v2/models/digits/infer", json_body(inputs[:1])
+        )
+        assert status == 200 and json.loads(body)["model_version"] == "2"
+        index = post(server.port, "/v2/repository/index")[1]
+        (broken,) = [e for e in index if e["version"] == "3"]
+        assert broken["state"] == "UNAVAILABLE" and "sha256" in broken["reason"]
+        time.sleep(0.5)  # later polls do not retry it (or log again) until it changes
+        assert caplog.text.count("not loaded") == 1
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def test_memory_returns_after_unload(repo):
+    with Server([repo], port=0) as server:
+        rounds = []
+        for _ in range(6):
+            assert post(server.port, "/v2/repository/models/digits/unload")[0] == 200
+            assert post(server.port, "/v2/repository/models/digits/load")[0] == 200
+            rounds.append(rss_bytes())
+        growth = rounds[-1] - rounds[1]
+        assert growth < 48 * 2**20, f"RSS grew {growth / 2**20:.0f} MiB over 4 reloads"
+
+
+def test_cli_serves_a_repository_and_refuses_a_bad_policy(repo, capsys):
+    assert serve_main([str(repo), "--version-policy", "newest"]) == 2
+    assert "is not one of latest:N" in capsys.readouterr().err
+    assert serve_main([str(repo), "--poll-interval", "-1"]) == 2
+    assert "--poll-interval" in capsys.readouterr().err
+    empty = repo.parent / "empty"
+    empty.mkdir()
+    assert serve_main([str(empty)]) == 2
+    assert "no model versions found" in capsys.readouterr().err
