@@ -41,6 +41,9 @@ class Results:
         self.expected = n
         if len(self.items) >= n:
             return self.items
+        self.done.clear()
+        if len(self.items) >= n:  # answered between the check and the clear
+            return self.items
         assert self.done.wait(timeout), f"only {len(self.items)} of {n} answered"
         return self.items
 
@@ -61,6 +64,23 @@ def test_concurrent_requests_merge_and_split_back():
     for i, x in enumerate(xs):
         np.testing.assert_array_equal(got[i][0]["y"], x * 2)
     assert batcher.close(5)
+
+
+def test_a_lone_request_runs_at_once_and_a_crowd_merges():
+    pred, results = Recorder(delay_s=0.05), Results()
+    batcher = make(pred, results, max_delay_s=2.0)
+    for i in range(3):  # one client, one request at a time: no waiting for company
+        start = time.monotonic()
+        batcher.submit({"x": np.full((1, 3), i, np.float32)}, 1, i)
+        results.wait(i + 1)
+        assert time.monotonic() - start < 1.0, "a lone request waited for the batch delay"
+    batcher.submit({"x": np.zeros((1, 3), np.float32)}, 1, "first")
+    time.sleep(0.01)  # it runs (50 ms); a crowd arrives meanwhile and merges
+    for i in range(4):
+        batcher.submit({"x": np.ones((1, 3), np.float32)}, 1, f"crowd{i}")
+    results.wait(8, timeout=10)
+    assert pred.shapes == [(1, 3)] * 4 + [(4, 3)]
+    batcher.close()
 
 
 def test_full_batch_runs_without_waiting_for_the_delay():

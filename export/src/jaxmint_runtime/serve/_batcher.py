@@ -6,6 +6,12 @@ batch holds ``max_batch_size`` examples or the oldest request has waited
 ``max_delay_s``. It runs the merged batch once and splits the outputs back. While
 a batch runs, new requests queue up, so under load batches fill without waiting.
 
+A request that finds the worker idle, when the batch before it was a lone
+request too, runs at once: nothing suggests company is coming, and waiting would
+only add ``max_delay_s`` to every request of a lone client. As soon as requests
+arrive while a batch runs, or a batch merges several, the worker waits for
+batches to fill again.
+
 The queue is bounded (``max_queue`` requests): `submit` raises `QueueFull` at once
 rather than letting memory grow, and the caller answers 503. Every submitted
 request is answered exactly once through ``deliver``, with its outputs or with
@@ -82,6 +88,7 @@ class Batcher:
         self._closing = False
         self._no_wait = False
         self._queued = 0  # examples waiting
+        self._last_batch = 0  # requests in the batch before (0: none yet)
         self._thread = threading.Thread(
             target=self._work, name=f"jaxmint-batcher-{predictor.name}", daemon=True
         )
@@ -135,11 +142,15 @@ class Batcher:
 
     def _next_batch(self) -> list[_Item] | None:
         with self._cond:
+            found_idle = not self._queue
             while not self._queue:
                 if self._closing:
                     return None
                 self._cond.wait()
-            deadline = self._queue[0].arrival + self.max_delay_s
+            if found_idle and self._last_batch <= 1:
+                deadline = 0.0  # a lone request: run it now (see the module docstring)
+            else:
+                deadline = self._queue[0].arrival + self.max_delay_s
             while True:
                 chosen, total = self._select()
                 remaining = deadline - time.monotonic()
@@ -153,6 +164,7 @@ class Batcher:
                 taken = {id(item) for item in chosen}
                 self._queue = deque(it for it in self._queue if id(it) not in taken)
             self._queued -= total
+            self._last_batch = len(chosen)
             return chosen
 
     def _select(self) -> tuple[list[_Item], int]:
