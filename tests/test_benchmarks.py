@@ -110,6 +110,22 @@ def test_grpc_rest_quick(tmp_path):
     assert result["connections"]["8"]["grpc"]["requests_per_s"] > 0
 
 
+PEER = Path.home() / ".cache/jaxmint-bench/mlserver-1.7.1/bin/mlserver"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    shutil.which("wrk") is None or not PEER.exists(),
+    reason="needs wrk and MLServer (python benchmarks/serving_peers.py installs it)",
+)
+def test_serving_peers_quick(tmp_path):
+    out = run("benchmarks/serving_peers.py", "--quick", "--out", tmp_path / "p.json")
+    assert "the peer's req/s" in out
+    result = json.loads((tmp_path / "p.json").read_text())
+    assert set(result["ratios"]) == {"onnx", "xla"}
+    assert result["summary"]["MLServer 1.7.1"]["64"]["requests_per_s"] > 0
+
+
 def test_memory_quick(tmp_path):
     run("benchmarks/memory.py", "--quick", "--out", tmp_path / "m.json")
     result = json.loads((tmp_path / "m.json").read_text())

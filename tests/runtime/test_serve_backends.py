@@ -116,3 +116,18 @@ def test_bench_all_backends_prints_one_table(multi_artifact, tmp_path, capsys):
     # The lean backends do not pay for jax in their cold-start process.
     rss = {r["backend"]: r["cold_start"]["peak_rss_bytes"] for r in report["backends"]}
     assert rss["onnx"] < rss["xla"] and rss["iree"] < rss["xla"]
+
+
+def test_onnx_threads_sleep_between_ops_and_their_count_is_set(multi_artifact, monkeypatch):
+    import jaxmint_runtime
+    from jaxmint_runtime import ArtifactError
+
+    artifact, _ = multi_artifact
+    monkeypatch.setenv("JAXMINT_ONNX_THREADS", "2")
+    predictor = jaxmint_runtime.load(artifact, backend="onnx")
+    options = predictor.backend.session.get_session_options()
+    assert options.intra_op_num_threads == 2 and options.inter_op_num_threads == 1
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    monkeypatch.setenv("JAXMINT_ONNX_THREADS", "zero")
+    with pytest.raises(ArtifactError, match="JAXMINT_ONNX_THREADS must be a positive integer"):
+        jaxmint_runtime.load(artifact, backend="onnx")

@@ -4,6 +4,13 @@
 (comma-separated), else ``CPUExecutionProvider`` chooses ONNX Runtime's execution
 providers, e.g. ``CUDAExecutionProvider,CPUExecutionProvider`` with
 ``onnxruntime-gpu``.
+
+Threads: ONNX Runtime's default intra-op pool has one thread per core, and those
+threads spin (busy-wait) between ops, so a server answering one small request at
+a time keeps every core busy. Here the pool has ``$JAXMINT_ONNX_THREADS`` threads
+(default: the cores this process may use, at most 4), one inter-op thread, and
+no spinning: a thread that has nothing to do sleeps. ONNX Runtime splits an op
+over the pool only when it is large enough to gain from it.
 """
 
 from __future__ import annotations
@@ -29,6 +36,10 @@ class OnnxBackend:
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.log_severity_level = 3  # errors only
+        options.intra_op_num_threads = threads()
+        options.inter_op_num_threads = 1
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        options.add_session_config_entry("session.inter_op.allow_spinning", "0")
         try:
             self.session = ort.InferenceSession(str(path), options, providers=providers)
         except Exception as e:  # onnxruntime raises its own exception types
@@ -64,6 +75,18 @@ class OnnxBackend:
             "onnxruntime": ort.__version__,
             "providers": self.session.get_providers(),
         }
+
+
+def threads() -> int:
+    """ONNX Runtime's intra-op threads: ``$JAXMINT_ONNX_THREADS``, else the usable cores
+    (at most 4)."""
+    text = os.environ.get("JAXMINT_ONNX_THREADS", "").strip()
+    if text:
+        if not text.isdigit() or int(text) < 1:
+            raise ArtifactError(f"$JAXMINT_ONNX_THREADS must be a positive integer, got {text!r}")
+        return int(text)
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, min(4, usable or 1))
 
 
 def open(
