@@ -83,6 +83,16 @@ def test_a_lone_request_runs_at_once_and_a_crowd_merges():
     batcher.close()
 
 
+def test_a_fixed_window_always_waits_for_the_batch_to_fill():
+    pred, results = Recorder(), Results()
+    batcher = make(pred, results, max_delay_s=0.3, adaptive=False)
+    start = time.monotonic()
+    batcher.submit({"x": np.zeros((1, 3), np.float32)}, 1, "lone")
+    results.wait(1)
+    assert time.monotonic() - start >= 0.25  # waited for company that never came
+    batcher.close()
+
+
 def test_full_batch_runs_without_waiting_for_the_delay():
     pred, results = Recorder(), Results()
     batcher = make(pred, results, max_batch_size=4, max_delay_s=30)

@@ -1,5 +1,6 @@
 """A model repository: versions, policies, Triton's repository extension, reload under load."""
 
+import hashlib
 import http.client
 import json
 import logging
@@ -12,20 +13,42 @@ import numpy as np
 import pytest
 from runtime_helpers import json_body, output_of, request
 
+from jaxmint_runtime._format import read_safetensors, write_safetensors
 from jaxmint_runtime.serve import Server
 from jaxmint_runtime.serve._cli import main as serve_main
 from jaxmint_runtime.serve._repository import RepositoryError, VersionPolicy, scan
 
 
-def add_version(repo, artifact, model: str, version: int, *, corrupt: bool = False):
-    """Copy ``artifact`` in as ``repo/model/version``, appearing at once (a rename)."""
+def add_version(repo, artifact, model: str, version: int, *, corrupt: str = ""):
+    """Copy ``artifact`` in as ``repo/model/version``, appearing at once (a rename).
+
+    ``corrupt="byte"`` flips a byte of the weights (the sha256 no longer matches);
+    ``corrupt="weights"`` doubles every weight and lists the new file's hash, as a
+    mixed-up weights file would be: only the check sample can tell.
+    """
     staging = repo / f".staging-{model}-{version}"
     shutil.copytree(artifact, staging)
-    if corrupt:  # one flipped byte: the manifest's sha256 no longer matches
-        weights = staging / "weights.safetensors"
+    weights = staging / "weights.safetensors"
+    if corrupt == "byte":
         data = bytearray(weights.read_bytes())
         data[-1] ^= 0xFF
         weights.write_bytes(bytes(data))
+    elif corrupt == "weights":
+        doubled = {k: np.asarray(v) * 2 for k, v in read_safetensors(weights).items()}
+        weights.unlink()
+        write_safetensors(weights, doubled)
+        manifest = json.loads((staging / "manifest.json").read_text())
+        data = weights.read_bytes()
+        manifest["files"]["weights.safetensors"] = {
+            "sha256": hashlib.sha256(data).hexdigest(),
+            "bytes": len(data),
+        }
+        shutil.rmtree(staging / "compiled", ignore_errors=True)  # built from the old weights
+        for entry in manifest["targets"]["xla"].get("precompiled", []):
+            for f in entry["files"]:
+                manifest["files"].pop(f, None)
+        manifest["targets"]["xla"]["precompiled"] = []
+        (staging / "manifest.json").write_text(json.dumps(manifest))
     (repo / model).mkdir(exist_ok=True)
     os.rename(staging, repo / model / str(version))
 
@@ -180,7 +203,7 @@ def test_a_reload_under_load_answers_every_request_once(repo, artifact, predicto
 def test_a_broken_version_is_refused_and_the_old_one_keeps_serving(repo, artifact, inputs, caplog):
     caplog.set_level(logging.WARNING, logger="jaxmint_runtime.serve")
     with Server([repo], port=0, poll_interval_s=0.1) as server:
-        add_version(repo, artifact, "digits", 3, corrupt=True)
+        add_version(repo, artifact, "digits", 3, corrupt="byte")
         deadline = time.monotonic() + 30
         while "not loaded" not in caplog.text:
             assert time.monotonic() < deadline, "the broken version was never tried"
@@ -196,6 +219,17 @@ def test_a_broken_version_is_refused_and_the_old_one_keeps_serving(repo, artifac
         assert broken["state"] == "UNAVAILABLE" and "sha256" in broken["reason"]
         time.sleep(0.5)  # later polls do not retry it (or log again) until it changes
         assert caplog.text.count("not loaded") == 1
+
+
+def test_a_version_that_fails_its_check_sample_is_refused(repo, artifact, caplog):
+    caplog.set_level(logging.WARNING, logger="jaxmint_runtime.serve")
+    add_version(repo, artifact, "digits", 3, corrupt="weights")
+    with Server([repo], port=0) as server:
+        assert get(server.port, "/v2/models/digits")[1]["versions"] == ["2"]
+        assert "check sample saved at export differs from jax's answer" in caplog.text
+        index = post(server.port, "/v2/repository/index")[1]
+        (broken,) = [e for e in index if e["version"] == "3"]
+        assert "output 'output' on the check sample" in broken["reason"]
 
 
 def rss_bytes() -> int:

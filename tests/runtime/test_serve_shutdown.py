@@ -51,7 +51,8 @@ def test_sigterm_answers_in_flight_requests_then_exits_0(artifact, predictor, in
     token = {"Authorization": "Bearer tok"}
     env = {**os.environ, "JAXMINT_SERVE_TOKEN": "tok", "JAX_PLATFORMS": "cpu"}
     # Batches wait up to 20 s to fill: the requests are still queued when SIGTERM comes.
-    args = ["--port", "0", "--max-delay-ms", "20000", "--log-level", "WARNING"]
+    args = ["--port", "0", "--max-delay-ms", "20000", "--batch-window", "fixed"]
+    args += ["--log-level", "WARNING"]
     proc = subprocess.Popen(
         [*serve_command(), str(artifact), *args],
         stdout=subprocess.PIPE,

@@ -206,6 +206,37 @@ def verify_files(directory: str | os.PathLike, manifest: dict, *, hashes: bool =
 
 
 MAX_LABEL_CHARS = 1024
+CHECK = "check.safetensors"
+
+
+def tolerance(dtype) -> tuple[float, float]:
+    """``(rtol, atol)`` by which a target's output may differ from jax's; ``atol`` is
+    scaled by the output's largest magnitude (at least 1)."""
+    name = str(dtype)
+    if name == "bfloat16":
+        return 2e-2, 2e-2
+    if name == "float16":
+        return 5e-3, 5e-3
+    if np.issubdtype(np.dtype(name), np.floating):
+        return 1e-4, 1e-5
+    return 0.0, 0.0  # integers and booleans must match exactly
+
+
+def output_mismatch(got: np.ndarray, want: np.ndarray, *, floor: float = 0.0) -> str | None:
+    """Why ``got`` is not ``want`` within `tolerance` (each at least ``floor``), or None."""
+    if got.shape != want.shape or got.dtype != want.dtype:
+        return f"{got.dtype}{list(got.shape)} instead of {want.dtype}{list(want.shape)}"
+    if not want.size:
+        return None
+    rtol, atol = tolerance(want.dtype)
+    if want.dtype.kind in "fV":  # floating point (bfloat16 reports "V")
+        rtol, atol = max(rtol, floor), max(atol, floor)
+    w, g = want.astype(np.float64), got.astype(np.float64)
+    scale = max(1.0, float(np.max(np.abs(w))))
+    if np.allclose(g, w, rtol=rtol, atol=atol * scale):
+        return None
+    err = float(np.max(np.abs(g - w)))
+    return f"max abs difference {err:.3g} (tolerance rtol={rtol}, atol={atol * scale:.3g})"
 
 
 def read_labels(directory: str | os.PathLike, manifest: dict) -> dict[str, list[str]]:

@@ -18,8 +18,10 @@ from jaxmint_runtime._format import (
     MANIFEST,
     ArtifactError,
     np_dtype,
+    output_mismatch,
     read_labels,
     read_manifest,
+    read_safetensors,
     verify_files,
 )
 
@@ -181,6 +183,37 @@ class Predictor:
         return arrays, batch
 
     # -- calling ------------------------------------------------------------------
+    def self_check(self) -> bool:
+        """Run the artifact's check sample (inputs and jax's outputs, saved at export)
+        and compare; `ArtifactError` naming the output if they differ. False when the
+        artifact has no sample (exported by an older jaxmint).
+
+        The tolerance is loose (1e-2 relative for floating point): it catches a wrong
+        graph or wrong weights, not the precision a device's matmuls trade away
+        (TF32 on a GPU); export's parity check holds targets to the strict one."""
+        check = self.manifest.get("check")
+        if check is None:
+            return False
+        path = self.directory / check["file"]
+        tensors = read_safetensors(path)
+        inputs = {s.name: tensors.get(f"input/{s.name}") for s in self.inputs}
+        outputs = {s.name: tensors.get(f"output/{s.name}") for s in self.outputs}
+        missing = [k for k, v in {**inputs, **outputs}.items() if v is None]
+        if missing:
+            raise ArtifactError(f"{path}: the check sample lacks {sorted(missing)}")
+        try:
+            got = self.run(inputs)
+        except (InputError, ValueError) as e:
+            raise ArtifactError(f"{path}: the check sample does not run: {e}") from None
+        for name, want in outputs.items():
+            why = output_mismatch(got[name], np.asarray(want), floor=1e-2)
+            if why is not None:
+                raise ArtifactError(
+                    f"{self.directory}: output {name!r} on the check sample saved at export "
+                    f"differs from jax's answer with the {self.backend_name} backend: {why}"
+                )
+        return True
+
     def run(self, inputs: Any) -> dict[str, np.ndarray]:
         """Validate and predict; always returns ``{output name: array}``."""
         arrays, n = self.validate(inputs)

@@ -94,6 +94,8 @@ def referenced_files(manifest: dict) -> list[tuple[str, str]]:
             refs.append((f, f"targets.onnx.files[{i}]"))
     for i, m in enumerate(targets.get("iree", {}).get("modules", [])):
         refs.append((m["file"], f"targets.iree.modules[{i}].file"))
+    if "check" in manifest:
+        refs.append((manifest["check"]["file"], "check.file"))
     for i, spec in enumerate(manifest.get("outputs", [])):
         if "labels" in spec:
             refs.append((spec["labels"], f"outputs[{i}].labels"))

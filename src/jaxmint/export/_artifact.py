@@ -36,29 +36,20 @@ from jaxmint.export._targets import (
 )
 from jaxmint_runtime import load as runtime_load
 from jaxmint_runtime._format import (
+    CHECK,
     COMPAT_DAYS,
     FORMAT_NAME,
     FORMAT_VERSION,
     MANIFEST,
     WEIGHTS,
     sha256_file,
+    tolerance,
     write_safetensors,
 )
 
 log = logging.getLogger("jaxmint")
 
 DEFAULT_BATCH_SIZES = (1, 8, 32)
-
-
-def _tolerance(dtype) -> tuple[float, float]:
-    name = str(dtype)
-    if name in ("bfloat16",):
-        return 2e-2, 2e-2
-    if name in ("float16",):
-        return 5e-3, 5e-3
-    if np.issubdtype(np.dtype(name), np.floating):
-        return 1e-4, 1e-5
-    return 0.0, 0.0  # integers and booleans must match exactly
 
 
 def config_hash(config: Mapping[str, Any]) -> str:
@@ -181,6 +172,7 @@ def export_model(
             except TargetSkipped as e:
                 skipped[target] = str(e)
                 _remove_target(tmp, target)
+        _write_check(tmp, predict, weights, sample, input_key, single, outputs)
         for spec in outputs:
             if spec["name"] in label_files:
                 file, lines = label_files[spec["name"]]
@@ -203,6 +195,7 @@ def export_model(
             "experiment": dict(experiment or {}),
             "targets": written,
             "skipped_targets": skipped,
+            "check": {"file": CHECK},
         }
         _write_manifest(tmp, manifest, final=False)
         checker = _Parity(predict, weights, sample, input_key, batch_sizes)
@@ -239,6 +232,17 @@ def export_model(
     for target, why in skipped.items():
         log.warning("export target %s skipped: %s", target, why)
     return out
+
+
+def _write_check(directory: Path, predict, weights, sample, input_key, single, outputs) -> None:
+    """A few sample inputs and jax's outputs for them: every runtime load can check a
+    target against the original with `Predictor.self_check`."""
+    x = sample[: min(4, sample.shape[0])]
+    got = jax.device_get(jax.jit(predict)(weights, {input_key: x}))
+    got = {outputs[0]["name"]: got} if single else got
+    tensors = {f"input/{input_key}": np.asarray(x)}
+    tensors.update({f"output/{name}": np.asarray(v) for name, v in got.items()})
+    write_safetensors(directory / CHECK, tensors)
 
 
 def _label_files(labels, outputs: list[dict]) -> dict[str, tuple[str, list[str]]]:
@@ -421,7 +425,7 @@ class _Parity:
                 want = {predictor.outputs[0].name: want}
             for key, w in want.items():
                 w, g = np.asarray(w), got[key]
-                rtol, atol = _tolerance(w.dtype)
+                rtol, atol = tolerance(w.dtype)
                 peak = float(np.max(np.abs(w.astype(np.float64)))) if w.size else 0.0
                 scale = max(1.0, peak)
                 if g.shape != w.shape or g.dtype != w.dtype:

@@ -6,11 +6,15 @@ batch holds ``max_batch_size`` examples or the oldest request has waited
 ``max_delay_s``. It runs the merged batch once and splits the outputs back. While
 a batch runs, new requests queue up, so under load batches fill without waiting.
 
-A request that finds the worker idle, when the batch before it was a lone
-request too, runs at once: nothing suggests company is coming, and waiting would
-only add ``max_delay_s`` to every request of a lone client. As soon as requests
-arrive while a batch runs, or a batch merges several, the worker waits for
-batches to fill again.
+The wait adapts to the clients. A request that finds the worker idle, when the
+batch before it was a lone request too, runs at once: nothing suggests company is
+coming, and waiting would only add ``max_delay_s`` to every request of a lone
+client. Otherwise a batch also stops waiting once it holds as many requests as
+the batch before it: with N clients sending back to back, N requests is all that
+will come, and the rest of the window would be idle time. Batches grow when more
+requests than that are already queued. With ``adaptive=False`` every batch waits
+up to ``max_delay_s`` to fill (Triton's fixed window), for devices where a batch
+costs far more than an example.
 
 The queue is bounded (``max_queue`` requests): `submit` raises `QueueFull` at once
 rather than letting memory grow, and the caller answers 503. Every submitted
@@ -70,6 +74,7 @@ class Batcher:
         max_batch_size: int,
         max_delay_s: float,
         max_queue: int,
+        adaptive: bool = True,
         on_batch: Callable[[int], None] | None = None,
     ):
         if max_batch_size < 1 or max_queue < 1 or max_delay_s < 0:
@@ -81,6 +86,7 @@ class Batcher:
         self.max_batch_size = max_batch_size
         self.max_delay_s = max_delay_s
         self.max_queue = max_queue
+        self.adaptive = adaptive
         self._deliver = deliver
         self._on_batch = on_batch
         self._queue: deque[_Item] = deque()
@@ -89,6 +95,7 @@ class Batcher:
         self._no_wait = False
         self._queued = 0  # examples waiting
         self._last_batch = 0  # requests in the batch before (0: none yet)
+        self._expected = 2  # requests the batch being gathered stops at
         self._thread = threading.Thread(
             target=self._work, name=f"jaxmint-batcher-{predictor.name}", daemon=True
         )
@@ -115,7 +122,7 @@ class Batcher:
             self._queued += n
             # Wake the worker only when it can act: it waits for a first request or
             # for enough examples (a wake-up per request costs a GIL hand-off each).
-            if len(self._queue) == 1 or self._queued >= self.max_batch_size:
+            if len(self._queue) in (1, self._expected) or self._queued >= self.max_batch_size:
                 self._cond.notify()
 
     def flush(self) -> None:
@@ -147,14 +154,17 @@ class Batcher:
                 if self._closing:
                     return None
                 self._cond.wait()
-            if found_idle and self._last_batch <= 1:
+            if self.adaptive and found_idle and self._last_batch <= 1:
                 deadline = 0.0  # a lone request: run it now (see the module docstring)
             else:
                 deadline = self._queue[0].arrival + self.max_delay_s
+            # requests worth waiting for (fixed window: as many as fit)
+            self._expected = max(self._last_batch, 2) if self.adaptive else self.max_queue + 1
             while True:
                 chosen, total = self._select()
                 remaining = deadline - time.monotonic()
-                if total >= self.max_batch_size or self._closing or self._no_wait or remaining <= 0:
+                full = total >= self.max_batch_size or len(chosen) >= self._expected
+                if full or self._closing or self._no_wait or remaining <= 0:
                     break
                 self._cond.wait(remaining)
             if all(a is b for a, b in zip(chosen, self._queue, strict=False)):

@@ -66,6 +66,14 @@ def parser() -> argparse.ArgumentParser:
         help="longest wait for a batch to fill (default %(default)s)",
     )
     p.add_argument(
+        "--batch-window",
+        choices=["adaptive", "fixed"],
+        default=_D.batch_window,
+        help="adaptive (default): a lone request runs at once and a batch stops waiting once "
+        "it holds as many requests as the one before; fixed: every batch waits up to "
+        "--max-delay-ms to fill (for devices where a batch costs far more than an example)",
+    )
+    p.add_argument(
         "--no-batching", dest="batching", action="store_false", help="run every request on its own"
     )
     p.add_argument(
@@ -181,6 +189,7 @@ def main(argv: list[str] | None = None) -> int:
         batching=args.batching,
         max_batch_size=args.max_batch_size,
         max_delay_ms=args.max_delay_ms,
+        batch_window=args.batch_window,
         max_queue=args.max_queue,
         max_body_bytes=args.max_body_bytes,
         max_elements=args.max_elements,

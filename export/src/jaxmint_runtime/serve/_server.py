@@ -47,6 +47,7 @@ class ServeConfig:
     batching: bool = True
     max_batch_size: int | None = None  # None: the model's largest declared batch size
     max_delay_ms: float = 2.0
+    batch_window: str = "adaptive"  # or "fixed": always wait up to max_delay_ms (see Batcher)
     max_queue: int = 256
     max_body_bytes: int = 64 * 1024 * 1024
     max_elements: int = 16 * 1024 * 1024
@@ -104,6 +105,10 @@ class Server:
         **overrides,
     ):
         self.config = replace(config or ServeConfig(), **overrides)
+        if self.config.batch_window not in ("adaptive", "fixed"):
+            raise ValueError(
+                f"batch_window is {self.config.batch_window!r}; it is 'adaptive' or 'fixed'"
+            )
         self.policy = VersionPolicy.parse(self.config.version_policy)
         # model -> version -> Served: what requests are routed to. Changed on the loop only
         # (once serving), so a request sees one consistent table.
@@ -115,16 +120,27 @@ class Server:
         self._sync_lock: asyncio.Lock | None = None
         for m in models:
             if isinstance(m, Predictor) or is_artifact(Path(m)):
-                predictor = m if isinstance(m, Predictor) else self._load(Path(m))
-                self._add(Served(predictor.name, "1", self._prepare(predictor)))
+                if isinstance(m, Predictor):  # the caller's object: used as it is
+                    predictor = self._prepare(m, check=False)
+                else:
+                    predictor = self._prepare(self._load(Path(m)))
+                self._add(Served(predictor.name, "1", predictor))
                 self._fixed.add(predictor.name)
             else:
                 root = Path(m)
                 self._roots.append(root)
-                for name, versions in scan(root).items():
-                    for v in self.policy.select(list(versions)):
-                        predictor = self._prepare(self._load(versions[v]), name)
-                        self._add(Served(name, str(v), predictor, versions[v]))
+                for name, on_disk in scan(root).items():
+                    while True:  # as `sync` does: a broken version is logged and skipped
+                        _, missing = self._plan(name, on_disk)
+                        if not missing:
+                            break
+                        for v in missing:
+                            try:
+                                predictor = self._load_prepared(on_disk[v], name)
+                            except Exception as e:
+                                self._refuse(name, v, on_disk[v], e)
+                                continue
+                            self._add(Served(name, str(v), predictor, on_disk[v]))
         if not self.served:
             raise ValueError(
                 "give at least one artifact or repository to serve "
@@ -182,12 +198,17 @@ class Server:
     def _load(self, path: Path) -> Predictor:
         return load(path, backend=self.config.backend, allow_expired=self.config.allow_expired)
 
-    def _prepare(self, predictor: Predictor, name: str | None = None) -> Predictor:
-        """Bounded batch sizes, all compiled now: never an XLA compile on the request path."""
+    def _prepare(
+        self, predictor: Predictor, name: str | None = None, *, check: bool = True
+    ) -> Predictor:
+        """Bounded batch sizes, all compiled now: never an XLA compile on the request path.
+        With ``check``, the artifact's check sample must give jax's answers."""
         bucketed = predictor.bucketed(self.bucket_max(predictor))
         if name is not None:
             bucketed.name = name  # a repository names models by their directories
         bucketed.warmup()
+        if check:
+            bucketed.self_check()  # a version that answers wrongly is never served
         return bucketed
 
     def _add(self, served: Served) -> None:
@@ -210,6 +231,7 @@ class Server:
             max_batch_size=self.max_batch_size(predictor),
             max_delay_s=self.config.max_delay_ms / 1000 if self.config.batching else 0.0,
             max_queue=self.config.max_queue,
+            adaptive=self.config.batch_window == "adaptive",
             on_batch=lambda n: self.metrics.batch(served.model, served.version, n),
         )
 
@@ -568,15 +590,27 @@ class Server:
                 else:
                     await self._sync_model(name, on_disk[name])
 
+    def _plan(self, name: str, on_disk: dict[int, Path]) -> tuple[list[int], list[int]]:
+        """The versions of ``name`` to serve, and those of them not loaded yet."""
+        served = self.served.get(name, {})
+        usable = [v for v, path in on_disk.items() if str(v) in served or not self._failure(path)]
+        wanted = self.policy.select(usable)
+        return wanted, [v for v in wanted if str(v) not in served]
+
+    def _refuse(self, name: str, version: int, path: Path, e: Exception) -> None:
+        self._failed[path] = (_mtime(path), str(e)[:2000])
+        log.warning(
+            "model %r version %d at %s not loaded (the versions served keep serving): %s",
+            name,
+            version,
+            path,
+            e,
+        )
+
     async def _sync_model(self, name: str, on_disk: dict[int, Path]) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            served = self.served.get(name, {})
-            usable = [
-                v for v, path in on_disk.items() if str(v) in served or not self._failure(path)
-            ]
-            wanted = self.policy.select(usable)
-            missing = [v for v in wanted if str(v) not in served]
+            wanted, missing = self._plan(name, on_disk)
             if not missing:
                 break
             for v in missing:
@@ -584,15 +618,7 @@ class Server:
                 try:
                     predictor = await loop.run_in_executor(None, self._load_prepared, path, name)
                 except Exception as e:  # a broken version never replaces a working one
-                    self._failed[path] = (_mtime(path), str(e)[:2000])
-                    log.warning(
-                        "model %r version %d at %s not loaded (the versions served keep "
-                        "serving): %s",
-                        name,
-                        v,
-                        path,
-                        e,
-                    )
+                    self._refuse(name, v, path, e)
                     continue
                 self._failed.pop(path, None)
                 entry = Served(name, str(v), predictor, path)
