@@ -336,6 +336,15 @@ def test_cli_export_and_inspect(tmp_path, capsys):
     assert not (tmp_path / "c").exists()
     assert main([*base, "--out", str(tmp_path / "c"), "--labels", str(tmp_path / "no")]) == 2
     assert "--labels" in capsys.readouterr().err
+    # Quantized, judged on the experiment's eval data; inspect shows the scheme and drop.
+    assert main([*base, "--out", str(tmp_path / "q"), "--quantize", "int8-weights"]) == 0
+    out = capsys.readouterr().out
+    assert "quantization: int8-weights" in out and "eval accuracy float" in out
+    assert main(["inspect", str(tmp_path / "q"), "--no-analysis"]) == 0
+    assert "quantization: int8-weights" in capsys.readouterr().out
+    q = [*base, "--out", str(tmp_path / "r"), "--quantize", "int8-weights"]
+    assert main([*q, "--max-metric-drop", "-1"]) == 2
+    assert "max_metric_drop must be >= 0" in capsys.readouterr().err
 
 
 def test_force_never_drops_a_target_in_silence(trained, artifact, tmp_path):

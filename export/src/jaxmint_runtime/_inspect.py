@@ -31,6 +31,7 @@ def inspect_artifact(path: str | os.PathLike, *, analyze: bool = True) -> dict:
         "skipped_targets": manifest.get("skipped_targets", {}),
         "backends_installed": [b for b in backends.BACKENDS if backends.installed(b)],
         "files": {k: v["bytes"] for k, v in manifest["files"].items()},
+        "quantization": manifest.get("quantization"),
     }
     if analyze and "xla" in targets and backends.installed("xla"):
         from jaxmint_runtime._predictor import load

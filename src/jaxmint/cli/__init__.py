@@ -87,6 +87,8 @@ def _export(args) -> int:
             iree_cpu=args.iree_cpu,
             iree_hal_targets=args.iree_hal_targets.split(",") if args.iree_hal_targets else None,
             labels=labels,
+            quantize=args.quantize,
+            max_metric_drop=args.max_metric_drop,
         )
     except (ExportError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -102,10 +104,25 @@ def _export(args) -> int:
         for key, err in parity.get("max_abs_error", {}).items():
             rel = parity.get("max_rel_error", {}).get(key, float("nan"))
             print(f"    parity: {key} max abs error {err:.3g}, max rel error {rel:.3g}")
+    print(_quantization_line(report))
     skipped = report["skipped_targets"]
     for name, why in skipped.items():
         print(f"warning: target {name} was skipped: {why}", file=sys.stderr)
     return 3 if skipped else 0
+
+
+def _quantization_line(report: dict) -> str:
+    q = report.get("quantization")
+    if not q:
+        return "  quantization: none (float weights)"
+    drops = ", ".join(
+        f"{t} {m['metric']:.2f}% ({-m['drop']:+.2f})" for t, m in q.get("targets", {}).items()
+    )
+    return (
+        f"  quantization: {q['scheme']}, weights {q['weight_bytes']:,} of "
+        f"{q['float_weight_bytes']:,} bytes; eval accuracy float {q['float_metric']:.2f}%, "
+        f"{drops} on {q['eval_examples']} examples (max drop {q['max_metric_drop']:g})"
+    )
 
 
 def _read_labels(path: str) -> list[str]:
@@ -154,6 +171,7 @@ def _inspect(args) -> int:
     for name, why in report["skipped_targets"].items():
         targets.add_row(name, f"[red]skipped[/]: {why}", "")
     c.print(targets)
+    c.print(_quantization_line(report).strip())
     sig = Table("", "name", "dtype", "shape", title="signature")
     for kind in ("inputs", "outputs"):
         for t in report[kind]:
@@ -232,6 +250,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=None,
         metavar="NAME",
         help="xla, onnx or iree; repeat or comma-separate for several (default: xla)",
+    )
+    p.add_argument(
+        "--quantize",
+        choices=["none", "bf16", "int8-weights"],
+        default="none",
+        help="store the weights as bfloat16 or int8 with per-channel scales, dequantized in "
+        "the graph, for every target (default: none)",
+    )
+    p.add_argument(
+        "--max-metric-drop",
+        type=float,
+        default=0.5,
+        metavar="POINTS",
+        help="refuse a quantized target whose eval accuracy is more than this many points "
+        "below the float model's (default %(default)s)",
     )
     p.add_argument(
         "--labels",

@@ -25,6 +25,13 @@ import jaxlib
 import numpy as np
 
 from jaxmint.export._lower import ExportError, lower, output_specs, predict_function
+from jaxmint.export._quantize import (
+    MAX_EVAL_EXAMPLES,
+    check_scheme,
+    jax_runner,
+    task_metric,
+)
+from jaxmint.export._quantize import quantize as quantize_weights
 from jaxmint.export._targets import (
     DEFAULT_ONNX_OPSET,
     Job,
@@ -77,6 +84,9 @@ def export_model(
     iree_hal_targets: Sequence[str] | None = None,
     iree_cpu: str | None = None,
     labels: Sequence[str] | Mapping[str, Sequence[str]] | None = None,
+    quantize: str = "none",
+    eval_data: Mapping[str, Any] | None = None,
+    max_metric_drop: float = 0.5,
 ) -> Path:
     """Export ``model.apply(variables, x, train=False)`` to an artifact directory.
 
@@ -105,6 +115,11 @@ def export_model(
       labels: class names, one per entry of the output's last dimension, written
         to ``labels.txt`` for the server's classification extension; a mapping
         ``{output name: names}`` for a model with several outputs.
+      quantize: ``"none"``, ``"bf16"`` or ``"int8-weights"``: weight-only
+        quantization for every target (see `jaxmint.export._quantize`). Each target
+        is then measured on ``eval_data`` (``{input_key: x, "y": labels}``) and
+        refused if its accuracy is more than ``max_metric_drop`` percentage points
+        below the float model's.
 
     Example::
 
@@ -135,6 +150,21 @@ def export_model(
     weights = [np.asarray(jax.device_get(w)) for w in weights]
     outputs, single = output_specs(predict, weights, sample, input_key)
     label_files = _label_files(labels, outputs)  # checked before anything is compiled
+    quantization, measure = None, None
+    if check_scheme(quantize) != "none":
+        if not max_metric_drop >= 0:
+            raise ExportError(f"max_metric_drop must be >= 0, got {max_metric_drop}")
+        output_names = [o["name"] for o in outputs]
+        measure = task_metric(eval_data, input_key, output_names)
+        float_metric = measure(jax_runner(predict, weights, input_key, single, output_names[0]))
+        predict, names, weights, quantization = quantize_weights(predict, names, weights, quantize)
+        quantization.update(
+            metric="accuracy",
+            float_metric=float_metric,
+            eval_examples=min(len(eval_data["y"]), MAX_EVAL_EXAMPLES),
+            max_metric_drop=max_metric_drop,
+            targets={},
+        )
     modules = {}
     if "xla" in targets:
         sizes = batch_sizes if fixed_batch else [None]
@@ -197,6 +227,8 @@ def export_model(
             "skipped_targets": skipped,
             "check": {"file": CHECK},
         }
+        if quantization is not None:
+            manifest["quantization"] = quantization
         _write_manifest(tmp, manifest, final=False)
         checker = _Parity(predict, weights, sample, input_key, batch_sizes)
         for target in list(written):
@@ -204,6 +236,8 @@ def export_model(
                 written[target]["parity"] = checker.check(tmp, target)
                 if target == "iree":
                     _check_iree_gpu_modules(tmp, written[target], checker, manifest)
+                if quantization is not None:
+                    _judge_metric(tmp, target, input_key, measure, quantization)
             except ParityError as e:
                 skipped[target] = str(e)
                 del written[target]
@@ -373,6 +407,41 @@ def _write_manifest(directory: Path, manifest: dict, *, final: bool = True) -> N
     (directory / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
 
 
+def _judge_metric(directory: Path, target: str, input_key: str, measure, quantization) -> None:
+    """Record ``target``'s accuracy on the eval data; `ParityError` if it dropped too far."""
+    predictor = _load_target(directory, target)
+    value = measure(lambda x: predictor.run({input_key: x}))
+    drop = quantization["float_metric"] - value
+    quantization["targets"][target] = {"metric": value, "drop": drop}
+    if drop > quantization["max_metric_drop"]:
+        del quantization["targets"][target]
+        raise ParityError(
+            f"{quantization['scheme']} costs the {target} target {drop:.2f} points of eval "
+            f"accuracy ({value:.2f}% against {quantization['float_metric']:.2f}% in float), "
+            f"more than the {quantization['max_metric_drop']:g} allowed (--max-metric-drop). "
+            f"The {target} target was not written."
+        )
+
+
+def _load_target(directory: Path, target: str, *, iree_driver: str = "local-sync"):
+    """``target`` through the runtime on CPU engines, whatever the shell's environment says."""
+    try:
+        return runtime_load(
+            directory,
+            backend=target,
+            precompiled=False,
+            warmup=False,
+            allow_expired=True,
+            check_finite=False,
+            verify=False,
+            iree_driver=iree_driver,
+            onnx_providers=["CPUExecutionProvider"],
+        )
+    except Exception as e:
+        why = str(e).replace(f"{directory}/", "")  # the temporary directory is noise
+        raise ParityError(f"the runtime cannot load the {target} target: {why}") from None
+
+
 class _Parity:
     """Each target, loaded through the runtime, against the jitted original function.
 
@@ -397,21 +466,7 @@ class _Parity:
     def check(self, directory: Path, target: str, *, iree_driver: str = "local-sync") -> dict:
         """Compare ``target`` with the original on CPU engines (ONNX Runtime's CPU provider,
         IREE's ``iree_driver``), whatever the exporting shell's environment says."""
-        try:
-            predictor = runtime_load(
-                directory,
-                backend=target,
-                precompiled=False,
-                warmup=False,
-                allow_expired=True,
-                check_finite=False,
-                verify=False,
-                iree_driver=iree_driver,
-                onnx_providers=["CPUExecutionProvider"],
-            )
-        except Exception as e:
-            why = str(e).replace(f"{directory}/", "")  # the temporary directory is noise
-            raise ParityError(f"the runtime cannot load the {target} target: {why}") from None
+        predictor = _load_target(directory, target, iree_driver=iree_driver)
         abs_err, rel_err = {}, {}
         for n in self.sizes:
             try:

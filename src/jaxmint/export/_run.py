@@ -38,6 +38,8 @@ def export_run(
     force: bool = False,
     replace: bool = False,
     labels: Sequence[str] | None = None,
+    quantize: str = "none",
+    max_metric_drop: float = 0.5,
     **target_options,
 ) -> Path:
     """Export the model of a run dir at its latest step, a given ``step``, or ``"best"``.
@@ -46,7 +48,8 @@ def export_run(
     (``build(config)``); its weights come from the checkpoint. ``targets`` and
     ``target_options`` (``onnx_opset``, ``iree_cpu``, ``iree_hal_targets``) are
     those of `export_model`. ``labels`` (class names for the output) default to the
-    experiment's ``labels``.
+    experiment's ``labels``. A ``quantize``d export is judged on the experiment's
+    eval data (see `export_model`).
     """
     run = RunDir.of(run_dir)
     module, config, recorded = load_experiment(run)
@@ -69,6 +72,9 @@ def export_run(
         force=force,
         replace=replace,
         labels=exp.labels if labels is None else labels,
+        quantize=quantize,
+        eval_data=exp.eval,
+        max_metric_drop=max_metric_drop,
         experiment={
             "name": Path(recorded["experiment"]).stem,
             "config_hash": config_hash(recorded),

@@ -1,0 +1,127 @@
+"""Weight-only quantized artifacts: every scheme on every target, judged by eval accuracy."""
+
+import json
+
+import numpy as np
+import optax
+import pytest
+
+import jaxmint
+import jaxmint_runtime
+from jaxmint.export import ExportError, export_model
+
+TARGETS = ("xla", "onnx", "iree")
+
+
+@pytest.fixture(scope="module")
+def trained():
+    train, test = jaxmint.data.digits()
+    model = jaxmint.models.mlp((64,), 10)
+    result = jaxmint.fit(
+        model,
+        jaxmint.losses.softmax_cross_entropy(),
+        optax.adam(1e-2),
+        train,
+        steps=150,
+        batch_size=64,
+        progress=False,
+    )
+    return model, {"params": result.params}, test
+
+
+@pytest.fixture(scope="module")
+def float_artifact(trained, tmp_path_factory):
+    model, variables, test = trained
+    out = tmp_path_factory.mktemp("q") / "float"
+    return export_model(model, variables, test["x"][:8], out, name="d", targets=TARGETS)
+
+
+def accuracy(predictor, test) -> float:
+    logits = predictor.run({"x": test["x"]})["output"]
+    return 100.0 * float(np.mean(np.argmax(logits, -1) == test["y"]))
+
+
+@pytest.mark.parametrize("scheme, ratio", [("bf16", 0.55), ("int8-weights", 0.35)])
+def test_each_scheme_on_every_target_keeps_accuracy_and_shrinks(
+    trained, float_artifact, tmp_path, scheme, ratio
+):
+    model, variables, test = trained
+    out = export_model(
+        model,
+        variables,
+        test["x"][:8],
+        tmp_path / scheme,
+        name="d",
+        targets=TARGETS,
+        quantize=scheme,
+        eval_data=test,
+    )
+    manifest = json.loads((out / "manifest.json").read_text())
+    q = manifest["quantization"]
+    assert q["scheme"] == scheme and q["weights_quantized"] == 2 and q["weights_kept"] == 2
+    assert set(q["targets"]) == set(TARGETS) and manifest["skipped_targets"] == {}
+    float_manifest = json.loads((float_artifact / "manifest.json").read_text())
+
+    def total(m, prefix):
+        return sum(v["bytes"] for k, v in m["files"].items() if k.startswith(prefix))
+
+    for prefix in ("weights.safetensors", "onnx/"):  # the weights file, the ONNX graph
+        assert total(manifest, prefix) <= ratio * total(float_manifest, prefix) + 1024, prefix
+    reference = accuracy(jaxmint_runtime.load(float_artifact), test)
+    assert q["float_metric"] == pytest.approx(reference, abs=1e-9)
+    for target in TARGETS:
+        predictor = jaxmint_runtime.load(out, backend=target)  # the runtime takes it unchanged
+        assert predictor.self_check()
+        got = accuracy(predictor, test)
+        assert got == pytest.approx(q["targets"][target]["metric"], abs=1e-9)
+        assert reference - got <= 0.5
+
+
+def test_a_target_that_loses_accuracy_is_refused(trained, tmp_path):
+    model, variables, test = trained
+    # A weight on pixel 0, which is 0 in every digit: the float model is unchanged, but it
+    # sets every column's int8 scale so high that the real weights round to zero.
+    kernel = np.array(variables["params"]["dense0"]["kernel"])
+    kernel[0, :] = 1e4
+    variables = {
+        "params": {
+            **variables["params"],
+            "dense0": {**variables["params"]["dense0"], "kernel": kernel},
+        }
+    }
+    assert float(np.abs(test["x"][:, 0]).max()) == 0.0
+    with pytest.raises(ExportError, match="points of eval accuracy") as e:
+        export_model(
+            model,
+            variables,
+            test["x"][:8],
+            tmp_path / "bad",
+            name="d",
+            targets=("xla", "onnx"),
+            quantize="int8-weights",
+            eval_data=test,
+        )
+    assert "--max-metric-drop" in str(e.value) and "nothing was written" in str(e.value)
+    assert not (tmp_path / "bad").exists()
+
+
+def test_a_quantized_export_needs_labelled_eval_data(trained, tmp_path):
+    model, variables, test = trained
+    for eval_data, match in [
+        (None, "judged by its accuracy on eval data"),
+        ({"x": test["x"]}, "judged by its accuracy on eval data"),
+        ({"x": test["x"], "y": test["y"].astype(np.float32)}, "must be integers"),
+    ]:
+        with pytest.raises(ExportError, match=match):
+            export_model(
+                model,
+                variables,
+                test["x"][:8],
+                tmp_path / "q",
+                name="d",
+                quantize="bf16",
+                eval_data=eval_data,
+            )
+    with pytest.raises(ExportError, match="is not one of"):
+        export_model(model, variables, test["x"][:8], tmp_path / "q", name="d", quantize="int4")
+    assert not (tmp_path / "q").exists()
