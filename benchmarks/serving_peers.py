@@ -50,6 +50,7 @@ from pathlib import Path
 
 import numpy as np
 from _common import environment, med, table, write_result
+from grpc_rest import rest_load
 from serving import ServerProcess, payload
 from serving_transport import _WRK_SCRIPT
 
@@ -200,34 +201,6 @@ def peak_rss_mib(pid: int) -> float:
     return total / 2**20
 
 
-def wrk(port: int, connections: int, seconds: float, files: dict) -> dict:
-    env = {
-        **os.environ,
-        "JAXMINT_BENCH_BODY": str(files["body"]),
-        "JAXMINT_BENCH_HEADERS": files["headers"].read_text(),
-    }
-    out = subprocess.run(
-        [
-            *("wrk", f"-t{min(connections, 2)}", f"-c{connections}", f"-d{seconds:g}s"),
-            *("--timeout", "10s", "-s", str(files["script"])),
-            f"http://127.0.0.1:{port}/v2/models/digits/infer",
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
-        env=env,
-        timeout=seconds + 60,
-    )
-    s = json.loads(out.stdout.strip().splitlines()[-1])
-    if s["socket_errors"] or s["non_2xx"]:
-        raise RuntimeError(f"wrk saw errors on port {port}: {s}")
-    return {
-        "requests_per_s": s["requests"] / (s["duration_us"] / 1e6),
-        "p50_ms": s["p50_us"] / 1e3,
-        "p99_ms": s["p99_us"] / 1e3,
-    }
-
-
 def check_answers(port: int, body: bytes, want: np.ndarray) -> None:
     """Every server gives the same answer before it is timed."""
     req = urllib.request.Request(
@@ -294,14 +267,14 @@ def main(argv=None) -> dict:
             pids[f"MLServer {MLSERVER}"] = peer.proc.pid
             for port in ports.values():
                 check_answers(port, body, want)
-                wrk(port, 8, 1, files)  # warm-up
+                rest_load(port, 8, 1, files)  # warm-up
             results = {name: {c: [] for c in connections} for name in ports}
             names = list(ports)
             for r in range(rounds):
                 for c in connections:
                     order = names if (r + c) % 2 == 0 else names[::-1]
                     for name in order:
-                        got = wrk(ports[name], c, seconds, files)
+                        got = rest_load(ports[name], c, seconds, files)
                         results[name][c].append(got)
                         print(
                             f"round {r + 1}/{rounds} c={c:<3} {name:<26} "

@@ -16,6 +16,7 @@ import os
 import re
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -81,9 +82,14 @@ def render() -> str:
         "This page has no runnable code.\n",
         section("jaxmint", top),
     ]
-    for name in subcommands(top):
-        parts.append(section(f"jaxmint {name}", help_text("jaxmint", name), "###"))
-    parts += [section(name, help_text(name)) for name in ("jaxmint-serve", "jaxmint-bench")]
+    commands = [("jaxmint", name) for name in subcommands(top)]
+    commands += [("jaxmint-serve",), ("jaxmint-bench",)]
+    # Each --help is a fresh interpreter that mostly imports: a few at once use every core.
+    with ThreadPoolExecutor(max_workers=max(2, min(4, os.cpu_count() or 1))) as pool:
+        texts = list(pool.map(lambda c: help_text(*c), commands))
+    for command, text in zip(commands, texts, strict=True):
+        level = "###" if command[0] == "jaxmint" else "##"
+        parts.append(section(" ".join(command), text, level))
     return "\n".join(parts)
 
 
