@@ -43,6 +43,15 @@ CONNECTIONS = (1, 8, 64)
 METHOD = "/inference.GRPCInferenceService/ModelInfer"
 
 
+def wrk_files(folder: Path, body: bytes, headers: dict) -> dict:
+    """The files `rest_load` gives wrk: its Lua script, the request body and headers."""
+    files = {"script": folder / "infer.lua", "body": folder / "body", "headers": folder / "headers"}
+    files["script"].write_text(_WRK_SCRIPT)
+    files["body"].write_bytes(body)
+    files["headers"].write_text("".join(f"{k}:{v}\n" for k, v in headers.items()))
+    return files
+
+
 def rest_load(port: int, connections: int, seconds: float, files: dict) -> dict:
     import json
 
@@ -152,10 +161,7 @@ def main(argv=None) -> dict:
             subprocess.run([sys.executable, "-c", _BUILD, str(artifact), "200"], check=True)
         x = np.random.default_rng(0).normal(size=(1, 64)).astype(np.float32)
         body, headers = payload("binary", x)
-        files = {"script": tmp / "infer.lua", "body": tmp / "body", "headers": tmp / "headers"}
-        files["script"].write_text(_WRK_SCRIPT)
-        files["body"].write_bytes(body)
-        files["headers"].write_text("".join(f"{k}:{v}\n" for k, v in headers.items()))
+        files = wrk_files(tmp, body, headers)
         request = pb.ModelInferRequest(model_name="digits", raw_input_contents=[x.tobytes()])
         request.inputs.add(name="x", datatype="FP32", shape=[1, 64])
         request = request.SerializeToString()

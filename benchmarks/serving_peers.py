@@ -50,9 +50,8 @@ from pathlib import Path
 
 import numpy as np
 from _common import environment, med, table, write_result
-from grpc_rest import rest_load
+from grpc_rest import rest_load, wrk_files
 from serving import ServerProcess, payload
-from serving_transport import _WRK_SCRIPT
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CONNECTIONS = (1, 8, 64)
@@ -240,10 +239,7 @@ def main(argv=None) -> dict:
             subprocess.run([sys.executable, "-c", _BUILD, str(artifact)], check=True)
         x = np.random.default_rng(0).normal(size=(1, 64)).astype(np.float32)
         body, headers = payload("json", x)
-        files = {"script": tmp / "infer.lua", "body": tmp / "body", "headers": tmp / "headers"}
-        files["script"].write_text(_WRK_SCRIPT)
-        files["body"].write_bytes(body)
-        files["headers"].write_text("".join(f"{k}:{v}\n" for k, v in headers.items()))
+        files = wrk_files(tmp, body, headers)
         import jaxmint_runtime
 
         want = jaxmint_runtime.load(artifact, backend="onnx").run({"x": x})["output"]

@@ -72,7 +72,6 @@ class Served:
     model: str
     version: str
     predictor: Predictor
-    path: Path | None = None  # its artifact directory, for a repository's versions
     batcher: Batcher | None = None
 
 
@@ -140,7 +139,7 @@ class Server:
                             except Exception as e:
                                 self._refuse(name, v, on_disk[v], e)
                                 continue
-                            self._add(Served(name, str(v), predictor, on_disk[v]))
+                            self._add(Served(name, str(v), predictor))
         if not self.served:
             raise ValueError(
                 "give at least one artifact or repository to serve "
@@ -621,7 +620,7 @@ class Server:
                     self._refuse(name, v, path, e)
                     continue
                 self._failed.pop(path, None)
-                entry = Served(name, str(v), predictor, path)
+                entry = Served(name, str(v), predictor)
                 self._start(entry)
                 self.served.setdefault(name, {})[str(v)] = entry
                 log.info("model %r version %d loaded from %s", name, v, path)
