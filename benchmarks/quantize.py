@@ -1,21 +1,29 @@
 """Quantized artifacts against float: bytes, batch-1 latency and eval accuracy per target.
 
-Run (about a minute on 2 CPU cores)::
+Run (about two minutes on 2 CPU cores)::
 
     python benchmarks/quantize.py            # full
-    python benchmarks/quantize.py --quick    # fewer timed calls
+    python benchmarks/quantize.py --quick    # fewer timed calls, a narrower wide model
 
-Setup: the digits MLP (64 -> 64 -> 10, 300 steps), exported three times with the
-``xla``, ``onnx`` and ``iree`` targets: float, ``--quantize bf16`` and
-``--quantize int8-weights`` (weight-only: weights stored quantized, dequantized
-in the graph). Each (scheme, target) is loaded through the runtime; batch-1
-latency is the median of ``--calls`` calls per round, the variants taking turns
-round by round; accuracy is on the digits test split (359 examples).
+Setup: two MLPs trained on digits and exported float and quantized:
+
+- ``digits`` (64 -> 64 -> 10, 300 steps), the ``xla``, ``onnx`` and ``iree``
+  targets: float, ``bf16`` and ``int8-weights`` (weight-only: weights stored
+  quantized, dequantized in the graph) on every target, ``int8`` (ONNX Runtime's
+  static quantization of weights and activations, calibrated on 256 training
+  inputs) on ``onnx``;
+- ``wide`` (64 -> 1024 -> 1024 -> 10, 100 steps; 256 wide with ``--quick``), the
+  ``onnx`` target: float, ``int8-weights`` and ``int8``; here the matmuls, not
+  the per-call overhead, set the latency.
+
+Each (model, scheme, target) is loaded through the runtime; batch-1 latency is the
+median of ``--calls`` calls per round, the variants taking turns round by round;
+accuracy is on the digits test split (359 examples).
 
 Reported: artifact bytes and weight bytes / float (goal for int8: <= 0.3),
-batch-1 latency / float per target (the goal <= 0.8 is for ONNX Runtime's static
-int8, which weight-only schemes do not aim at: they trade a dequantize per call
-for bytes), and the accuracy drop in points (goal <= 0.5). Written to
+batch-1 latency / float per target (goal for static int8 on ONNX: <= 0.8;
+weight-only schemes do not aim at it: they trade a dequantize per call for
+bytes), and the accuracy drop in points (goal <= 0.5). Written to
 ``benchmarks/results/quantize.json``.
 """
 
@@ -37,13 +45,54 @@ import jaxmint_runtime
 from jaxmint.export import export_model
 
 RESULTS = Path(__file__).resolve().parent / "results"
-SCHEMES = ("none", "bf16", "int8-weights")
-TARGETS = ("xla", "onnx", "iree")
+ALL = ("xla", "onnx", "iree")
+# model -> (hidden widths, steps, {scheme: targets})
+MODELS = {
+    "digits": (
+        (64,),
+        300,
+        {"none": ALL, "bf16": ALL, "int8-weights": ALL, "int8": ("onnx",)},
+    ),
+    "wide": (
+        (1024, 1024),
+        100,
+        {"none": ("onnx",), "int8-weights": ("onnx",), "int8": ("onnx",)},
+    ),
+}
 
 
 def artifact_bytes(path: Path, prefix: str = "") -> int:
     files = json.loads((path / "manifest.json").read_text())["files"]
     return sum(v["bytes"] for k, v in files.items() if k.startswith(prefix))
+
+
+def export_all(name, widths, steps, schemes, train, test, tmp: Path):
+    """``{scheme: artifact path}`` of one trained MLP."""
+    model = jaxmint.models.mlp(widths, 10)
+    result = jaxmint.fit(
+        model,
+        jaxmint.losses.softmax_cross_entropy(),
+        optax.adam(1e-2 if widths[0] <= 64 else 1e-3),
+        train,
+        steps=steps,
+        batch_size=64,
+        progress=False,
+    )
+    paths = {}
+    for scheme, targets in schemes.items():
+        extra = {} if scheme == "none" else {"quantize": scheme, "eval_data": test}
+        if scheme == "int8":
+            extra.update(calibration_data=train, calibration_source="train")
+        paths[scheme] = export_model(
+            model,
+            {"params": result.params},
+            test["x"][:16],
+            tmp / f"{name}-{scheme}",
+            name=name,
+            targets=targets,
+            **extra,
+        )
+    return paths
 
 
 def main(argv=None) -> dict:
@@ -52,42 +101,26 @@ def main(argv=None) -> dict:
     parser.add_argument("--calls", type=int, default=None, help="per variant and round")
     parser.add_argument("--out", type=Path, default=RESULTS / "quantize.json")
     args = parser.parse_args(argv)
-    rounds, calls = (2, 50) if args.quick else (5, args.calls or 400)
+    rounds, calls = (2, 30) if args.quick else (5, args.calls or 400)
+    models = dict(MODELS)
+    if args.quick:
+        models["wide"] = ((256, 256), 50, models["wide"][2])
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     load_before = os.getloadavg()
 
     train, test = jaxmint.data.digits()
-    model = jaxmint.models.mlp((64,), 10)
-    result = jaxmint.fit(
-        model,
-        jaxmint.losses.softmax_cross_entropy(),
-        optax.adam(1e-2),
-        train,
-        steps=300,
-        batch_size=64,
-        progress=False,
-    )
-    variables = {"params": result.params}
     x1 = test["x"][:1]
     with tempfile.TemporaryDirectory() as tmp:
         paths, predictors, rows = {}, {}, {}
-        for scheme in SCHEMES:
-            extra = {} if scheme == "none" else {"quantize": scheme, "eval_data": test}
-            paths[scheme] = export_model(
-                model,
-                variables,
-                test["x"][:16],
-                Path(tmp) / scheme,
-                name="digits",
-                targets=TARGETS,
-                **extra,
-            )
-            for target in TARGETS:
-                p = jaxmint_runtime.load(paths[scheme], backend=target)
-                logits = p.run({"x": test["x"]})["output"]
-                acc = 100.0 * float(np.mean(np.argmax(logits, -1) == test["y"]))
-                predictors[scheme, target] = p
-                rows[scheme, target] = {"accuracy": acc, "latency_us": []}
+        for name, (widths, steps, schemes) in models.items():
+            paths[name] = export_all(name, widths, steps, schemes, train, test, Path(tmp))
+            for scheme, targets in schemes.items():
+                for target in targets:
+                    p = jaxmint_runtime.load(paths[name][scheme], backend=target)
+                    logits = p.run({"x": test["x"]})["output"]
+                    acc = 100.0 * float(np.mean(np.argmax(logits, -1) == test["y"]))
+                    predictors[name, scheme, target] = p
+                    rows[name, scheme, target] = {"accuracy": acc, "latency_us": []}
         for r in range(rounds):
             order = list(predictors) if r % 2 == 0 else list(predictors)[::-1]
             for key in order:
@@ -100,26 +133,30 @@ def main(argv=None) -> dict:
                     times.append(time.perf_counter() - start)
                 rows[key]["latency_us"].append(1e6 * med(times))
         sizes = {
-            s: {
-                "artifact": artifact_bytes(paths[s]),
-                "weights": artifact_bytes(paths[s], "weights.safetensors"),
-                "onnx": artifact_bytes(paths[s], "onnx/"),
+            name: {
+                s: {
+                    "artifact": artifact_bytes(path),
+                    "weights": artifact_bytes(path, "weights.safetensors"),
+                    "onnx": artifact_bytes(path, "onnx/"),
+                }
+                for s, path in by_scheme.items()
             }
-            for s in SCHEMES
+            for name, by_scheme in paths.items()
         }
 
     summary, out_rows = {}, []
-    for (scheme, target), row in rows.items():
-        base = rows["none", target]
+    for (name, scheme, target), row in rows.items():
+        base = rows[name, "none", target]
         entry = {
             "accuracy": row["accuracy"],
             "accuracy_drop": base["accuracy"] - row["accuracy"],
             "latency_us": med(row["latency_us"]),
             "latency_over_float": med(row["latency_us"]) / med(base["latency_us"]),
         }
-        summary.setdefault(scheme, {})[target] = entry
+        summary.setdefault(name, {}).setdefault(scheme, {})[target] = entry
         out_rows.append(
             [
+                name,
                 scheme,
                 target,
                 f"{entry['accuracy']:.2f}",
@@ -130,26 +167,40 @@ def main(argv=None) -> dict:
         )
     print(
         table(
-            "per scheme and target (medians over rounds)",
-            ["scheme", "target", "accuracy %", "drop", "batch-1 us", "latency / float"],
+            "per model, scheme and target (medians over rounds)",
+            ["model", "scheme", "target", "accuracy %", "drop", "batch-1 us", "latency / float"],
             out_rows,
         )
     )
+
+    def comparable(name, scheme, kind):
+        """Both artifacts have these files (a static int8 one has only the onnx target)."""
+        targets = models[name][2]
+        same = kind != "artifact" or targets[scheme] == targets["none"]
+        return same and sizes[name][scheme][kind] and sizes[name]["none"][kind]
+
     ratios = {
-        s: {k: sizes[s][k] / sizes["none"][k] for k in sizes[s] if sizes["none"][k]}
-        for s in SCHEMES
+        name: {
+            s: {k: v / by_scheme["none"][k] for k, v in sized.items() if comparable(name, s, k)}
+            for s, sized in by_scheme.items()
+        }
+        for name, by_scheme in sizes.items()
     }
-    for s in SCHEMES[1:]:
-        r = ratios[s]
-        print(
-            f"{s}: artifact {r['artifact']:.2f}x, weights file {r['weights']:.2f}x, "
-            f"ONNX files {r['onnx']:.2f}x the float bytes"
-            + (" (goal for int8 <= 0.3)" if s.startswith("int8") else "")
-        )
+    for name, by_scheme in ratios.items():
+        for s, r in by_scheme.items():
+            if s == "none":
+                continue
+            shown = ", ".join(f"{k} {v:.2f}x" for k, v in r.items())
+            goal = " (goal for int8 <= 0.3)" if s.startswith("int8") else ""
+            print(f"{name} {s}: bytes / float: {shown}{goal}")
+        if "int8" in summary[name]:
+            ratio = summary[name]["int8"]["onnx"]["latency_over_float"]
+            print(f"{name} int8 onnx: batch-1 latency / float onnx {ratio:.2f} (goal <= 0.8)")
     result = {
         "environment": environment(),
         "rounds": rounds,
         "calls": calls,
+        "models": {name: {"widths": list(m[0]), "steps": m[1]} for name, m in models.items()},
         "bytes": sizes,
         "bytes_over_float": ratios,
         "summary": summary,

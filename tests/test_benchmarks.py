@@ -131,3 +131,12 @@ def test_memory_quick(tmp_path):
     result = json.loads((tmp_path / "m.json").read_text())
     assert set(result["remat"]) == {"none", "full", "dots", "dots_no_batch"}
     assert result["full_over_none_kept"] < 0.5
+
+
+@pytest.mark.slow
+def test_quantize_quick(tmp_path):
+    out = run("benchmarks/quantize.py", "--quick", "--out", tmp_path / "q.json")
+    assert "int8 onnx: batch-1 latency / float onnx" in out
+    summary = json.loads((tmp_path / "q.json").read_text())["summary"]
+    assert set(summary["digits"]) == {"none", "bf16", "int8-weights", "int8"}
+    assert summary["wide"]["int8"]["onnx"]["latency_us"] > 0

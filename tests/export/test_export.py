@@ -345,6 +345,12 @@ def test_cli_export_and_inspect(tmp_path, capsys):
     q = [*base, "--out", str(tmp_path / "r"), "--quantize", "int8-weights"]
     assert main([*q, "--max-metric-drop", "-1"]) == 2
     assert "max_metric_drop must be >= 0" in capsys.readouterr().err
+    # Static int8: ONNX only, calibrated on the run's training data.
+    assert main([*base, "--out", str(tmp_path / "s"), "--quantize", "int8"]) == 2
+    assert "for the onnx target only" in capsys.readouterr().err
+    s = [*base, "--out", str(tmp_path / "s"), "--quantize", "int8", "--target", "onnx"]
+    assert main(s) == 0
+    assert "quantization: int8, calibrated on 256 train examples" in capsys.readouterr().out
 
 
 def test_force_never_drops_a_target_in_silence(trained, artifact, tmp_path):

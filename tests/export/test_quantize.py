@@ -119,3 +119,67 @@ def test_a_quantized_export_needs_labelled_eval_data(trained, tmp_path):
     with pytest.raises(ExportError, match="is not one of"):
         export_model(model, variables, test["x"][:8], tmp_path / "q", name="d", quantize="int4")
     assert not (tmp_path / "q").exists()
+
+
+def test_static_int8_onnx_is_calibrated_judged_and_served_unchanged(trained, tmp_path):
+    model, variables, test = trained
+    train, _ = jaxmint.data.digits()
+    out = export_model(
+        model,
+        variables,
+        test["x"][:8],
+        tmp_path / "int8",
+        name="d",
+        targets=("onnx",),
+        quantize="int8",
+        eval_data=test,
+        calibration_data=train,
+        calibration_source="train",
+    )
+    manifest = json.loads((out / "manifest.json").read_text())
+    q = manifest["quantization"]
+    calibration = q["calibration"]
+    assert q["scheme"] == "int8" and calibration["examples"] == 256
+    assert calibration["source"] == "train" and len(calibration["sha256"]) == 64
+    assert manifest["check"]["source"] == "onnx"
+    import onnx
+
+    graph = onnx.load(str(out / "onnx/model.onnx")).graph
+    ops = {n.op_type for n in graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops  # activations are quantized too
+    int8 = [t for t in graph.initializer if t.data_type == onnx.TensorProto.INT8]
+    assert {len(t.dims) for t in int8} >= {2}  # and the kernels are stored as int8
+    float_bytes = sum(np.asarray(w).nbytes for w in jax.tree.leaves(variables))
+    assert q["weight_bytes"] <= 0.35 * float_bytes
+    parity = manifest["targets"]["onnx"]["parity"]
+    assert 0 < parity["max_rel_error"]["output"] < 0.2  # recorded, judged by accuracy
+
+    predictor = jaxmint_runtime.load(out, backend="onnx")
+    assert predictor.self_check()  # against the int8 graph's own answers
+    got = accuracy(predictor, test)
+    assert got == pytest.approx(q["targets"]["onnx"]["metric"], abs=1e-9)
+    assert q["float_metric"] - got <= 0.5
+
+
+def test_static_int8_refuses_other_targets_and_bad_calibration(trained, tmp_path):
+    model, variables, test = trained
+    cases = [
+        ({"targets": ("xla", "onnx"), "calibration_data": test}, "for the onnx target only"),
+        ({"targets": ("onnx",)}, "give calibration_data"),
+        ({"targets": ("onnx",), "calibration_data": {"image": test["x"]}}, "has no 'x'"),
+        ({"targets": ("onnx",), "calibration_data": test["x"][:, :10]}, r"float32\[256, 10\]"),
+        ({"targets": ("onnx",), "calibration_data": test["x"] * np.nan}, "NaN"),
+    ]
+    for options, match in cases:
+        with pytest.raises(ExportError, match=match):
+            export_model(
+                model,
+                variables,
+                test["x"][:8],
+                tmp_path / "q",
+                name="d",
+                quantize="int8",
+                eval_data=test,
+                **options,
+            )
+    assert not (tmp_path / "q").exists()

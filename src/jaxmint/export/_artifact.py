@@ -27,8 +27,11 @@ import numpy as np
 from jaxmint.export._lower import ExportError, lower, output_specs, predict_function
 from jaxmint.export._quantize import (
     MAX_EVAL_EXAMPLES,
+    STATIC,
+    calibration_inputs,
     check_scheme,
     jax_runner,
+    quantize_onnx_static,
     task_metric,
 )
 from jaxmint.export._quantize import quantize as quantize_weights
@@ -87,6 +90,8 @@ def export_model(
     quantize: str = "none",
     eval_data: Mapping[str, Any] | None = None,
     max_metric_drop: float = 0.5,
+    calibration_data: Any = None,
+    calibration_source: str = "given",
 ) -> Path:
     """Export ``model.apply(variables, x, train=False)`` to an artifact directory.
 
@@ -116,10 +121,14 @@ def export_model(
         to ``labels.txt`` for the server's classification extension; a mapping
         ``{output name: names}`` for a model with several outputs.
       quantize: ``"none"``, ``"bf16"`` or ``"int8-weights"``: weight-only
-        quantization for every target (see `jaxmint.export._quantize`). Each target
-        is then measured on ``eval_data`` (``{input_key: x, "y": labels}``) and
-        refused if its accuracy is more than ``max_metric_drop`` percentage points
-        below the float model's.
+        quantization for every target; ``"int8"``: ONNX Runtime's static int8
+        quantization of the onnx target, calibrated on ``calibration_data`` (see
+        `jaxmint.export._quantize`). Each target is then measured on ``eval_data``
+        (``{input_key: x, "y": labels}``) and refused if its accuracy is more than
+        ``max_metric_drop`` percentage points below the float model's.
+      calibration_data: for ``"int8"``: inputs (an array, or a dict holding
+        ``input_key``), of which the first 256 set the activation ranges;
+        ``calibration_source`` names them in the manifest.
 
     Example::
 
@@ -137,10 +146,14 @@ def export_model(
                 f"{out} has the targets {', '.join(dropped)} that this export would drop; "
                 f"export them too (--target {keep}), or pass --replace to drop them"
             )
+    check_scheme(quantize, targets)
     check_installed(targets)
     sample = np.asarray(sample)
     if sample.ndim < 1 or sample.shape[0] < 1:
         raise ExportError(f"the sample input needs a batch axis with examples, got {sample.shape}")
+    static = quantize == STATIC
+    if static:
+        calibration = calibration_inputs(calibration_data, input_key, sample)
     batch_sizes = sorted({int(b) for b in batch_sizes})
     if any(b < 1 for b in batch_sizes) or (fixed_batch and not batch_sizes):
         raise ExportError(f"batch sizes must be positive integers, got {batch_sizes}")
@@ -151,13 +164,19 @@ def export_model(
     outputs, single = output_specs(predict, weights, sample, input_key)
     label_files = _label_files(labels, outputs)  # checked before anything is compiled
     quantization, measure = None, None
-    if check_scheme(quantize) != "none":
+    if quantize != "none":
         if not max_metric_drop >= 0:
             raise ExportError(f"max_metric_drop must be >= 0, got {max_metric_drop}")
         output_names = [o["name"] for o in outputs]
         measure = task_metric(eval_data, input_key, output_names)
         float_metric = measure(jax_runner(predict, weights, input_key, single, output_names[0]))
-        predict, names, weights, quantization = quantize_weights(predict, names, weights, quantize)
+        if static:  # the float graph is converted, then quantized by ONNX Runtime
+            float_bytes = sum(w.nbytes for w in weights)
+            quantization = {"scheme": quantize, "float_weight_bytes": float_bytes}
+        else:
+            predict, names, weights, quantization = quantize_weights(
+                predict, names, weights, quantize
+            )
         quantization.update(
             metric="accuracy",
             float_metric=float_metric,
@@ -195,6 +214,10 @@ def export_model(
                     written[target] = _write_xla(tmp, modules, platforms)
                 elif target == "onnx":
                     written[target] = write_onnx(tmp, job, opset=onnx_opset)
+                    if static:
+                        report = _quantize_onnx(tmp, calibration, input_key)
+                        report["calibration"]["source"] = calibration_source
+                        quantization.update(report)
                 else:
                     written[target] = write_iree(
                         tmp, job, hal_targets=iree_hal_targets, cpu=iree_cpu
@@ -202,7 +225,10 @@ def export_model(
             except TargetSkipped as e:
                 skipped[target] = str(e)
                 _remove_target(tmp, target)
-        _write_check(tmp, predict, weights, sample, input_key, single, outputs)
+        if static and "onnx" in written:  # the check sample holds the int8 graph's answers
+            _write_check(tmp, _onnx_answers(tmp, input_key), None, sample, input_key, False, [])
+        else:
+            _write_check(tmp, predict, weights, sample, input_key, single, outputs)
         for spec in outputs:
             if spec["name"] in label_files:
                 file, lines = label_files[spec["name"]]
@@ -225,7 +251,7 @@ def export_model(
             "experiment": dict(experiment or {}),
             "targets": written,
             "skipped_targets": skipped,
-            "check": {"file": CHECK},
+            "check": {"file": CHECK, "source": "onnx" if static else "jax"},
         }
         if quantization is not None:
             manifest["quantization"] = quantization
@@ -233,7 +259,7 @@ def export_model(
         checker = _Parity(predict, weights, sample, input_key, batch_sizes)
         for target in list(written):
             try:
-                written[target]["parity"] = checker.check(tmp, target)
+                written[target]["parity"] = checker.check(tmp, target, judge=not static)
                 if target == "iree":
                     _check_iree_gpu_modules(tmp, written[target], checker, manifest)
                 if quantization is not None:
@@ -270,9 +296,13 @@ def export_model(
 
 def _write_check(directory: Path, predict, weights, sample, input_key, single, outputs) -> None:
     """A few sample inputs and jax's outputs for them: every runtime load can check a
-    target against the original with `Predictor.self_check`."""
+    target against the original with `Predictor.self_check`. (``weights=None``:
+    ``predict(inputs)`` is a target's own answers, already a dict by output name.)"""
     x = sample[: min(4, sample.shape[0])]
-    got = jax.device_get(jax.jit(predict)(weights, {input_key: x}))
+    if weights is None:
+        got = predict({input_key: x})
+    else:
+        got = jax.device_get(jax.jit(predict)(weights, {input_key: x}))
     got = {outputs[0]["name"]: got} if single else got
     tensors = {f"input/{input_key}": np.asarray(x)}
     tensors.update({f"output/{name}": np.asarray(v) for name, v in got.items()})
@@ -407,6 +437,25 @@ def _write_manifest(directory: Path, manifest: dict, *, final: bool = True) -> N
     (directory / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
 
 
+def _quantize_onnx(directory: Path, calibration: np.ndarray, input_key: str) -> dict:
+    """ONNX Runtime's static int8 of the onnx target; `TargetSkipped` if its tools fail."""
+    try:
+        return quantize_onnx_static(directory / "onnx", calibration, input_key)
+    except Exception as e:  # onnxruntime's tools raise whatever their steps raise
+        raise TargetSkipped(f"ONNX Runtime's static int8 quantization failed: {e}") from None
+
+
+def _onnx_answers(directory: Path, input_key: str):
+    """``inputs -> {output: array}`` of the onnx target as written (no manifest yet)."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(
+        str(directory / "onnx/model.onnx"), providers=["CPUExecutionProvider"]
+    )
+    names = [o.name for o in session.get_outputs()]
+    return lambda inputs: dict(zip(names, session.run(names, inputs), strict=True))
+
+
 def _judge_metric(directory: Path, target: str, input_key: str, measure, quantization) -> None:
     """Record ``target``'s accuracy on the eval data; `ParityError` if it dropped too far."""
     predictor = _load_target(directory, target)
@@ -463,9 +512,13 @@ class _Parity:
             want = jax.device_get(reference(weights, {input_key: sample[:n]}))
             self.expected[n] = want
 
-    def check(self, directory: Path, target: str, *, iree_driver: str = "local-sync") -> dict:
+    def check(
+        self, directory: Path, target: str, *, iree_driver: str = "local-sync", judge=True
+    ) -> dict:
         """Compare ``target`` with the original on CPU engines (ONNX Runtime's CPU provider,
-        IREE's ``iree_driver``), whatever the exporting shell's environment says."""
+        IREE's ``iree_driver``), whatever the exporting shell's environment says.
+        ``judge=False`` (a statically quantized target) records the errors without
+        holding them to the float tolerance; shapes and dtypes must still match."""
         predictor = _load_target(directory, target, iree_driver=iree_driver)
         abs_err, rel_err = {}, {}
         for n in self.sizes:
@@ -491,7 +544,7 @@ class _Parity:
                     )
                 diff = np.abs(g.astype(np.float64) - w.astype(np.float64))
                 err = float(np.max(diff)) if w.size else 0.0
-                if not np.allclose(g, w, rtol=rtol, atol=atol * scale):
+                if judge and not np.allclose(g, w, rtol=rtol, atol=atol * scale):
                     raise ParityError(
                         f"parity check failed for output {key!r} at batch size {n}: max abs "
                         f"difference {err:.3g} (tolerance rtol={rtol}, atol={atol * scale:.3g}). "

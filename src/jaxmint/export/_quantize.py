@@ -11,14 +11,28 @@ Schemes (``export_model(..., quantize=...)``, ``jaxmint export --quantize``):
 
 Vectors (biases, norm scales) stay as they are. The quantized weights are plain
 arrays in the artifact's weights file and ONNX initializers, so every target and
-the runtime take them unchanged; the lowered function dequantizes. Every target
-is then held to the task metric (`task_metric`): the accuracy of its argmax on
-the run's eval data against the float model's.
+the runtime take them unchanged; the lowered function dequantizes.
+
+- ``int8`` (the ONNX target only): ONNX Runtime's static quantization
+  (`quantize_onnx_static`) of the float graph: weights and activations int8 with
+  one scale per tensor, the activations' ranges calibrated (min-max) on a few
+  hundred of the run's training inputs, in QDQ form, which ONNX Runtime fuses
+  into integer kernels. (Per output channel was no more accurate on digits, 0.56
+  against 0.28 points lost, and 1.4x slower at batch 1 on the wide MLP.)
+  Weights and activations both lose precision, so the graph is not held to the
+  float model's outputs (its parity errors are recorded, not judged); the check
+  sample holds its own answers.
+
+Every target is then held to the task metric (`task_metric`): the accuracy of its
+argmax on the run's eval data against the float model's.
 """
 
 from __future__ import annotations
 
+import hashlib
+import logging
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -28,15 +42,55 @@ import numpy as np
 
 from jaxmint.export._lower import ExportError
 
-SCHEMES = ("none", "bf16", "int8-weights")
+SCHEMES = ("none", "bf16", "int8-weights", "int8")
+STATIC = "int8"  # quantizes activations too: ONNX Runtime's tools, on the ONNX target
 SCALE_SUFFIX = ":scale"
 MAX_EVAL_EXAMPLES = 4096
+CALIBRATION_EXAMPLES = 256
+CALIBRATION_BATCH = 32
 
 
-def check_scheme(scheme: str) -> str:
+def check_scheme(scheme: str, targets: Sequence[str] = ()) -> str:
     if scheme not in SCHEMES:
         raise ExportError(f"quantize={scheme!r} is not one of {SCHEMES}")
+    others = [t for t in targets if t != "onnx"]
+    if scheme == STATIC and others:
+        raise ExportError(
+            f"quantize='int8' is ONNX Runtime's static quantization of weights and "
+            f"activations, for the onnx target only; the {', '.join(others)} target(s) take "
+            "'int8-weights' (weights stored int8, dequantized in the graph). Export them "
+            "separately, or use --target onnx"
+        )
     return scheme
+
+
+def calibration_inputs(data: Any, input_key: str, sample: np.ndarray) -> np.ndarray:
+    """The first `CALIBRATION_EXAMPLES` inputs of ``data`` (an array, or a dict holding
+    ``input_key``), checked against the sample's shape and dtype."""
+    if isinstance(data, Mapping):
+        if input_key not in data:
+            raise ExportError(
+                f"the calibration data has no {input_key!r} (it has {sorted(data)}): static "
+                "int8 needs the model's inputs (jaxmint export uses the run's training data)"
+            )
+        data = data[input_key]
+    if data is None:
+        raise ExportError(
+            "quantize='int8' calibrates activation ranges on example inputs: give "
+            "calibration_data (a few hundred training inputs; jaxmint export uses the run's "
+            "own), or use 'int8-weights'"
+        )
+    x = np.asarray(data)[:CALIBRATION_EXAMPLES]
+    if x.ndim != sample.ndim or x.shape[1:] != sample.shape[1:] or x.dtype != sample.dtype:
+        raise ExportError(
+            f"calibration inputs are {x.dtype}{list(x.shape)}; the model takes "
+            f"{sample.dtype}{['batch', *sample.shape[1:]]}"
+        )
+    if not len(x):
+        raise ExportError("the calibration data has no examples")
+    if x.dtype.kind == "f" and not np.all(np.isfinite(x)):
+        raise ExportError("the calibration inputs hold NaN or infinity")
+    return x
 
 
 def _quantizable(w: np.ndarray) -> bool:
@@ -147,3 +201,74 @@ def jax_runner(predict: Callable, weights: Sequence[Any], input_key: str, single
         return {name: out} if single else out
 
     return run
+
+
+def quantize_onnx_static(folder: Path, calibration: np.ndarray, input_key: str) -> dict:
+    """Replace ``folder/model.onnx`` (float) by ONNX Runtime's static int8 quantization
+    of it, calibrated on ``calibration``; the report for the manifest."""
+    import onnx
+    import onnxruntime
+    from onnx import numpy_helper
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+
+    batches = [
+        {input_key: calibration[i : i + CALIBRATION_BATCH]}
+        for i in range(0, len(calibration), CALIBRATION_BATCH)
+    ]
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.batches = iter(batches)
+
+        def get_next(self):
+            return next(self.batches, None)
+
+    path = folder / "model.onnx"
+    staged = folder.parent / ".int8.onnx"
+    quiet = logging.getLogger()  # the tools log advice at WARNING on the root logger
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        quantize_static(
+            str(path),
+            str(staged),
+            Reader(),
+            quant_format=QuantFormat.QDQ,
+            activation_type=QuantType.QInt8,
+            weight_type=QuantType.QInt8,
+            per_channel=False,  # per tensor: as accurate on our models, faster on x86
+            calibrate_method=CalibrationMethod.MinMax,
+        )
+    finally:
+        quiet.setLevel(level)
+    model = onnx.load(str(staged))
+    staged.unlink()
+    for leftover in folder.iterdir():
+        leftover.unlink()
+    onnx.save_model(
+        model,
+        str(path),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location="model.onnx.data",
+        size_threshold=1024,
+    )
+    model = onnx.load(str(path))  # with its external data, to count the bytes
+    weight_bytes = sum(numpy_helper.to_array(t).nbytes for t in model.graph.initializer)
+    return {
+        "method": "onnxruntime static QDQ: int8 weights and activations, per tensor",
+        "calibration": {
+            "source": "given",
+            "examples": len(calibration),
+            "method": "minmax",
+            "sha256": hashlib.sha256(np.ascontiguousarray(calibration).tobytes()).hexdigest(),
+        },
+        "weight_bytes": weight_bytes,
+        "versions": {"onnxruntime": onnxruntime.__version__},
+    }

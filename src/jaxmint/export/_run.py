@@ -11,6 +11,7 @@ import numpy as np
 from jaxmint.data import first_examples
 from jaxmint.export._artifact import DEFAULT_BATCH_SIZES, config_hash, export_model
 from jaxmint.export._lower import ExportError
+from jaxmint.export._quantize import CALIBRATION_EXAMPLES, STATIC
 from jaxmint.run import RunDir, RunDirError
 
 
@@ -49,7 +50,8 @@ def export_run(
     ``target_options`` (``onnx_opset``, ``iree_cpu``, ``iree_hal_targets``) are
     those of `export_model`. ``labels`` (class names for the output) default to the
     experiment's ``labels``. A ``quantize``d export is judged on the experiment's
-    eval data (see `export_model`).
+    eval data (see `export_model`); ``"int8"`` is calibrated on the first 256
+    examples of its training data.
     """
     run = RunDir.of(run_dir)
     module, config, recorded = load_experiment(run)
@@ -75,6 +77,10 @@ def export_run(
         quantize=quantize,
         eval_data=exp.eval,
         max_metric_drop=max_metric_drop,
+        calibration_data=(
+            _sample(exp.train, exp.input_key, CALIBRATION_EXAMPLES) if quantize == STATIC else None
+        ),
+        calibration_source="train",
         experiment={
             "name": Path(recorded["experiment"]).stem,
             "config_hash": config_hash(recorded),
