@@ -8,3 +8,12 @@ if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
 fi
 .venv/bin/python -m pip install --quiet --disable-pip-version-check -e ./export -e ".${1:-}"
+
+# The test extras also set up what the Node.js and browser tests use: export/js's npm
+# packages (when npm is here; the tests say why they skip otherwise).
+if [[ "${1:-}" == *dev* ]] && command -v npm >/dev/null; then
+  lock=export/js/package-lock.json
+  if [ ! -f export/js/node_modules/.package-lock.json ] || [ "$lock" -nt export/js/node_modules/.package-lock.json ]; then
+    (cd export/js && npm ci --no-audit --no-fund --loglevel=error)
+  fi
+fi
