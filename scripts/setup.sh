@@ -10,10 +10,18 @@ fi
 .venv/bin/python -m pip install --quiet --disable-pip-version-check -e ./export -e ".${1:-}"
 
 # The test extras also set up what the Node.js and browser tests use: export/js's npm
-# packages (when npm is here; the tests say why they skip otherwise).
-if [[ "${1:-}" == *dev* ]] && command -v npm >/dev/null; then
-  lock=export/js/package-lock.json
-  if [ ! -f export/js/node_modules/.package-lock.json ] || [ "$lock" -nt export/js/node_modules/.package-lock.json ]; then
-    (cd export/js && npm ci --no-audit --no-fund --loglevel=error)
+# packages and its browser bundle (when npm is here), and Debian's chromium (as root,
+# when apt-get is here). The tests say why they skip where one is missing.
+if [[ "${1:-}" == *dev* ]]; then
+  if command -v npm >/dev/null; then
+    lock=export/js/package-lock.json
+    if [ ! -f export/js/node_modules/.package-lock.json ] || [ "$lock" -nt export/js/node_modules/.package-lock.json ]; then
+      (cd export/js && npm ci --no-audit --no-fund --loglevel=error)
+    fi
+    (cd export/js && npm run --silent build)
+  fi
+  if ! command -v chromium >/dev/null && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) >/dev/null \
+      || echo "setup: could not install chromium; the browser tests will skip" >&2
   fi
 fi

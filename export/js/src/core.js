@@ -96,6 +96,22 @@ export function referencedFiles(manifest) {
   return [...new Set(refs.map(([rel]) => rel))];
 }
 
+/** The session's graph takes the manifest's inputs and gives its outputs. */
+export function checkGraph(manifest, inputNames, outputNames) {
+  const file = manifest.targets.onnx.file;
+  const have = [...inputNames].sort();
+  const want = manifest.inputs.map((s) => s.name).sort();
+  if (JSON.stringify(have) !== JSON.stringify(want)) {
+    throw new ArtifactError(`${file}: graph inputs ${JSON.stringify(have)} do not match ${JSON.stringify(want)}`);
+  }
+  const missing = manifest.outputs.map((s) => s.name).filter((n) => !outputNames.includes(n));
+  if (missing.length) {
+    throw new ArtifactError(
+      `${file}: the graph has no outputs ${JSON.stringify(missing)} (it has ${JSON.stringify([...outputNames].sort())})`,
+    );
+  }
+}
+
 /** Size, then sha256 (hex, computed by the caller's `digest(bytes)`) of one listed file. */
 export async function verifyBytes(rel, bytes, info, digest, where) {
   if (bytes.byteLength !== info.bytes) {

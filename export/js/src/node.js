@@ -20,6 +20,7 @@ import {
   ArtifactError,
   MANIFEST,
   MAX_MANIFEST_BYTES,
+  checkGraph,
   checkSample,
   outputMismatch,
   parseLabels,
@@ -188,17 +189,7 @@ export async function load(directory, options = {}) {
   } catch (e) {
     throw new ArtifactError(`${path.join(directory, onnx.file)}: ONNX Runtime cannot load it (${e.message})`);
   }
-  const names = new Set(session.inputNames);
-  const want = manifest.inputs.map((s) => s.name);
-  if (names.size !== want.length || !want.every((n) => names.has(n))) {
-    throw new ArtifactError(
-      `${onnx.file}: graph inputs ${JSON.stringify([...names].sort())} do not match ${JSON.stringify(want.sort())}`,
-    );
-  }
-  const missing = manifest.outputs.map((s) => s.name).filter((n) => !session.outputNames.includes(n));
-  if (missing.length) {
-    throw new ArtifactError(`${onnx.file}: the graph has no outputs ${JSON.stringify(missing)}`);
-  }
+  checkGraph(manifest, session.inputNames, session.outputNames);
   const check = manifest.check
     ? checkSample(manifest, readSafetensors(files[manifest.check.file], manifest.check.file), manifest.check.file)
     : null;
