@@ -140,3 +140,15 @@ def test_quantize_quick(tmp_path):
     summary = json.loads((tmp_path / "q.json").read_text())["summary"]
     assert set(summary["digits"]) == {"none", "bf16", "int8-weights", "int8"}
     assert summary["wide"]["int8"]["onnx"]["latency_us"] > 0
+
+
+@pytest.mark.skipif(
+    shutil.which("chromium") is None or not (REPO / "export/js/node_modules").is_dir(),
+    reason='needs chromium and export/js/node_modules (bash scripts/setup.sh "[dev]")',
+)
+def test_js_runtimes_quick(tmp_path):
+    out = run("benchmarks/js_runtimes.py", "--quick", "--out", tmp_path / "j.json")
+    assert "cold start ms" in out
+    summary = json.loads((tmp_path / "j.json").read_text())["summary"]
+    assert set(summary) == {"python", "node", "browser"}
+    assert all(s["batch1Us"] > 0 and s["coldMs"] > 0 for s in summary.values())

@@ -8,6 +8,7 @@ packages (``npm ci`` in export/js).
 
 import json
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -87,3 +88,22 @@ def test_node_runs_the_onnx_target_as_the_python_runtime_does(tmp_path):
     assert out.returncode == 0, out.stdout[-6000:] + out.stderr[-2000:]
     assert "# fail 0" in out.stdout and "# skipped 0" in out.stdout, out.stdout[-3000:]
     assert "ok 1 - gives the Python runtime's outputs, batch by batch" in out.stdout
+
+
+@pytest.mark.skipif(node_ready() is not None, reason=str(node_ready()))
+def test_the_node_snippet_in_the_deployment_docs_runs(tmp_path):
+    page = (REPO / "docs/deployment.md").read_text()
+    (snippet,) = [
+        code
+        for code in re.findall(r"```javascript\n(.*?)```", page, re.S)
+        if "jaxmint-runtime-js" in code
+    ]
+    (tmp_path / "node_modules").mkdir()
+    (tmp_path / "node_modules/jaxmint-runtime-js").symlink_to(JS)  # as if npm-installed
+    shutil.copytree(GOLDEN, tmp_path / "artifacts/digits")
+    (tmp_path / "snippet.mjs").write_text(snippet)
+    out = subprocess.run(
+        ["node", "snippet.mjs"], cwd=tmp_path, capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.startswith("[ 1, 10 ]"), out.stdout
