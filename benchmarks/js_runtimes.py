@@ -100,7 +100,9 @@ def main(argv=None) -> dict:
     rounds, calls = (1, 200) if args.quick else (5, 2000)
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if chromium is None or not (JS / "node_modules").is_dir():
-        raise SystemExit('needs node_modules in export/js and chromium: bash scripts/setup.sh "[dev]"')
+        raise SystemExit(
+            'needs node_modules in export/js and chromium: bash scripts/setup.sh "[dev]"'
+        )
     if not (JS / "dist/browser.js").exists():
         subprocess.run(["npm", "run", "--silent", "build"], cwd=JS, check=True)
     spec = importlib.util.spec_from_file_location("serve", REPO / "examples/browser/serve.py")
