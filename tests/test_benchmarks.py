@@ -139,6 +139,8 @@ def test_quantize_quick(tmp_path):
     assert "int8 onnx: batch-1 latency / float onnx" in out
     summary = json.loads((tmp_path / "q.json").read_text())["summary"]
     assert set(summary["digits"]) == {"none", "bf16", "int8-weights", "int8"}
+    assert summary["char"]["int8-weights"]["onnx"]["bits_over_float"] > 0
+    assert "char int8-weights: bits per byte / float" in out
     assert summary["wide"]["int8"]["onnx"]["latency_us"] > 0
 
 

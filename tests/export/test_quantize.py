@@ -183,3 +183,45 @@ def test_static_int8_refuses_other_targets_and_bad_calibration(trained, tmp_path
                 **options,
             )
     assert not (tmp_path / "q").exists()
+
+
+def test_a_language_model_is_judged_per_token_with_its_bits_per_byte(tmp_path):
+    train, test = jaxmint.data.stdlib_chars(16, max_bytes=40_000)
+    model = jaxmint.models.transformer(
+        256,
+        max_len=16,
+        d_model=32,
+        num_layers=1,
+        num_heads=2,
+        attention=jaxmint.models.portable_attention,
+    )
+    result = jaxmint.fit(
+        model,
+        jaxmint.losses.softmax_cross_entropy(),
+        optax.adam(3e-3),
+        train,
+        steps=60,
+        batch_size=16,
+        progress=False,
+    )
+    variables = {"params": result.params}
+    eval_data = {k: v[:64] for k, v in test.items()}
+    out = export_model(
+        model,
+        variables,
+        test["x"][:4],
+        tmp_path / "lm",
+        name="lm",
+        targets=("xla", "onnx"),
+        quantize="int8-weights",
+        eval_data=eval_data,
+    )
+    q = json.loads((out / "manifest.json").read_text())["quantization"]
+    logits = np.asarray(model.apply(variables, eval_data["x"], train=False), np.float64)
+    log_z = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
+    picked = np.take_along_axis(logits, eval_data["y"][..., None], -1)[..., 0]
+    bits = float(np.mean(log_z - picked) / np.log(2))
+    assert q["float_bits"] == pytest.approx(bits, rel=1e-4)
+    assert q["eval_examples"] == 64  # sequences; accuracy and bits are per token
+    for target in ("xla", "onnx"):
+        assert q["targets"][target]["bits"] == pytest.approx(bits, rel=0.01)  # within 1%

@@ -124,11 +124,15 @@ def _quantization_line(report: dict) -> str:
         if calibration
         else ""
     )
-    return (
+    line = (
         f"  quantization: {q['scheme']}{calibrated}, weights {q['weight_bytes']:,} of "
         f"{q['float_weight_bytes']:,} bytes; eval accuracy float {q['float_metric']:.2f}%, "
         f"{drops} on {q['eval_examples']} examples (max drop {q['max_metric_drop']:g})"
     )
+    if "float_bits" in q:  # cross-entropy per label, recorded since bits were measured
+        bits = ", ".join(f"{t} {m['bits']:.4f}" for t, m in q["targets"].items())
+        line += f"; cross-entropy bits per label float {q['float_bits']:.4f}, {bits}"
+    return line
 
 
 def _read_labels(path: str) -> list[str]:

@@ -169,7 +169,7 @@ def export_model(
             raise ExportError(f"max_metric_drop must be >= 0, got {max_metric_drop}")
         output_names = [o["name"] for o in outputs]
         measure = task_metric(eval_data, input_key, output_names)
-        float_metric = measure(jax_runner(predict, weights, input_key, single, output_names[0]))
+        reference = measure(jax_runner(predict, weights, input_key, single, output_names[0]))
         if static:  # the float graph is converted, then quantized by ONNX Runtime
             float_bytes = sum(w.nbytes for w in weights)
             quantization = {"scheme": quantize, "float_weight_bytes": float_bytes}
@@ -179,7 +179,8 @@ def export_model(
             )
         quantization.update(
             metric="accuracy",
-            float_metric=float_metric,
+            float_metric=reference["accuracy"],
+            float_bits=reference["bits"],
             eval_examples=min(len(eval_data["y"]), MAX_EVAL_EXAMPLES),
             max_metric_drop=max_metric_drop,
             targets={},
@@ -459,9 +460,10 @@ def _onnx_answers(directory: Path, input_key: str):
 def _judge_metric(directory: Path, target: str, input_key: str, measure, quantization) -> None:
     """Record ``target``'s accuracy on the eval data; `ParityError` if it dropped too far."""
     predictor = _load_target(directory, target)
-    value = measure(lambda x: predictor.run({input_key: x}))
+    measured = measure(lambda x: predictor.run({input_key: x}))
+    value = measured["accuracy"]
     drop = quantization["float_metric"] - value
-    quantization["targets"][target] = {"metric": value, "drop": drop}
+    quantization["targets"][target] = {"metric": value, "drop": drop, "bits": measured["bits"]}
     if drop > quantization["max_metric_drop"]:
         del quantization["targets"][target]
         raise ParityError(

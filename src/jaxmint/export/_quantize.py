@@ -156,8 +156,10 @@ def quantize(
 def task_metric(
     eval_data: Mapping[str, Any] | None, input_key: str, output_names: list[str]
 ) -> Callable[[Callable], float]:
-    """``measure(run) -> accuracy in percent`` of ``run(x) -> {output: logits}`` on the
-    eval data: the argmax of the (first) output against integer labels ``y``.
+    """``measure(run) -> {"accuracy": percent, "bits": cross-entropy}`` of ``run(x) ->
+    {output: logits}`` on the eval data: the argmax of the (first) output against
+    integer labels ``y``, and the mean cross-entropy per label in bits (bits per
+    byte for a byte-level language model).
 
     `ExportError` when the data cannot give one: a quantized export must be judged.
     """
@@ -176,18 +178,23 @@ def task_metric(
         )
     output = output_names[0]
 
-    def measure(run: Callable[[np.ndarray], Mapping[str, np.ndarray]]) -> float:
-        correct = 0
+    def measure(run: Callable[[np.ndarray], Mapping[str, np.ndarray]]) -> dict[str, float]:
+        correct, nats = 0, 0.0
         for start in range(0, len(x), 256):
-            logits = np.asarray(run(x[start : start + 256])[output])
+            logits = np.asarray(run(x[start : start + 256])[output]).astype(np.float64)
             labels = y[start : start + 256]
-            if logits.shape[:-1] != labels.shape:
+            if logits.shape[:-1] != labels.shape or labels.max() >= logits.shape[-1]:
                 raise ExportError(
                     f"output {output!r} has shape {list(logits.shape)} for labels of shape "
-                    f"{list(labels.shape)}: accuracy needs logits over the labels' classes"
+                    f"{list(labels.shape)} up to {int(labels.max())}: accuracy needs logits "
+                    "over the labels' classes"
                 )
-            correct += int(np.sum(np.argmax(logits.astype(np.float32), -1) == labels))
-        return 100.0 * correct / y.size
+            correct += int(np.sum(np.argmax(logits, -1) == labels))
+            peak = logits.max(-1, keepdims=True)
+            log_z = np.log(np.exp(logits - peak).sum(-1)) + peak[..., 0]
+            picked = np.take_along_axis(logits, labels[..., None].astype(np.int64), -1)[..., 0]
+            nats += float(np.sum(log_z - picked))
+        return {"accuracy": 100.0 * correct / y.size, "bits": nats / y.size / np.log(2)}
 
     return measure
 
