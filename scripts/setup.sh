@@ -10,8 +10,9 @@ fi
 .venv/bin/python -m pip install --quiet --disable-pip-version-check -e ./export -e ".${1:-}"
 
 # The test extras also set up what the Node.js and browser tests use: export/js's npm
-# packages and its browser bundle (when npm is here), and Debian's chromium (as root,
-# when apt-get is here). The tests say why they skip where one is missing.
+# packages and its browser bundle (when npm is here), and Debian's chromium and
+# postgresql (as root, when apt-get is here; the PostgreSQL sweep tests start their
+# own server). The tests say why they skip where one is missing.
 if [[ "${1:-}" == *dev* ]]; then
   if command -v npm >/dev/null; then
     lock=export/js/package-lock.json
@@ -20,8 +21,11 @@ if [[ "${1:-}" == *dev* ]]; then
     fi
     (cd export/js && npm run --silent build)
   fi
-  if ! command -v chromium >/dev/null && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) >/dev/null \
-      || echo "setup: could not install chromium; the browser tests will skip" >&2
+  missing=()
+  command -v chromium >/dev/null || missing+=(chromium)
+  compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || missing+=(postgresql)
+  if [ "${#missing[@]}" -gt 0 ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}") \
+      >/dev/null || echo "setup: could not install ${missing[*]}; their tests will skip" >&2
   fi
 fi

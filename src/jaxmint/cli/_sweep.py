@@ -149,18 +149,32 @@ def _sweep(args) -> int:
     for i, err in enumerate(errors):
         if err:
             print(f"warning: worker {i}: {err}", file=sys.stderr)
-    return _print_report(sweep_dir, plots=True)
+    try:
+        unfinished = _print_report(sweep_dir, plots=True)["unfinished"]
+    except SweepError as e:  # the workers are done, but the study cannot be read now
+        print(f"error: {e}; then run the same command again to continue", file=sys.stderr)
+        return 1
+    if any(errors) and unfinished > 0:
+        print(
+            f"error: every worker has stopped, and {unfinished} of the budget's trials are not "
+            f"finished; the workers' logs are in {sweep_dir / 'submitit'}. Run the same "
+            "command again to continue the sweep",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
 
 
 def _report(args) -> int:
     try:
-        return _print_report(Path(args.sweep_dir), plots=not args.no_plots)
+        _print_report(Path(args.sweep_dir), plots=not args.no_plots)
+        return 0
     except SweepError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
 
-def _print_report(sweep_dir: Path, plots: bool) -> int:
+def _print_report(sweep_dir: Path, plots: bool) -> dict:
     found = report(sweep_dir, plots=plots)
     table = found["rows"]
     names = sorted({k for r in table for k in r if k.startswith("params/")})
@@ -187,7 +201,7 @@ def _print_report(sweep_dir: Path, plots: bool) -> int:
     console.print(out)
     for path in found["files"]:
         console.print(f"wrote {path}")
-    return 0
+    return found
 
 
 def _fmt(v) -> str:

@@ -130,6 +130,9 @@ def _save(fig, path: Path, plt) -> Path:
     return path
 
 
+FINISHED = ("COMPLETE", "PRUNED", "FAIL")
+
+
 def report(sweep_dir: str | Path, *, plots: bool = True) -> dict:
     """Load a sweep dir's study; write ``trials.csv`` (and plots). Returns what it found."""
 
@@ -146,5 +149,6 @@ def report(sweep_dir: str | Path, *, plots: bool = True) -> dict:
         "objective": spec.objective,
         "direction": spec.direction,
         "counts": _study.summary(study.get_trials(deepcopy=False)),
+        "unfinished": int(state["trials"]) - sum(r["state"] in FINISHED for r in table),
         "files": [sweep_dir / "trials.csv", *files],
     }

@@ -55,8 +55,108 @@ def storage_for(sweep_dir: Path, url: str | None = None):
 
             backend = JournalFileStorage(path, lock_obj=JournalFileOpenLock(path))
         return optuna.storages.JournalStorage(backend)
-    engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
-    return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs)
+    if url.startswith("sqlite"):
+        engine_kwargs = {"connect_args": {"timeout": 60}}
+    else:  # a server: replace a pooled connection it dropped (a restart) before using it
+        engine_kwargs = {"pool_pre_ping": True}
+    try:
+        return _retrying_rdb(optuna)(url, engine_kwargs=engine_kwargs)
+    except ImportError as e:  # the URL's driver, e.g. psycopg2 for postgresql://
+        raise SweepError(
+            f"the study storage {masked(url)} needs a database driver that is not installed "
+            f"({e}); for PostgreSQL: pip install 'jaxmint[postgres]'"
+        ) from None
+    except Exception as e:
+        if not _transient(optuna, e) and type(e).__module__.split(".")[0] != "sqlalchemy":
+            raise
+        raise SweepError(
+            f"cannot reach the study storage {masked(url)}: {_first_line(e)}. Start the "
+            "database server or fix --storage"
+        ) from None
+
+
+STORAGE_PATIENCE_S = 120.0  # how long a worker waits out an unreachable database
+
+
+def _patience_s() -> float:
+    """`STORAGE_PATIENCE_S`, or ``$JAXMINT_SWEEP_STORAGE_PATIENCE_S``."""
+    text = os.environ.get("JAXMINT_SWEEP_STORAGE_PATIENCE_S", "").strip()
+    try:
+        return float(text) if text else STORAGE_PATIENCE_S
+    except ValueError:
+        raise SweepError(
+            f"$JAXMINT_SWEEP_STORAGE_PATIENCE_S must be a number of seconds, got {text!r}"
+        ) from None
+
+
+def masked(url: str) -> str:
+    """``url`` with its password replaced by ``***`` (for messages and logs)."""
+    scheme, sep, rest = url.partition("://")
+    creds, at, host = rest.rpartition("@")
+    if not sep or not at or ":" not in creds:
+        return url
+    return f"{scheme}://{creds.split(':', 1)[0]}:***@{host}"
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0] if text else ''}"[:300]
+
+
+def _transient(optuna, e: BaseException) -> bool:
+    """A lost or refused connection (retry), not a bad query (raise)."""
+    import sqlalchemy.exc
+
+    lost = (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError)
+    if isinstance(e, optuna.exceptions.StorageInternalError):
+        e = e.__cause__ or e
+    return isinstance(e, lost) or getattr(e, "connection_invalidated", False)
+
+
+def _retrying_rdb(optuna):
+    """Optuna's RDBStorage whose calls wait out a database that went away (a restart, a
+    failover) for up to `STORAGE_PATIENCE_S` (``$JAXMINT_SWEEP_STORAGE_PATIENCE_S``),
+    instead of failing the trial.
+
+    A call that failed on a lost connection did not commit (its transaction rolled
+    back), so it is safe to repeat. Creating the storage is not retried: a database
+    that cannot be reached at the start is an error the user fixes.
+    """
+    import logging
+
+    log = logging.getLogger("jaxmint.sweep")
+
+    patience = _patience_s()
+
+    def patient(method):
+        def call(self, *args, **kwargs):
+            start, delay = time.monotonic(), 0.25
+            while True:
+                try:
+                    return method(self, *args, **kwargs)
+                except Exception as e:
+                    waited = time.monotonic() - start
+                    if not _transient(optuna, e) or waited > patience:
+                        raise
+                    log.warning(
+                        "study storage unreachable (%s); retrying %s for %.0f s more",
+                        _first_line(e),
+                        method.__name__,
+                        patience - waited,
+                    )
+                    time.sleep(delay)
+                    delay = min(2 * delay, 5.0)
+
+        call.__name__ = method.__name__
+        return call
+
+    base = optuna.storages.RDBStorage
+    api = {
+        name: patient(getattr(base, name))
+        for name in dir(optuna.storages.BaseStorage)
+        if not name.startswith("_") and callable(getattr(base, name, None))
+    }
+    return type("PatientRDBStorage", (base,), api)
 
 
 def sampler_for(spec: Spec, worker: int = 0):
