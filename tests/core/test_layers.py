@@ -41,6 +41,7 @@ LAYERS = {
 # Slow or optional third-party imports that may wait until a function needs them.
 LAZY_OK = {
     "optuna",
+    "sqlalchemy",  # optuna's database layer (the sweep extra), for its error types
     "submitit",
     "ray",
     "matplotlib",

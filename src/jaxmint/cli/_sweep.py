@@ -134,8 +134,7 @@ def _sweep(args) -> int:
             )
             return 0
         if args.executor == "ray":
-            sweep.launch_ray(sweep_dir, workers)
-            errors = []
+            errors = sweep.launch_ray(sweep_dir, workers, timeout_min=args.timeout_min)
         else:
             jobs = sweep.launch_local(
                 sweep_dir, workers, timeout_min=args.timeout_min, devices=devices

@@ -177,19 +177,53 @@ def launch_slurm(sweep_dir: Path, workers: int, **kwargs):
     return jobs
 
 
-def launch_ray(sweep_dir: Path, workers: int, *, gpus_per_worker: float = 1.0):
-    """Run the same worker processes as Ray tasks (``pip install 'jaxmint[ray]'``)."""
+def launch_ray(
+    sweep_dir: Path,
+    workers: int,
+    *,
+    gpus_per_worker: float | None = None,
+    timeout_min: float | None = None,
+) -> list[str | None]:
+    """Run the same worker processes as Ray tasks on the cluster at ``$RAY_ADDRESS`` (else a
+    local Ray); returns each worker's error text (None when it finished its share).
+
+    ``gpus_per_worker`` defaults to 1 on a cluster with GPUs, else 0 (one CPU each).
+    A worker that dies is not run again by Ray (its task failed); the trial it was
+    running is requeued by the other workers when its heartbeat goes stale.
+    """
     try:
         import ray
     except ImportError:
         raise SweepError(
             "--executor ray needs Ray, which is an optional extra: pip install 'jaxmint[ray]'"
         ) from None
-    ray.init(ignore_reinit_error=True)
+    ray.init(ignore_reinit_error=True, log_to_driver=False)
+    if gpus_per_worker is None:
+        gpus_per_worker = 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
     # Ray sets CUDA_VISIBLE_DEVICES for a task that asks for GPUs; the worker inherits it.
-    task = ray.remote(num_gpus=gpus_per_worker)(lambda job: job())
+    options = {"num_gpus": gpus_per_worker, "max_retries": 0}
+    if not gpus_per_worker:
+        options["num_cpus"] = 1
+    task = ray.remote(**options)(lambda job: job())
     refs = [task.remote(WorkerJob(str(sweep_dir), i)) for i in range(workers)]
-    return ray.get(refs)
+    deadline = None if timeout_min is None else time.monotonic() + 60 * timeout_min + 120
+    errors: list[str | None] = []
+    for ref in refs:
+        left = None if deadline is None else max(1.0, deadline - time.monotonic())
+        try:
+            ray.get(ref, timeout=left)
+            errors.append(None)
+        except ray.exceptions.GetTimeoutError:
+            for r in refs:
+                ray.cancel(r, force=True)
+            raise TimeoutError(
+                f"sweep workers still running after {timeout_min} min; cancelled"
+            ) from None
+        except ray.exceptions.RayError as e:
+            lines = [x.strip() for x in str(e).splitlines() if x.strip()]
+            ours = [x for x in lines if "sweep worker" in x]
+            errors.append((ours or lines or [repr(e)])[-1])
+    return errors
 
 
 def wait(jobs, timeout_s: float, poll_s: float = 0.25) -> list[str | None]:

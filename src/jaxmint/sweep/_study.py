@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import socket
 import threading
@@ -122,10 +123,7 @@ def _retrying_rdb(optuna):
     back), so it is safe to repeat. Creating the storage is not retried: a database
     that cannot be reached at the start is an error the user fixes.
     """
-    import logging
-
     log = logging.getLogger("jaxmint.sweep")
-
     patience = _patience_s()
 
     def patient(method):
