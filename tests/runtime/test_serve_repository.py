@@ -11,8 +11,9 @@ import time
 
 import numpy as np
 import pytest
-from runtime_helpers import json_body, output_of, request
+from runtime_helpers import build_artifact, json_body, output_of, request
 
+import jaxmint_runtime
 from jaxmint_runtime._format import read_safetensors, write_safetensors
 from jaxmint_runtime.serve import Server
 from jaxmint_runtime.serve._cli import main as serve_main
@@ -219,6 +220,48 @@ def test_a_broken_version_is_refused_and_the_old_one_keeps_serving(repo, artifac
         assert broken["state"] == "UNAVAILABLE" and "sha256" in broken["reason"]
         time.sleep(0.5)  # later polls do not retry it (or log again) until it changes
         assert caplog.text.count("not loaded") == 1
+
+
+def test_a_version_rewritten_in_place_is_reloaded_and_a_bad_rewrite_is_not(
+    repo, artifact, inputs, tmp_path, caplog
+):
+    from jaxmint.export._artifact import _move_into_place
+
+    caplog.set_level(logging.INFO, logger="jaxmint_runtime.serve")
+    other = build_artifact(tmp_path / "other", steps=60)  # the same model, trained longer
+    row = inputs[:1]
+    old = jaxmint_runtime.load(artifact).run({"x": row})["output"][0]
+    new = jaxmint_runtime.load(other).run({"x": row})["output"][0]
+    assert not np.allclose(old, new, atol=1e-3)
+
+    def rewrite(corrupt: str = ""):  # as `jaxmint export --force` replaces an artifact
+        add_version(tmp_path, other, "staged", 1, corrupt=corrupt)
+        _move_into_place(tmp_path / "staged" / "1", repo / "digits" / "2")
+
+    def answer():
+        status, _, body = request(
+            server.port, "POST", "/v2/models/digits/versions/2/infer", json_body(row)
+        )
+        assert status == 200, body[:300]  # version 2 never went missing meanwhile
+        return np.asarray(json.loads(body)["outputs"][0]["data"], np.float32)
+
+    with Server([repo], port=0, poll_interval_s=0.05) as server:
+        assert np.allclose(answer(), old, rtol=1e-5, atol=1e-6)
+        rewrite()
+        deadline = time.monotonic() + 30
+        while not np.allclose(answer(), new, rtol=1e-5, atol=1e-6):
+            assert time.monotonic() < deadline, "the rewritten version was never reloaded"
+        assert "version 2 reloaded from" in caplog.text and "rewritten in place" in caplog.text
+        assert get(server.port, "/v2/models/digits")[1]["versions"] == ["2"]
+        rewrite(corrupt="byte")  # a broken rewrite: refused, the previous export serves
+        deadline = time.monotonic() + 30
+        while "not loaded" not in caplog.text:
+            assert time.monotonic() < deadline, "the broken rewrite was never tried"
+            assert np.allclose(answer(), new, rtol=1e-5, atol=1e-6)
+        assert np.allclose(answer(), new, rtol=1e-5, atol=1e-6)
+        index = post(server.port, "/v2/repository/index")[1]
+        (entry,) = [e for e in index if e["name"] == "digits" and e["version"] == "2"]
+        assert entry["state"] == "READY" and "the previous export serves" in entry["reason"]
 
 
 def test_a_version_that_fails_its_check_sample_is_refused(repo, artifact, caplog):

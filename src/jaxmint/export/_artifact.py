@@ -7,6 +7,7 @@ artifact nor touches an existing one.
 
 from __future__ import annotations
 
+import ctypes
 import datetime as dt
 import hashlib
 import json
@@ -586,10 +587,28 @@ def _precompile(directory: Path) -> dict:
 
 
 def _move_into_place(tmp: Path, out: Path) -> None:
-    if out.exists():
+    """Put the finished artifact at ``out``. Replacing one, the two directories swap in
+    one step where the OS can (Linux ``renameat2``), so a server polling ``out`` never
+    sees it missing; elsewhere the old one is renamed aside first."""
+    if not out.exists():
+        tmp.rename(out)
+    elif _exchange(tmp, out):
+        shutil.rmtree(tmp, ignore_errors=True)  # it holds the old artifact now
+    else:
         old = out.with_name(f".{out.name}.old-{os.getpid()}")
         out.rename(old)
         tmp.rename(out)
         shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(out)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically (Linux 3.15+, most local filesystems); False if not."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):  # a libc without renameat2 (glibc < 2.28)
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0

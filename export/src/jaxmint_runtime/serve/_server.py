@@ -73,6 +73,7 @@ class Served:
     version: str
     predictor: Predictor
     batcher: Batcher | None = None
+    stamp: tuple | None = None  # its manifest's identity when loaded (None: not from disk)
 
 
 @dataclass(eq=False)
@@ -113,7 +114,7 @@ class Server:
         # (once serving), so a request sees one consistent table.
         self.served: dict[str, dict[str, Served]] = {}
         self._roots: list[Path] = []  # repositories, rescanned by load requests and polling
-        self._failed: dict[Path, tuple[int, str]] = {}  # version dir -> (manifest mtime, why)
+        self._failed: dict[Path, tuple[tuple, str]] = {}  # version dir -> (manifest stamp, why)
         self._unloaded: set[str] = set()  # models unloaded on request: not reloaded by polling
         self._fixed: set[str] = set()  # models given as artifacts or predictors, not rescanned
         self._sync_lock: asyncio.Lock | None = None
@@ -134,12 +135,9 @@ class Server:
                         if not missing:
                             break
                         for v in missing:
-                            try:
-                                predictor = self._load_prepared(on_disk[v], name)
-                            except Exception as e:
-                                self._refuse(name, v, on_disk[v], e)
-                                continue
-                            self._add(Served(name, str(v), predictor))
+                            entry = self._try_load(name, v, on_disk[v])
+                            if entry is not None:
+                                self._add(entry)
         if not self.served:
             raise ValueError(
                 "give at least one artifact or repository to serve "
@@ -531,7 +529,12 @@ class Server:
             versions = set(served) | {str(v) for v in on_disk.get(name, {})}
             for version in sorted(versions, key=int):
                 if version in served:
-                    entries.append({"name": name, "version": version, "state": "READY"})
+                    entry = {"name": name, "version": version, "state": "READY"}
+                    path = on_disk.get(name, {}).get(int(version))
+                    why = self._failure(path) if path is not None else None
+                    if why:  # rewritten in place, and the rewrite did not load
+                        entry["reason"] = f"the previous export serves; the rewrite failed: {why}"
+                    entries.append(entry)
                 elif not query.get("ready", False):
                     path = on_disk[name][int(version)]
                     reason = self._failure(path) or (
@@ -596,8 +599,8 @@ class Server:
         wanted = self.policy.select(usable)
         return wanted, [v for v in wanted if str(v) not in served]
 
-    def _refuse(self, name: str, version: int, path: Path, e: Exception) -> None:
-        self._failed[path] = (_mtime(path), str(e)[:2000])
+    def _refuse(self, name: str, version: int, path: Path, e: Exception, stamp) -> None:
+        self._failed[path] = (stamp, str(e)[:2000])
         log.warning(
             "model %r version %d at %s not loaded (the versions served keep serving): %s",
             name,
@@ -608,27 +611,53 @@ class Server:
 
     async def _sync_model(self, name: str, on_disk: dict[int, Path]) -> None:
         loop = asyncio.get_running_loop()
+        await self._reload_rewritten(name, on_disk)
         while True:
             wanted, missing = self._plan(name, on_disk)
             if not missing:
                 break
             for v in missing:
-                path = on_disk[v]
-                try:
-                    predictor = await loop.run_in_executor(None, self._load_prepared, path, name)
-                except Exception as e:  # a broken version never replaces a working one
-                    self._refuse(name, v, path, e)
+                entry = await loop.run_in_executor(None, self._try_load, name, v, on_disk[v])
+                if entry is None:
                     continue
-                self._failed.pop(path, None)
-                entry = Served(name, str(v), predictor)
                 self._start(entry)
                 self.served.setdefault(name, {})[str(v)] = entry
-                log.info("model %r version %d loaded from %s", name, v, path)
+                log.info("model %r version %d loaded from %s", name, v, on_disk[v])
         stale = [v for v in self.served.get(name, {}) if int(v) not in wanted]
         await self._retire(name, stale)
 
-    def _load_prepared(self, path: Path, name: str) -> Predictor:
-        return self._prepare(self._load(path), name)
+    async def _reload_rewritten(self, name: str, on_disk: dict[int, Path]) -> None:
+        """Versions served whose directory was rewritten in place (a new export with
+        --force): the new one is loaded, checked and warmed beside the old, then takes
+        its place in the table; the old answers what it queued. A rewrite that fails
+        to load leaves the old one serving."""
+        loop = asyncio.get_running_loop()
+        for version, old in list(self.served.get(name, {}).items()):
+            path = on_disk.get(int(version))
+            if old.stamp is None or path is None or _stamp(path) == old.stamp:
+                continue
+            if self._failure(path):
+                continue
+            new = await loop.run_in_executor(None, self._try_load, name, int(version), path)
+            if new is None:
+                continue
+            self._start(new)
+            self.served[name][version] = new  # from here on, requests go to the new one
+            await loop.run_in_executor(None, old.batcher.close, self.config.drain_timeout_s)
+            log.info(
+                "model %r version %s reloaded from %s (rewritten in place)", name, version, path
+            )
+
+    def _try_load(self, name: str, version: int, path: Path) -> Served | None:
+        """Load, check and warm one version (no batcher yet); None, logged, if it fails."""
+        stamp = _stamp(path)  # before reading: a rewrite during the load is seen next time
+        try:
+            predictor = self._prepare(self._load(path), name)
+        except Exception as e:  # a broken version never replaces a working one
+            self._refuse(name, version, path, e, stamp)
+            return None
+        self._failed.pop(path, None)
+        return Served(name, str(version), predictor, stamp=stamp)
 
     async def _retire(self, name: str, versions: list[str]) -> None:
         """Stop routing to ``versions``, then answer what they queued and let them go."""
@@ -658,7 +687,7 @@ class Server:
     def _failure(self, path: Path) -> str | None:
         """Why ``path`` did not load, unless its manifest changed since."""
         failed = self._failed.get(path)
-        return failed[1] if failed and failed[0] == _mtime(path) else None
+        return failed[1] if failed and failed[0] == _stamp(path) else None
 
     async def _poll_forever(self, period_s: float) -> None:
         while True:
@@ -800,11 +829,13 @@ class Server:
         pending.future.set_result(response)
 
 
-def _mtime(path: Path) -> int:
+def _stamp(path: Path) -> tuple:
+    """The identity of a version's manifest: a rewrite (a new file, or new bytes) changes it."""
     try:
-        return os.stat(path / "manifest.json").st_mtime_ns
+        info = os.stat(path / "manifest.json")
     except OSError:
-        return -1
+        return ()
+    return (info.st_ino, info.st_mtime_ns, info.st_size)
 
 
 def _json(status: int, obj) -> Response:
