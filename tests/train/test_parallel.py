@@ -218,3 +218,44 @@ def test_a_checkpoint_moves_between_meshes_and_to_one_device(tmp_path):
         else:  # another layout sums in another order
             np.testing.assert_allclose(resumed["loss"], straight["loss"], rtol=2e-5)
             np.testing.assert_allclose(resumed["params"], straight["params"], rtol=2e-5)
+
+
+def test_show_sharding_plans_a_runs_parameter_layout_without_its_devices(tmp_path, capsys):
+    from jaxmint.cli import main
+    from jaxmint.experiment import fit_experiment, load_module
+
+    script = HERE.parents[1] / "experiments/char_transformer.py"
+    module = load_module(script)
+    overrides = {"steps": 1, "eval_every": 1, "checkpoint_every": 1, "progress": False}
+    config = module.Config(**{**module.SMOKE, **overrides, "workdir": str(tmp_path / "run")})
+    fit_experiment(module.build(config), config, script=script)
+    capsys.readouterr()
+    assert main(["show", str(tmp_path / "run"), "--mesh", "data=2,fsdp=2,tensor=2"]) == 0
+    out = capsys.readouterr().out
+    assert "mesh data=2,fsdp=2,tensor=2" in out and "bytes / device" in out
+    assert "heads" in out and "tensor" in out  # attention heads split on the tensor axis
+    assert main(["show", str(tmp_path / "run"), "--sharding"]) == 0  # the run's own: 1 device
+    assert "replicated" in capsys.readouterr().out
+    assert main(["show", str(tmp_path / "run"), "--mesh", "data=-1,tensor=2"]) == 2
+    assert "every size given" in capsys.readouterr().err
+
+
+def test_the_sharding_plan_splits_what_the_rules_say():
+    import jax
+
+    import jaxmint
+    from jaxmint.train._parallel import sharding_plan
+    from jaxmint.train._setup import param_axes
+
+    model = jaxmint.models.transformer(64, max_len=16, d_model=32, num_layers=1, num_heads=4)
+    x = np.zeros((2, 16), np.int32)
+    key = jax.random.PRNGKey(0)
+    params = jax.eval_shape(model.init, key, x)["params"]
+    names = param_axes(model, key, x)
+    rows = {r["parameter"]: r for r in sharding_plan(params, names, {"tensor": 4})}
+    annotated = [r for r in rows.values() if r["logical"] and "tensor" in str(r["spec"])]
+    assert annotated  # heads, mlp and vocab axes go to tensor
+    for r in annotated:
+        assert r["bytes_per_device"] * 4 == r["bytes"]
+    whole = sharding_plan(params, names, {"data": 8})  # data only: every device holds all
+    assert all(r["bytes_per_device"] == r["bytes"] for r in whole)

@@ -37,6 +37,8 @@ def _info(args) -> int:
 
 def _show(args) -> int:
     run = RunDir(args.run_dir)
+    if args.sharding or args.mesh:
+        return _show_sharding(run, args.mesh)
     try:
         records = run.require_metrics()
         config = run.read_config()
@@ -55,6 +57,58 @@ def _show(args) -> int:
         table.add_row(
             *[f"{r[k]:.4g}" if isinstance(r.get(k), float) else str(r.get(k, "")) for k in keys]
         )
+    console.print(table)
+    return 0
+
+
+def _show_sharding(run: RunDir, mesh: str | None) -> int:
+    """The parameter layout of a run's model on its mesh (or ``mesh``), planned without
+    devices: what each device would hold under the default logical-axis rules."""
+    import jax
+
+    from jaxmint.data import first_examples
+    from jaxmint.train import _parallel
+    from jaxmint.train._setup import param_axes
+
+    try:
+        module, config, _ = run.load_experiment()
+        spec = mesh or getattr(config, "mesh", None)
+        strategy = _parallel.resolve(getattr(config, "strategy", "auto"))
+        if spec is None and strategy in _parallel.SHORTHANDS:
+            spec = _parallel.SHORTHANDS[strategy]
+        axes = _parallel.parse_mesh(spec) if spec else {"data": 1}
+        if any(v == -1 for v in axes.values()):
+            raise _parallel.MeshError(
+                f"mesh {_parallel.mesh_text(axes)} has a -1 axis, which takes the devices "
+                "there are; plan a mesh with every size given: --mesh data=2,fsdp=2,tensor=2"
+            )
+    except (RunDirError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    exp = module.build(config)
+    sample = first_examples(exp.train, 1)
+    key = jax.random.PRNGKey(0)
+    variables = jax.eval_shape(exp.model.init, key, sample[exp.input_key])
+    params = variables["params"] if isinstance(variables, dict) else variables
+    names = param_axes(exp.model, key, sample[exp.input_key])
+    rows = _parallel.sharding_plan(params, names, axes)
+    table = Table("parameter", "shape", "logical axes", "mesh axes", "bytes", "bytes / device")
+    for r in rows:
+        logical = ", ".join(str(n) for n in r["logical"]) if r["logical"] else "-"
+        mesh_axes = ", ".join(str(a) for a in r["spec"]) if len(r["spec"]) else "replicated"
+        table.add_row(
+            r["parameter"],
+            "x".join(map(str, r["shape"])) or "scalar",
+            logical,
+            mesh_axes,
+            f"{r['bytes']:,}",
+            f"{r['bytes_per_device']:,}",
+        )
+    total = sum(r["bytes"] for r in rows)
+    per_device = sum(r["bytes_per_device"] for r in rows)
+    table.add_row("total", "", "", "", f"{total:,}", f"{per_device:,}", style="bold")
+    console = Console(width=160)
+    console.print(f"[bold]{run}[/]  mesh {_parallel.mesh_text(axes)} (default rules)")
     console.print(table)
     return 0
 
@@ -230,6 +284,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = sub.add_parser("show", help="summarize a run dir: checkpoints and the last logged steps")
     p.add_argument("run_dir")
     p.add_argument("--last", type=positive_int, default=10, help="how many logged steps to show")
+    p.add_argument(
+        "--sharding",
+        action="store_true",
+        help="each parameter's logical axes, mesh axes and bytes per device on the run's mesh",
+    )
+    p.add_argument(
+        "--mesh",
+        metavar="SPEC",
+        help="with --sharding: a mesh to plan for instead of the run's, "
+        "e.g. data=2,fsdp=2,tensor=2",
+    )
     p.set_defaults(fn=_show)
     p = sub.add_parser("export", help="lower a run's model into an artifact directory")
     p.add_argument("run_dir")

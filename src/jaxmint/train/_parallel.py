@@ -320,3 +320,38 @@ def compile_steps(steps, strategy: str, mesh: Mesh | None, shardings):
         )
     )
     return train, evaluate
+
+
+def sharding_plan(params, names, mesh_sizes: Mapping[str, int], rules=None) -> list[dict]:
+    """How each parameter of ``params`` (arrays or shape structs) is laid out on a mesh of
+    ``mesh_sizes``, as `state_shardings` lays it out, without devices: one row per
+    parameter with its logical axes, PartitionSpec, bytes and bytes per device."""
+    rules = DEFAULT_RULES if rules is None else rules
+    sizes = {a: int(mesh_sizes.get(a, 1)) for a in MESH_AXES}
+    split = math.prod(sizes.get(a, 1) for a in ("fsdp", "tensor")) > 1
+    rows = []
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        key, shape = jax.tree_util.keystr(path), tuple(np.shape(leaf))
+        logical = names.get(key)
+        if not split:
+            spec = P()
+        elif logical is not None:
+            spec = logical_spec(logical, shape, rules, sizes)
+        else:
+            spec = fsdp_spec(shape, sizes["fsdp"]) if sizes["fsdp"] > 1 else P()
+        parts = 1
+        for entry in spec:
+            for axis in (entry,) if isinstance(entry, str) else entry or ():
+                parts *= sizes[axis]
+        total = math.prod(shape) * np.dtype(leaf.dtype).itemsize
+        rows.append(
+            {
+                "parameter": key,
+                "shape": shape,
+                "logical": tuple(logical) if logical is not None else None,
+                "spec": spec,
+                "bytes": total,
+                "bytes_per_device": total // parts,
+            }
+        )
+    return rows
