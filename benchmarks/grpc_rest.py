@@ -76,6 +76,7 @@ def rest_load(port: int, connections: int, seconds: float, files: dict) -> dict:
     if s["socket_errors"] or s["non_2xx"]:
         raise RuntimeError(f"wrk saw errors: {s}")
     return {
+        "requests": s["requests"],
         "requests_per_s": s["requests"] / (s["duration_us"] / 1e6),
         "p50_ms": s["p50_us"] / 1e3,
         "p99_ms": s["p99_us"] / 1e3,

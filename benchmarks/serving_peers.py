@@ -22,8 +22,9 @@ Load: ``wrk`` in its own process, batch-1 requests back to back from 1, 8 and 64
 connections. Each variant runs alone (the others idle), variants take turns within
 each round in an order that alternates, and the medians over rounds are reported.
 
-Reported: requests/s, p50 and p99 per variant and connection count, each server's
-peak RSS, and the ratios the targets are about:
+Reported: requests/s, p50 and p99 per variant and connection count, the server's
+CPU time per request (user + system of its process tree, from /proc, over the
+run), each server's peak RSS, and the ratios the targets are about:
 
 * (a) jaxmint (onnx, and xla) / MLServer requests/s at 64 connections: **>= 5**,
   with a lower p99;
@@ -200,6 +201,32 @@ def peak_rss_mib(pid: int) -> float:
     return total / 2**20
 
 
+def _tree(pid: int) -> list[int]:
+    """``pid`` and its descendants (MLServer may fork workers)."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        try:
+            for task in Path(f"/proc/{p}/task").iterdir():
+                todo += [int(c) for c in (task / "children").read_text().split()]
+        except OSError:
+            continue
+    return out
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process tree so far, from /proc (utime, stime)."""
+    ticks = 0
+    for p in _tree(pid):
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        ticks += int(fields[11]) + int(fields[12])
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
 def check_answers(port: int, body: bytes, want: np.ndarray) -> None:
     """Every server gives the same answer before it is timed."""
     req = urllib.request.Request(
@@ -270,12 +297,16 @@ def main(argv=None) -> dict:
                 for c in connections:
                     order = names if (r + c) % 2 == 0 else names[::-1]
                     for name in order:
+                        before = cpu_seconds(pids[name])
                         got = rest_load(ports[name], c, seconds, files)
+                        used = cpu_seconds(pids[name]) - before
+                        got["cpu_us_per_request"] = 1e6 * used / max(got["requests"], 1)
                         results[name][c].append(got)
                         print(
                             f"round {r + 1}/{rounds} c={c:<3} {name:<26} "
                             f"{got['requests_per_s']:8.0f} req/s  p50 {got['p50_ms']:7.2f} ms  "
-                            f"p99 {got['p99_ms']:7.2f} ms",
+                            f"p99 {got['p99_ms']:7.2f} ms  "
+                            f"server CPU {got['cpu_us_per_request']:6.0f} us/req",
                             flush=True,
                         )
             rss = {name: peak_rss_mib(pid) for name, pid in pids.items()}
@@ -294,9 +325,20 @@ def main(argv=None) -> dict:
     for name, by_c in summary.items():
         for c, m in by_c.items():
             rps, p50, p99 = m["requests_per_s"], m["p50_ms"], m["p99_ms"]
-            rows.append([name, c, f"{rps:.0f}", f"{p50:.2f}", f"{p99:.2f}", f"{rss[name]:.0f}"])
+            cpu = m["cpu_us_per_request"]
+            rows.append(
+                [
+                    name,
+                    c,
+                    f"{rps:.0f}",
+                    f"{p50:.2f}",
+                    f"{p99:.2f}",
+                    f"{cpu:.0f}",
+                    f"{rss[name]:.0f}",
+                ]
+            )
     print()
-    header = ["server", "conns", "req/s", "p50 ms", "p99 ms", "peak RSS MiB"]
+    header = ["server", "conns", "req/s", "p50 ms", "p99 ms", "CPU us/req", "peak RSS MiB"]
     print(table("medians over rounds", header, rows))
 
     top = str(max(connections))
@@ -311,6 +353,8 @@ def main(argv=None) -> dict:
             "p99_ms": ours[top]["p99_ms"],
             "peer_p99_ms": peer_top["p99_ms"],
             "batching_over_no_batching": ours[top]["requests_per_s"] / alone[top]["requests_per_s"],
+            "cpu_per_request_over_peer": ours[top]["cpu_us_per_request"]
+            / peer_top["cpu_us_per_request"],
             "p50_1conn_batching_minus_no_batching_ms": ours["1"]["p50_ms"] - alone["1"]["p50_ms"],
         }
         r = ratios[backend]
@@ -319,7 +363,8 @@ def main(argv=None) -> dict:
             f"connections (target >= 5), p99 {r['p99_ms']:.1f} ms vs {r['peer_p99_ms']:.1f} ms; "
             f"batching / no batching {r['batching_over_no_batching']:.2f}x (target >= 2); "
             f"p50 at 1 connection +{r['p50_1conn_batching_minus_no_batching_ms']:.3f} ms "
-            "(target <= 0.1)"
+            f"(target <= 0.1); server CPU per request {r['cpu_per_request_over_peer']:.2f}x "
+            "the peer's"
         )
     result = {
         "environment": environment(),
