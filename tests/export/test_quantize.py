@@ -225,3 +225,35 @@ def test_a_language_model_is_judged_per_token_with_its_bits_per_byte(tmp_path):
     assert q["eval_examples"] == 64  # sequences; accuracy and bits are per token
     for target in ("xla", "onnx"):
         assert q["targets"][target]["bits"] == pytest.approx(bits, rel=0.01)  # within 1%
+
+
+@pytest.mark.parametrize(
+    "scheme, targets", [("bf16", TARGETS), ("int8-weights", ("iree",)), ("int8", ("onnx",))]
+)
+def test_every_scheme_refuses_a_target_that_loses_accuracy(trained, tmp_path, scheme, targets):
+    model, variables, test = trained
+    # The same offset on every output column of the last layer moves every logit equally,
+    # so the float model's argmax is unchanged; stored as bfloat16 or int8, the offset
+    # (~1000) leaves no precision for the small differences that decide the class.
+    kernel = np.array(variables["params"]["head"]["kernel"]) + 1000.0
+    params = {**variables["params"], "head": {**variables["params"]["head"], "kernel": kernel}}
+    planted = {"params": params}
+    float_logits = np.asarray(model.apply(planted, test["x"], train=False))
+    base_logits = np.asarray(model.apply(variables, test["x"], train=False))
+    assert (float_logits.argmax(-1) == base_logits.argmax(-1)).mean() > 0.99
+    extra = {"calibration_data": test} if scheme == "int8" else {}
+    with pytest.raises(ExportError, match="points of eval accuracy") as e:
+        export_model(
+            model,
+            planted,
+            test["x"][:8],
+            tmp_path / "bad",
+            name="d",
+            targets=targets,
+            quantize=scheme,
+            eval_data=test,
+            **extra,
+        )
+    for target in targets:
+        assert f"costs the {target} target" in str(e.value)
+    assert not (tmp_path / "bad").exists()
