@@ -20,11 +20,12 @@ from jaxmint.cli._debug import add_parsers as add_debug_parsers
 from jaxmint.cli._diagnose import add_commands as add_diagnose_parsers
 from jaxmint.cli._sweep import add_parsers as add_sweep_parsers
 from jaxmint.config import OneLineParser, positive_int
-from jaxmint.data import DataError
+from jaxmint.data import DataError, first_examples
 from jaxmint.export import DEFAULT_ONNX_OPSET, ExportError, export_run
 from jaxmint.losses import LossError
 from jaxmint.run import DebugRunError, RunDir, RunDirError
 from jaxmint.sweep import SweepError
+from jaxmint.train import MeshError, plan_sharding
 from jaxmint_runtime import ArtifactError, inspect_artifact
 
 
@@ -64,34 +65,23 @@ def _show(args) -> int:
 def _show_sharding(run: RunDir, mesh: str | None) -> int:
     """The parameter layout of a run's model on its mesh (or ``mesh``), planned without
     devices: what each device would hold under the default logical-axis rules."""
-    import jax
-
-    from jaxmint.data import first_examples
-    from jaxmint.train import _parallel
-    from jaxmint.train._setup import param_axes
-
     try:
         module, config, _ = run.load_experiment()
-        spec = mesh or getattr(config, "mesh", None)
-        strategy = _parallel.resolve(getattr(config, "strategy", "auto"))
-        if spec is None and strategy in _parallel.SHORTHANDS:
-            spec = _parallel.SHORTHANDS[strategy]
-        axes = _parallel.parse_mesh(spec) if spec else {"data": 1}
-        if any(v == -1 for v in axes.values()):
-            raise _parallel.MeshError(
-                f"mesh {_parallel.mesh_text(axes)} has a -1 axis, which takes the devices "
-                "there are; plan a mesh with every size given: --mesh data=2,fsdp=2,tensor=2"
-            )
-    except (RunDirError, ValueError) as e:
+    except RunDirError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     exp = module.build(config)
-    sample = first_examples(exp.train, 1)
-    key = jax.random.PRNGKey(0)
-    variables = jax.eval_shape(exp.model.init, key, sample[exp.input_key])
-    params = variables["params"] if isinstance(variables, dict) else variables
-    names = param_axes(exp.model, key, sample[exp.input_key])
-    rows = _parallel.sharding_plan(params, names, axes)
+    sample = first_examples(exp.train, 1)[exp.input_key]
+    try:
+        axes, rows = plan_sharding(
+            exp.model,
+            sample,
+            mesh or getattr(config, "mesh", None),
+            strategy=getattr(config, "strategy", "auto"),
+        )
+    except MeshError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     table = Table("parameter", "shape", "logical axes", "mesh axes", "bytes", "bytes / device")
     for r in rows:
         logical = ", ".join(str(n) for n in r["logical"]) if r["logical"] else "-"
@@ -108,7 +98,8 @@ def _show_sharding(run: RunDir, mesh: str | None) -> int:
     per_device = sum(r["bytes_per_device"] for r in rows)
     table.add_row("total", "", "", "", f"{total:,}", f"{per_device:,}", style="bold")
     console = Console(width=160)
-    console.print(f"[bold]{run}[/]  mesh {_parallel.mesh_text(axes)} (default rules)")
+    shown = ",".join(f"{k}={v}" for k, v in axes.items())
+    console.print(f"[bold]{run}[/]  mesh {shown} (default rules)")
     console.print(table)
     return 0
 

@@ -28,6 +28,7 @@ from jaxmint.train._modes import CheckError as CheckError
 from jaxmint.train._modes import is_concrete as is_concrete
 from jaxmint.train._parallel import DEFAULT_RULES as DEFAULT_RULES
 from jaxmint.train._parallel import MeshError as MeshError
+from jaxmint.train._setup import plan_sharding as plan_sharding
 
 __all__ = [
     "DEFAULT_RULES",
@@ -57,5 +58,6 @@ __all__ = [
     "fit_experiment",
     "initialize_distributed",
     "is_concrete",
+    "plan_sharding",
     "without",
 ]

@@ -173,3 +173,23 @@ def _is_control(name: str) -> bool:
     return next(f for f in dataclasses.fields(FitConfig) if f.name == name).metadata.get(
         "run_control", False
     )
+
+
+def plan_sharding(model, sample_input, mesh=None, *, strategy: str = "auto", rules=None):
+    """``(mesh axes, rows)``: how ``model``'s parameters would lie on ``mesh`` (a spec such as
+    ``"data=2,fsdp=2,tensor=2"``; default: the ``strategy``'s mesh), planned from their
+    shapes without the devices; one row per parameter (see `parallel.sharding_plan`)."""
+    spec = mesh
+    if spec is None and parallel.resolve(strategy) in parallel.SHORTHANDS:
+        spec = parallel.SHORTHANDS[parallel.resolve(strategy)]
+    axes = parallel.parse_mesh(spec) if spec else {"data": 1}
+    if any(v == -1 for v in axes.values()):
+        raise parallel.MeshError(
+            f"mesh {parallel.mesh_text(axes)} has a -1 axis, which takes the devices there "
+            "are; plan a mesh with every size given, e.g. data=2,fsdp=2,tensor=2"
+        )
+    key = jax.random.PRNGKey(0)
+    variables = jax.eval_shape(model.init, key, sample_input)
+    params = variables["params"] if isinstance(variables, dict) else variables
+    names = param_axes(model, key, sample_input)
+    return axes, parallel.sharding_plan(params, names, axes, rules)
