@@ -5,10 +5,12 @@ a pruner must stop; ``mode="boom"`` makes ``build`` raise; ``delay`` slows each 
 (a trial long enough to be killed mid-way, with a checkpoint to resume from).
 """
 
+import json
 import os
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -130,3 +132,18 @@ def run_cli(*args, timeout=150, **kwargs):
 def cli():
     """``cli(*args)``: the jaxmint command in a subprocess (time-bounded)."""
     return run_cli
+
+
+def trial_past_its_first_checkpoint(sweep_dir, proc, timeout_s: float = 90):
+    """``(trial number, worker pid)`` of a running trial that has saved step 10, or None
+    if none has within ``timeout_s`` (or the sweep ``proc`` ended)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and proc.poll() is None:
+        for beat in (sweep_dir / "heartbeats").glob("*.json"):
+            if (sweep_dir / "trials" / beat.stem / "checkpoints" / "10").exists():
+                try:
+                    return int(beat.stem), json.loads(beat.read_text())["pid"]
+                except (OSError, ValueError):
+                    continue
+        time.sleep(0.1)
+    return None

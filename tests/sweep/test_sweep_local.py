@@ -8,7 +8,7 @@ import sys
 import time
 
 import pytest
-from conftest import CLI
+from conftest import CLI, trial_past_its_first_checkpoint
 
 from jaxmint.sweep import open_study
 from jaxmint.sweep._study import REQUEUED, read_state, slot_of
@@ -97,18 +97,7 @@ def test_killed_worker_trial_is_requeued_and_resumed(tiny, tmp_path):
         env=env,
     )
     try:
-        victim = None
-        deadline = time.monotonic() + 60
-        while victim is None and time.monotonic() < deadline and proc.poll() is None:
-            for beat in (sweep_dir / "heartbeats").glob("*.json"):
-                number = int(beat.stem)
-                if (sweep_dir / "trials" / str(number) / "checkpoints" / "10").exists():
-                    try:
-                        victim = (number, json.loads(beat.read_text())["pid"])
-                    except (OSError, ValueError):
-                        continue
-                    break
-            time.sleep(0.1)
+        victim = trial_past_its_first_checkpoint(sweep_dir, proc, timeout_s=60)
         assert victim is not None, "no trial reached its first checkpoint in 60 s"
         os.kill(victim[1], signal.SIGKILL)
         _, stderr = proc.communicate(timeout=120)

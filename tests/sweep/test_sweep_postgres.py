@@ -1,16 +1,14 @@
 """Sweeps on a real PostgreSQL study store: four pull workers, one killed mid-trial,
 the server restarted mid-sweep, and the sweep continued after another restart."""
 
-import json
 import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 from _postgres import Postgres, why_not
-from conftest import CLI
+from conftest import CLI, trial_past_its_first_checkpoint
 
 from jaxmint.sweep import open_study
 from jaxmint.sweep._study import REQUEUED, read_state, slot_of
@@ -46,20 +44,6 @@ def _sweep(script, sweep_dir, url, trials, **env_vars):
     )
 
 
-def _a_trial_past_its_first_checkpoint(sweep_dir, proc, timeout_s=90):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline and proc.poll() is None:
-        for beat in (sweep_dir / "heartbeats").glob("*.json"):
-            number = int(beat.stem)
-            if (sweep_dir / "trials" / str(number) / "checkpoints" / "10").exists():
-                try:
-                    return number, json.loads(beat.read_text())["pid"]
-                except (OSError, ValueError):
-                    continue
-        time.sleep(0.1)
-    return None
-
-
 @pytest.mark.slow
 def test_four_workers_a_kill_and_two_restarts_account_for_every_trial_once(
     tiny, postgres, tmp_path
@@ -68,7 +52,7 @@ def test_four_workers_a_kill_and_two_restarts_account_for_every_trial_once(
     sweep_dir = tmp_path / "sweep"
     proc = _sweep(script, sweep_dir, postgres.url, trials=4)
     try:
-        victim = _a_trial_past_its_first_checkpoint(sweep_dir, proc)
+        victim = trial_past_its_first_checkpoint(sweep_dir, proc)
         assert victim is not None, "no trial reached its first checkpoint in 90 s"
         os.kill(victim[1], signal.SIGKILL)
         postgres.restart(down_s=1.0)  # the store goes away under the running workers
@@ -121,7 +105,7 @@ def test_a_store_gone_for_longer_than_the_workers_wait_fails_loudly_then_continu
     patience = {"JAXMINT_SWEEP_STORAGE_PATIENCE_S": "2"}
     proc = _sweep(script, sweep_dir, postgres.url, trials=4, **patience)
     try:
-        assert _a_trial_past_its_first_checkpoint(sweep_dir, proc) is not None
+        assert trial_past_its_first_checkpoint(sweep_dir, proc) is not None
         postgres.stop()  # and it stays down past the workers' patience
         _, stderr = proc.communicate(timeout=240)
     finally:

@@ -1,7 +1,6 @@
 """Sweeps on a real Ray cluster: a head and a second node started with `ray start`,
 four workers as Ray tasks, one killed mid-trial."""
 
-import json
 import os
 import signal
 import subprocess
@@ -10,7 +9,7 @@ import time
 
 import pytest
 from _ray import RayCluster, why_not
-from conftest import CLI
+from conftest import CLI, trial_past_its_first_checkpoint
 
 from jaxmint.sweep import open_study
 from jaxmint.sweep._study import REQUEUED, read_state, slot_of
@@ -49,16 +48,7 @@ def test_four_ray_tasks_finish_the_study_when_one_worker_is_killed(tiny, cluster
         argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
     )
     try:
-        victim, deadline = None, time.monotonic() + 120
-        while victim is None and time.monotonic() < deadline and proc.poll() is None:
-            for beat in (sweep_dir / "heartbeats").glob("*.json"):
-                if (sweep_dir / "trials" / beat.stem / "checkpoints" / "10").exists():
-                    try:
-                        victim = (int(beat.stem), json.loads(beat.read_text())["pid"])
-                    except (OSError, ValueError):
-                        continue
-                    break
-            time.sleep(0.1)
+        victim = trial_past_its_first_checkpoint(sweep_dir, proc, timeout_s=120)
         assert victim is not None, "no trial reached its first checkpoint in 120 s"
         os.kill(victim[1], signal.SIGKILL)
         stdout, stderr = proc.communicate(timeout=300)

@@ -17,19 +17,13 @@ import {
   ArtifactError,
   MANIFEST,
   MAX_MANIFEST_BYTES,
-  checkGraph,
-  checkSample,
-  outputMismatch,
-  parseLabels,
+  openVerified,
   parseManifest,
-  readSafetensors,
   referencedFiles,
-  tensor,
-  validateInputs,
   verifyBytes,
 } from "./core.js";
 
-export { ArtifactError, InputError, tensor } from "./core.js";
+export { ArtifactError, InputError, Predictor, tensor } from "./core.js";
 
 const hex = (buffer) => Array.from(new Uint8Array(buffer), (b) => b.toString(16).padStart(2, "0")).join("");
 const sha256 = async (bytes) => hex(await crypto.subtle.digest("SHA-256", bytes));
@@ -64,43 +58,6 @@ async function fetchBounded(url, limit, fetcher) {
   return bytes;
 }
 
-/** A loaded artifact: `run(inputs)` validates, then runs the ONNX target. */
-export class Predictor {
-  constructor(url, manifest, session, check, labels) {
-    Object.assign(this, { url, manifest, session, check, labels });
-    this.inputs = manifest.inputs;
-    this.outputs = manifest.outputs;
-    this.name = manifest.name;
-  }
-
-  async run(inputs) {
-    const { arrays } = validateInputs(this.inputs, inputs);
-    const feeds = {};
-    for (const [name, t] of Object.entries(arrays)) feeds[name] = new ort.Tensor(t.dtype, t.data, t.dims);
-    const results = await this.session.run(feeds);
-    const out = {};
-    for (const spec of this.outputs) {
-      const r = results[spec.name];
-      out[spec.name] = tensor(r.type, r.dims.map(Number), r.data);
-    }
-    return out;
-  }
-
-  async selfCheck() {
-    if (!this.check) return false;
-    const got = await this.run(this.check.inputs);
-    for (const [name, want] of Object.entries(this.check.outputs)) {
-      const why = outputMismatch(got[name], want, 1e-2);
-      if (why !== null) {
-        throw new ArtifactError(
-          `${this.url}: output '${name}' on the check sample saved at export differs with onnxruntime-web: ${why}`,
-        );
-      }
-    }
-    return true;
-  }
-}
-
 /**
  * Check and load the artifact at `base` (a URL ending in `/`).
  * Options: `fetch` (default `globalThis.fetch`), `selfCheck` (default true),
@@ -123,28 +80,13 @@ export async function loadUrl(base, options = {}) {
     await verifyBytes(rel, bytes, info, sha256, url.href);
     files[rel] = bytes;
   }
-  const onnx = manifest.targets.onnx;
-  const dir = onnx.file.includes("/") ? onnx.file.slice(0, onnx.file.lastIndexOf("/") + 1) : "";
-  const externalData = onnx.files
-    .filter((rel) => rel !== onnx.file)
-    .map((rel) => ({ path: rel.slice(dir.length), data: files[rel] }));
-  let session;
-  try {
-    session = await ort.InferenceSession.create(files[onnx.file], {
-      executionProviders: ["wasm"],
-      graphOptimizationLevel: "all",
-      externalData,
-      logSeverityLevel: 3,
-    });
-  } catch (e) {
-    throw new ArtifactError(`${onnx.file}: ONNX Runtime cannot load it (${e.message})`);
-  }
-  checkGraph(manifest, session.inputNames, session.outputNames);
-  const check = manifest.check
-    ? checkSample(manifest, readSafetensors(files[manifest.check.file], manifest.check.file), manifest.check.file)
-    : null;
-  const labels = parseLabels(manifest, (rel) => files[rel]);
-  const predictor = new Predictor(root.href, manifest, session, check, labels);
-  if (options.selfCheck ?? true) await predictor.selfCheck();
-  return predictor;
+  return openVerified({
+    where: root.href,
+    manifest,
+    files,
+    ort,
+    engine: "onnxruntime-web",
+    sessionOptions: { executionProviders: ["wasm"] },
+    selfCheck: options.selfCheck ?? true,
+  });
 }

@@ -402,3 +402,79 @@ export function parseLabels(manifest, read) {
   }
   return labels;
 }
+
+// -- the loaded model ----------------------------------------------------------------------
+
+/** A loaded artifact: `run(inputs)` validates, then runs the ONNX target with `ort` (the
+ * onnxruntime-node or onnxruntime-web module it was opened with). */
+export class Predictor {
+  constructor({ where, manifest, session, check, labels, ort, engine }) {
+    Object.assign(this, { where, manifest, session, check, labels, ort, engine });
+    this.inputs = manifest.inputs;
+    this.outputs = manifest.outputs;
+    this.name = manifest.name;
+  }
+
+  /** `{output name: {dtype, dims, data}}` for `inputs` (see `validateInputs`). */
+  async run(inputs) {
+    const { arrays } = validateInputs(this.inputs, inputs);
+    const feeds = {};
+    for (const [name, t] of Object.entries(arrays)) feeds[name] = new this.ort.Tensor(t.dtype, t.data, t.dims);
+    const results = await this.session.run(feeds);
+    const out = {};
+    for (const spec of this.outputs) {
+      const r = results[spec.name];
+      out[spec.name] = tensor(r.type, r.dims.map(Number), r.data);
+    }
+    return out;
+  }
+
+  /** Run the check sample saved at export and compare (1e-2 relative, as the Python
+   * runtime's `self_check`); `ArtifactError` naming the output if they differ. */
+  async selfCheck() {
+    if (!this.check) return false;
+    const got = await this.run(this.check.inputs);
+    for (const [name, want] of Object.entries(this.check.outputs)) {
+      const why = outputMismatch(got[name], want, 1e-2);
+      if (why !== null) {
+        throw new ArtifactError(
+          `${this.where}: output '${name}' on the check sample saved at export differs ` +
+            `with ${this.engine}: ${why}`,
+        );
+      }
+    }
+    return true;
+  }
+}
+
+/**
+ * The last step of loading, once every file in `files` (`{path: bytes}`) was verified:
+ * an ONNX Runtime session on the graph and its external data, the graph's names
+ * checked, the check sample and labels read, the check sample run (unless
+ * `selfCheck: false`).
+ */
+export async function openVerified({ where, manifest, files, ort, engine, sessionOptions, selfCheck = true }) {
+  const onnx = manifest.targets.onnx;
+  const dir = onnx.file.includes("/") ? onnx.file.slice(0, onnx.file.lastIndexOf("/") + 1) : "";
+  const externalData = onnx.files
+    .filter((rel) => rel !== onnx.file)
+    .map((rel) => ({ path: rel.slice(dir.length), data: files[rel] }));
+  let session;
+  try {
+    session = await ort.InferenceSession.create(files[onnx.file], {
+      graphOptimizationLevel: "all",
+      logSeverityLevel: 3,
+      ...sessionOptions,
+      externalData,
+    });
+  } catch (e) {
+    throw new ArtifactError(`${where}: ${onnx.file}: ONNX Runtime cannot load it (${e.message})`);
+  }
+  checkGraph(manifest, session.inputNames, session.outputNames);
+  const file = manifest.check?.file;
+  const check = file ? checkSample(manifest, readSafetensors(files[file], file), file) : null;
+  const labels = parseLabels(manifest, (rel) => files[rel]);
+  const predictor = new Predictor({ where, manifest, session, check, labels, ort, engine });
+  if (selfCheck) await predictor.selfCheck();
+  return predictor;
+}

@@ -20,19 +20,13 @@ import {
   ArtifactError,
   MANIFEST,
   MAX_MANIFEST_BYTES,
-  checkGraph,
-  checkSample,
-  outputMismatch,
-  parseLabels,
+  openVerified,
   parseManifest,
-  readSafetensors,
   referencedFiles,
-  tensor,
-  validateInputs,
   verifyBytes,
 } from "./core.js";
 
-export { ArtifactError, InputError, tensor } from "./core.js";
+export { ArtifactError, InputError, Predictor, tensor } from "./core.js";
 
 const sha256 = async (bytes) => createHash("sha256").update(bytes).digest("hex");
 
@@ -89,53 +83,6 @@ async function checkTree(directory, listed) {
   await walk(directory);
 }
 
-/** A loaded artifact: `run(inputs)` validates, then runs the ONNX target. */
-export class Predictor {
-  constructor(directory, manifest, session, check, labels) {
-    this.directory = directory;
-    this.manifest = manifest;
-    this.session = session;
-    this.check = check;
-    this.labels = labels;
-    this.inputs = manifest.inputs;
-    this.outputs = manifest.outputs;
-    this.name = manifest.name;
-  }
-
-  /** `{output name: {dtype, dims, data}}` for `inputs` (see `validateInputs`). */
-  async run(inputs) {
-    const { arrays } = validateInputs(this.inputs, inputs);
-    const feeds = {};
-    for (const [name, t] of Object.entries(arrays)) {
-      feeds[name] = new ort.Tensor(t.dtype === "bool" ? "bool" : t.dtype, t.data, t.dims);
-    }
-    const results = await this.session.run(feeds);
-    const out = {};
-    for (const spec of this.outputs) {
-      const r = results[spec.name];
-      out[spec.name] = tensor(r.type, r.dims.map(Number), r.data);
-    }
-    return out;
-  }
-
-  /** Run the check sample saved at export and compare (1e-2 relative, as the Python
-   * runtime's `self_check`); `ArtifactError` naming the output if they differ. */
-  async selfCheck() {
-    if (!this.check) return false;
-    const got = await this.run(this.check.inputs);
-    for (const [name, want] of Object.entries(this.check.outputs)) {
-      const why = outputMismatch(got[name], want, 1e-2);
-      if (why !== null) {
-        throw new ArtifactError(
-          `${this.directory}: output '${name}' on the check sample saved at export differs ` +
-            `with onnxruntime-node: ${why}`,
-        );
-      }
-    }
-    return true;
-  }
-}
-
 /**
  * Check and load `directory`'s ONNX target.
  * Options: `executionProviders` (default `["cpu"]`), `intraOpNumThreads`,
@@ -172,29 +119,17 @@ export async function load(directory, options = {}) {
     await verifyBytes(rel, bytes, info, sha256, file);
     if (used.includes(rel)) files[rel] = bytes;
   }
-  const onnx = manifest.targets.onnx;
-  const external = onnx.files
-    .filter((rel) => rel !== onnx.file)
-    .map((rel) => ({ path: path.posix.relative(path.posix.dirname(onnx.file), rel), data: files[rel] }));
-  let session;
-  try {
-    session = await ort.InferenceSession.create(files[onnx.file], {
+  return openVerified({
+    where: directory,
+    manifest,
+    files,
+    ort,
+    engine: "onnxruntime-node",
+    sessionOptions: {
       executionProviders: options.executionProviders ?? ["cpu"],
       intraOpNumThreads: options.intraOpNumThreads ?? 1,
       interOpNumThreads: 1,
-      graphOptimizationLevel: "all",
-      externalData: external,
-      logSeverityLevel: 3,
-    });
-  } catch (e) {
-    throw new ArtifactError(`${path.join(directory, onnx.file)}: ONNX Runtime cannot load it (${e.message})`);
-  }
-  checkGraph(manifest, session.inputNames, session.outputNames);
-  const check = manifest.check
-    ? checkSample(manifest, readSafetensors(files[manifest.check.file], manifest.check.file), manifest.check.file)
-    : null;
-  const labels = parseLabels(manifest, (rel) => files[rel]);
-  const predictor = new Predictor(directory, manifest, session, check, labels);
-  if (options.selfCheck ?? true) await predictor.selfCheck();
-  return predictor;
+    },
+    selfCheck: options.selfCheck ?? true,
+  });
 }
