@@ -3,14 +3,18 @@
 Run (about 2 minutes on 2 idle CPU cores, longer on a busy machine; ``--quick`` is a
 15-second smoke run: one round, every code path)::
 
-    python benchmarks/overhead.py            # full
-    python benchmarks/overhead.py --quick    # what the test suite runs
+    python benchmarks/overhead.py                      # full, the MLP
+    python benchmarks/overhead.py --model transformer  # full, the built-in transformer
+    python benchmarks/overhead.py --quick              # what the test suite runs
 
 Targets:
 
 * (a) steps/s of ``jaxmint.fit`` / steps/s of a hand-written ``jax.jit`` loop on the
-  same MLP (64-512-512-10 on the digits data, batch 256, ``optax.adam(1e-3)``,
-  softmax cross-entropy, loss fetched to the host every 50 steps in both): **>= 0.97**.
+  same model, ``optax.adam(1e-3)``, softmax cross-entropy, loss fetched to the host
+  every 50 steps in both: **>= 0.97**. ``--model mlp`` (64-512-512-10 on the digits
+  data, batch 256) or ``--model transformer`` (the built-in causal transformer, 2
+  layers, d_model 128, 4 heads, on 128-byte windows of the standard library's
+  source, batch 32; the hand loop applies the same flax module).
 * (b) the train step's FLOP rate inside ``fit`` (XLA cost-analysis FLOPs per step x
   steps/s) as a fraction of a ``jnp.dot`` float32 1024x1024 matmul's FLOP rate,
   measured in the same process: reported (no fixed target; it says how far a tiny
@@ -43,7 +47,7 @@ import optax
 from _common import environment, flops_of, interval_rates, med, steady_rate, table, write_result
 
 import jaxmint
-from jaxmint.models._zoo import MLP
+from jaxmint.models._zoo import MLP, Transformer
 from jaxmint.train import build_steps
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -53,6 +57,24 @@ LOG_EVERY = 50
 LEARNING_RATE = 1e-3
 MATMUL_N = 1024
 TARGET_FIT_OVER_HAND = 0.97
+SEQ_LEN, D_MODEL, LAYERS, HEADS, VOCAB = 128, 128, 2, 4, 256
+
+
+def setup(name: str, quick: bool = False):
+    """``(train data, jaxmint model, the same flax module, batch size, description)``
+    (``quick``: a transformer a sixteenth the size, for the smoke run)."""
+    if name == "transformer":
+        seq, width = (SEQ_LEN // 4, D_MODEL // 4) if quick else (SEQ_LEN, D_MODEL)
+        train, _ = jaxmint.data.stdlib_chars(seq, max_bytes=1_000_000)
+        model = jaxmint.models.transformer(
+            VOCAB, max_len=seq, d_model=width, num_layers=LAYERS, num_heads=HEADS
+        )
+        module = Transformer(VOCAB, seq, width, LAYERS, HEADS, jax.nn.dot_product_attention, "none")
+        text = f"transformer {LAYERS}x{width}, {HEADS} heads, {seq} bytes, vocab {VOCAB}"
+        return train, model, module, 32, text
+    train, _ = jaxmint.data.digits()
+    model = jaxmint.models.mlp(WIDTHS, num_outputs=10)
+    return train, model, MLP(WIDTHS, 10), BATCH_SIZE, f"mlp{WIDTHS} -> 10 on digits (64 features)"
 
 
 # -- the hand-written loop -------------------------------------------------------------
@@ -115,18 +137,21 @@ def hand_fit(module, optimizer, data, *, steps, batch_size, log_every, seed=0):
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a short smoke run")
-    parser.add_argument("--out", type=Path, default=RESULTS / "overhead.json")
+    parser.add_argument("--model", choices=("mlp", "transformer"), default="mlp")
+    parser.add_argument("--out", type=Path, default=None, help="default results/overhead*.json")
     args = parser.parse_args(argv)
     load_before = os.getloadavg()
 
     # Steps per timed call (log_every=50: the first interval holds the compile, the
     # rest are measured), interleaved rounds, and the step count of a bare-step burst.
     n_steps, rounds, burst = (100, 1, 10) if args.quick else (400, 11, 50)
+    if args.model == "transformer" and not args.quick:  # ~20x the MLP's step time
+        n_steps, rounds, burst = 200, 5, 10
     bare_repeats = 1 if args.quick else 4  # bare-step bursts per variant per round
 
-    train, _ = jaxmint.data.digits()
-    model = jaxmint.models.mlp(WIDTHS, num_outputs=10)
-    module = MLP(WIDTHS, 10)
+    train, model, module, batch_size, described = setup(args.model, args.quick)
+    suffix = "" if args.model == "mlp" else f"_{args.model}"
+    args.out = args.out or RESULTS / f"overhead{suffix}.json"
     loss = jaxmint.losses.softmax_cross_entropy()
     optimizer = optax.adam(LEARNING_RATE)
 
@@ -138,7 +163,7 @@ def main(argv=None) -> dict:
             optimizer,
             train,
             steps=steps,
-            batch_size=BATCH_SIZE,
+            batch_size=batch_size,
             progress=False,
             log_every=LOG_EVERY,
             workdir=None,
@@ -148,12 +173,12 @@ def main(argv=None) -> dict:
     def run_hand(steps):
         t0 = time.perf_counter()
         _, history = hand_fit(
-            module, optimizer, train, steps=steps, batch_size=BATCH_SIZE, log_every=LOG_EVERY
+            module, optimizer, train, steps=steps, batch_size=batch_size, log_every=LOG_EVERY
         )
         return time.perf_counter() - t0, history
 
     # -- (c)'s bare steps, and the FLOPs of both steps from XLA's cost analysis -------
-    batch_np = {k: v[:BATCH_SIZE] for k, v in train.items()}
+    batch_np = {k: v[:batch_size] for k, v in train.items()}
     batch = jax.device_put(batch_np)
     steps_fns = build_steps(model, loss, optimizer)
     fit_step = jax.jit(steps_fns.train_step, donate_argnums=0)
@@ -251,13 +276,14 @@ def main(argv=None) -> dict:
     hand_gflops = hand_flops * m["hand"] / 1e9
     result = {
         "benchmark": "overhead",
-        "command": "python benchmarks/overhead.py" + (" --quick" if args.quick else ""),
+        "command": f"python benchmarks/overhead.py --model {args.model}"
+        + (" --quick" if args.quick else ""),
         "quick": args.quick,
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "environment": {**environment(), "load_average_at_start": load_before},
         "config": {
-            "model": f"mlp{WIDTHS} -> 10 on digits (64 features)",
-            "batch_size": BATCH_SIZE,
+            "model": described,
+            "batch_size": batch_size,
             "optimizer": f"adam({LEARNING_RATE})",
             "log_every": LOG_EVERY,
             "steps_per_call": n_steps,

@@ -29,10 +29,13 @@ def run(*args, timeout=600):
 
 
 @pytest.mark.slow
-def test_overhead_quick(tmp_path):
-    run("benchmarks/overhead.py", "--quick", "--out", tmp_path / "o.json")
+@pytest.mark.parametrize("model", ["mlp", "transformer"])
+def test_overhead_quick(tmp_path, model):
+    run("benchmarks/overhead.py", "--quick", "--model", model, "--out", tmp_path / "o.json")
     result = json.loads((tmp_path / "o.json").read_text())
-    assert result  # the JSON is written and non-empty
+    assert result["config"]["model"].startswith(model)
+    assert result["a_fit_vs_hand"]["ratio"] > 0 and result["c_bare_steps"]["ratio"] > 0
+    assert result["a_fit_vs_hand"]["fit_fixed_seconds_per_call"] > 0
 
 
 @pytest.mark.slow
