@@ -14,10 +14,9 @@ import subprocess
 from pathlib import Path
 
 import numpy as np
-import optax
 import pytest
+from runtime_helpers import train_digits
 
-import jaxmint
 import jaxmint_runtime
 from jaxmint.export import export_model
 
@@ -50,20 +49,10 @@ def test_the_golden_onnx_artifact_keeps_its_outputs_in_python():
 
 @pytest.mark.skipif(node_ready() is not None, reason=str(node_ready()))
 def test_node_runs_the_onnx_target_as_the_python_runtime_does(tmp_path):
-    train, test = jaxmint.data.digits()
-    model = jaxmint.models.mlp((64,), 10)
-    result = jaxmint.fit(
-        model,
-        jaxmint.losses.softmax_cross_entropy(),
-        optax.adam(1e-2),
-        train,
-        steps=60,
-        batch_size=64,
-        progress=False,
-    )
+    model, variables, test = train_digits(steps=60)
     artifact = export_model(
         model,
-        {"params": result.params},
+        variables,
         test["x"][:16],
         tmp_path / "artifact",
         name="digits",
