@@ -31,6 +31,19 @@ class Annotated(nn.Module):
         return nn.Dense(16, kernel_init=down, name="down")(h)[:, :10]
 
 
+def _plain_init(key, x):
+    k1, k2 = jax.random.split(key)
+    scale = 1 / np.sqrt(x.shape[-1])
+    return {
+        "w_in": scale * jax.random.normal(k1, (x.shape[-1], 64)),
+        "w_out": 0.125 * jax.random.normal(k2, (64, 16)),
+    }
+
+
+def _plain_apply(params, x, *, train=False, key=None):
+    return (jax.nn.relu(x @ params["w_in"]) @ params["w_out"])[:, :10]
+
+
 def setup(case: str, strategy: str):
     train, _ = jaxmint.data.digits()
     if case == "cnn":
@@ -44,6 +57,15 @@ def setup(case: str, strategy: str):
     if case.startswith("annotated"):  # a user's module with flax's logical partitioning
         rules = {**DEFAULT_RULES, "mlp": None} if case == "annotated-mlp-whole" else None
         return jaxmint.models.from_linen(Annotated()), train, {"rules": rules}
+    if case == "pathnamed":  # a plain pytree model, named by path patterns
+        return (
+            jaxmint.models.axes_by_path(
+                jaxmint.Model(_plain_init, _plain_apply),
+                [(r"\['w_in'\]", ("embed", "mlp")), (r"\['w_out'\]", ("mlp", "vocab"))],
+            ),
+            train,
+            {},
+        )
     model = jaxmint.models.mlp((64, 64), 10)
     extra = {"grad_accum": 2} if case == "accum" else {}
     return model, train, extra

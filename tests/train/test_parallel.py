@@ -91,6 +91,15 @@ def test_a_users_annotated_flax_module_is_split_by_the_rules_and_rules_can_chang
     assert whole["param_bytes_per_device"] > 2 * tensor["param_bytes_per_device"]
 
 
+@pytest.mark.slow
+def test_a_plain_pytree_model_named_by_path_patterns_trains_split_on_a_mesh():
+    results = run(["pathnamed", "single,mesh:tensor=8"])
+    assert_same_curve(results["mesh:tensor=8"], results["single"])
+    tensor = results["mesh:tensor=8"]
+    assert set(tensor["sharded"]) == {'[null, "tensor"]', '["tensor", null]'}
+    assert tensor["param_bytes_per_device"] < 0.2 * tensor["param_bytes"]
+
+
 def test_logical_names_map_to_mesh_axes_by_the_rules():
     from jax.sharding import PartitionSpec as P
 
@@ -259,3 +268,41 @@ def test_the_sharding_plan_splits_what_the_rules_say():
         assert r["bytes_per_device"] * 4 == r["bytes"]
     whole = sharding_plan(params, names, {"data": 8})  # data only: every device holds all
     assert all(r["bytes_per_device"] == r["bytes"] for r in whole)
+
+
+def test_a_plain_pytree_model_is_named_by_path_patterns_and_split_by_the_rules():
+    import jax
+
+    import jaxmint
+    from jaxmint.train import plan_sharding
+
+    def init(key, x):
+        k1, k2 = jax.random.split(key)
+        return {
+            "w_in": jax.random.normal(k1, (x.shape[-1], 128)),
+            "b_in": np.zeros(128, np.float32),
+            "w_out": jax.random.normal(k2, (128, 10)),
+        }
+
+    def apply(params, x, *, train=False, key=None):
+        return jax.nn.relu(x @ params["w_in"] + params["b_in"]) @ params["w_out"]
+
+    plain = jaxmint.Model(init, apply)
+    named = jaxmint.models.axes_by_path(
+        plain, [(r"\['w_in'\]", ("embed", "mlp")), (r"\['w_out'\]", ("mlp", "vocab"))]
+    )
+    x = np.zeros((4, 64), np.float32)
+    _, rows = plan_sharding(named, x, "tensor=4")
+    by_name = {r["parameter"]: r for r in rows}
+    assert by_name["['w_in']"]["logical"] == ("embed", "mlp")
+    assert by_name["['w_in']"]["bytes_per_device"] * 4 == by_name["['w_in']"]["bytes"]
+    assert by_name["['b_in']"]["logical"] is None  # no pattern: not named
+    _, rows = plan_sharding(plain, x, "tensor=4")  # without names nothing goes to tensor
+    assert all(r["bytes_per_device"] == r["bytes"] for r in rows)
+    for patterns, match in [
+        ([(r"\['w_hidden'\]", ("embed", "mlp"))], r"matches no parameter \(they are: \['b_in'\]"),
+        ([(r"w_in", ("embed",))], r"gives 1 names \('embed',\) to parameter \['w_in'\] of shape"),
+        ([(r"w_in[", ("embed", "mlp"))], "is not a regex"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            plan_sharding(jaxmint.models.axes_by_path(plain, patterns), x, "tensor=4")

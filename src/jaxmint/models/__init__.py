@@ -1,5 +1,6 @@
 """Pure-function models: the `Model` contract, flax adapters and built-in models."""
 
+from jaxmint.models._axes import axes_by_path as axes_by_path
 from jaxmint.models._flax import from_linen as from_linen
 from jaxmint.models._flax import from_nnx as from_nnx
 from jaxmint.models._model import Model as Model
@@ -18,6 +19,7 @@ __all__ = [
     "LayerSummary",
     "Model",
     "ModelSummary",
+    "axes_by_path",
     "cnn",
     "from_linen",
     "from_nnx",

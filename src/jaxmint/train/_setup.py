@@ -12,6 +12,7 @@ import numpy as np
 
 from jaxmint.config import normalized, run_control_fields
 from jaxmint.data import DataError, check_input_range
+from jaxmint.models import split_variables
 from jaxmint.run import RunDir
 from jaxmint.state import TrainState
 from jaxmint.train import _modes
@@ -190,6 +191,6 @@ def plan_sharding(model, sample_input, mesh=None, *, strategy: str = "auto", rul
         )
     key = jax.random.PRNGKey(0)
     variables = jax.eval_shape(model.init, key, sample_input)
-    params = variables["params"] if isinstance(variables, dict) else variables
+    params, _ = split_variables(variables)
     names = param_axes(model, key, sample_input)
     return axes, parallel.sharding_plan(params, names, axes, rules)
