@@ -217,9 +217,10 @@ def export_model(
                 elif target == "onnx":
                     written[target] = write_onnx(tmp, job, opset=onnx_opset)
                     if static:
-                        report = _quantize_onnx(tmp, calibration, input_key)
+                        files, report = _quantize_onnx(tmp, calibration, input_key)
                         report["calibration"]["source"] = calibration_source
                         quantization.update(report)
+                        written[target]["files"] = files
                 else:
                     written[target] = write_iree(
                         tmp, job, hal_targets=iree_hal_targets, cpu=iree_cpu
@@ -227,10 +228,13 @@ def export_model(
             except TargetSkipped as e:
                 skipped[target] = str(e)
                 _remove_target(tmp, target)
+        check_x = {input_key: sample[: min(4, sample.shape[0])]}
         if static and "onnx" in written:  # the check sample holds the int8 graph's answers
-            _write_check(tmp, _onnx_answers(tmp, input_key), None, sample, input_key, False, [])
+            answers = _onnx_answers(tmp, check_x)
         else:
-            _write_check(tmp, predict, weights, sample, input_key, single, outputs)
+            answers = jax.device_get(jax.jit(predict)(weights, check_x))
+            answers = {outputs[0]["name"]: answers} if single else answers
+        _write_check(tmp, check_x, answers)
         for spec in outputs:
             if spec["name"] in label_files:
                 file, lines = label_files[spec["name"]]
@@ -296,18 +300,12 @@ def export_model(
     return out
 
 
-def _write_check(directory: Path, predict, weights, sample, input_key, single, outputs) -> None:
-    """A few sample inputs and jax's outputs for them: every runtime load can check a
-    target against the original with `Predictor.self_check`. (``weights=None``:
-    ``predict(inputs)`` is a target's own answers, already a dict by output name.)"""
-    x = sample[: min(4, sample.shape[0])]
-    if weights is None:
-        got = predict({input_key: x})
-    else:
-        got = jax.device_get(jax.jit(predict)(weights, {input_key: x}))
-    got = {outputs[0]["name"]: got} if single else got
-    tensors = {f"input/{input_key}": np.asarray(x)}
-    tensors.update({f"output/{name}": np.asarray(v) for name, v in got.items()})
+def _write_check(directory: Path, inputs: dict, answers: dict) -> None:
+    """A few sample inputs and the exported function's outputs for them (jax's, or a
+    statically quantized graph's own): every runtime load can check a target with
+    `Predictor.self_check`."""
+    tensors = {f"input/{k}": np.asarray(v) for k, v in inputs.items()}
+    tensors.update({f"output/{k}": np.asarray(v) for k, v in answers.items()})
     write_safetensors(directory / CHECK, tensors)
 
 
@@ -439,7 +437,7 @@ def _write_manifest(directory: Path, manifest: dict, *, final: bool = True) -> N
     (directory / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
 
 
-def _quantize_onnx(directory: Path, calibration: np.ndarray, input_key: str) -> dict:
+def _quantize_onnx(directory: Path, calibration: np.ndarray, input_key: str):
     """ONNX Runtime's static int8 of the onnx target; `TargetSkipped` if its tools fail."""
     try:
         return quantize_onnx_static(directory / "onnx", calibration, input_key)
@@ -447,15 +445,15 @@ def _quantize_onnx(directory: Path, calibration: np.ndarray, input_key: str) -> 
         raise TargetSkipped(f"ONNX Runtime's static int8 quantization failed: {e}") from None
 
 
-def _onnx_answers(directory: Path, input_key: str):
-    """``inputs -> {output: array}`` of the onnx target as written (no manifest yet)."""
+def _onnx_answers(directory: Path, inputs: dict) -> dict:
+    """``{output: array}`` of the onnx target as written (no manifest yet) for ``inputs``."""
     import onnxruntime as ort
 
     session = ort.InferenceSession(
         str(directory / "onnx/model.onnx"), providers=["CPUExecutionProvider"]
     )
     names = [o.name for o in session.get_outputs()]
-    return lambda inputs: dict(zip(names, session.run(names, inputs), strict=True))
+    return dict(zip(names, session.run(names, inputs), strict=True))
 
 
 def _judge_metric(directory: Path, target: str, input_key: str, measure, quantization) -> None:

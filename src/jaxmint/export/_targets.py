@@ -156,6 +156,21 @@ def write_onnx(directory: Path, job: Job, *, opset: int = DEFAULT_ONNX_OPSET) ->
         ) from None
     folder = directory / "onnx"
     folder.mkdir()
+    return {
+        "file": "onnx/model.onnx",
+        "files": save_onnx(model, folder),
+        "opset": opset,
+        "versions": {"jax2onnx": _version("jax2onnx"), "onnx": onnx.__version__},
+    }
+
+
+def save_onnx(model, folder: Path) -> list[str]:
+    """Write ``model`` as ``folder/model.onnx``, its large tensors in ``model.onnx.data``
+    (replacing what is there); the files written, relative to the artifact."""
+    import onnx
+
+    for old in folder.iterdir():
+        old.unlink()
     onnx.save_model(
         model,
         str(folder / "model.onnx"),
@@ -164,15 +179,8 @@ def write_onnx(directory: Path, job: Job, *, opset: int = DEFAULT_ONNX_OPSET) ->
         location="model.onnx.data",
         size_threshold=1024,
     )
-    files = ["onnx/model.onnx"]
-    if (folder / "model.onnx.data").exists():
-        files.append("onnx/model.onnx.data")
-    return {
-        "file": "onnx/model.onnx",
-        "files": files,
-        "opset": opset,
-        "versions": {"jax2onnx": _version("jax2onnx"), "onnx": onnx.__version__},
-    }
+    names = ("model.onnx", "model.onnx.data")
+    return [f"onnx/{name}" for name in names if (folder / name).exists()]
 
 
 def convert_onnx(job: Job, spec, opset: int):

@@ -220,9 +220,7 @@ def launch_ray(
                 f"sweep workers still running after {timeout_min} min; cancelled"
             ) from None
         except ray.exceptions.RayError as e:
-            lines = [x.strip() for x in str(e).splitlines() if x.strip()]
-            ours = [x for x in lines if "sweep worker" in x]
-            errors.append((ours or lines or [repr(e)])[-1])
+            errors.append(_error_text(e))
     return errors
 
 
@@ -241,10 +239,15 @@ def wait(jobs, timeout_s: float, poll_s: float = 0.25) -> list[str | None]:
         if exc is None:
             errors.append(None)
             continue
-        lines = [x.strip() for x in str(exc).splitlines() if x.strip()]
-        ours = [x for x in lines if "sweep worker" in x]  # submitit wraps our message
-        errors.append((ours or lines or [repr(exc)])[-1])
+        errors.append(_error_text(exc))
     return errors
+
+
+def _error_text(exc: BaseException) -> str:
+    """The line of a failed worker job that says why (submitit and Ray wrap our message)."""
+    lines = [x.strip() for x in str(exc).splitlines() if x.strip()]
+    ours = [x for x in lines if "sweep worker" in x]
+    return (ours or lines or [repr(exc)])[-1]
 
 
 def prepare(

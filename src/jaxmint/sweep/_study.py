@@ -67,8 +67,8 @@ def storage_for(sweep_dir: Path, url: str | None = None):
             f"the study storage {masked(url)} needs a database driver that is not installed "
             f"({e}); for PostgreSQL: pip install 'jaxmint[postgres]'"
         ) from None
-    except Exception as e:
-        if not _transient(optuna, e) and type(e).__module__.split(".")[0] != "sqlalchemy":
+    except Exception as e:  # sqlalchemy's errors, as optuna raises them or wraps them
+        if not _database_error(e):
             raise
         raise SweepError(
             f"cannot reach the study storage {masked(url)}: {_first_line(e)}. Start the "
@@ -102,6 +102,12 @@ def masked(url: str) -> str:
 def _first_line(e: BaseException) -> str:
     text = str(e).strip().splitlines()
     return f"{type(e).__name__}: {text[0] if text else ''}"[:300]
+
+
+def _database_error(e: BaseException) -> bool:
+    import sqlalchemy.exc
+
+    return any(isinstance(x, sqlalchemy.exc.SQLAlchemyError) for x in (e, e.__cause__))
 
 
 def _transient(optuna, e: BaseException) -> bool:
