@@ -144,7 +144,7 @@ def test_quantize_quick(tmp_path):
     assert set(summary["digits"]) == {"none", "bf16", "int8-weights", "int8"}
     assert summary["char"]["int8-weights"]["onnx"]["bits_over_float"] > 0
     assert "char int8-weights: bits per byte / float" in out
-    assert summary["wide"]["int8"]["onnx"]["latency_us"] > 0
+    assert summary["digits"]["int8"]["onnx"]["latency_us"] > 0
 
 
 @pytest.mark.skipif(

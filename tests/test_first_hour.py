@@ -1,9 +1,9 @@
 """A new user's first hour, in order, in one fresh copy of the repository.
 
-The README's tour, then every code block of docs/tour.md, then the demo's steps,
-then an experiment of the user's own in a folder of its own with a helper module
-beside it: trained, exported by `jaxmint export` from another directory, and
-served. Everything shares one working directory, as it does for a user, so run
+The README's tour, then every code block of docs/tour.md, then the demo's
+prediction step, then an experiment of the user's own in a folder of its own with a
+helper module beside it: trained, exported by `jaxmint export` from another
+directory, and served. Everything shares one working directory, as it does for a user, so run
 dirs that collide or a command that cannot find the user's module fail here. Any
 non-zero exit or "Traceback" fails.
 
@@ -113,12 +113,11 @@ def test_readme_then_tour_then_demo_then_an_experiment_of_ones_own(tmp_path):
             script += [f"_sh({line!r})\n" for line in lines]
     user.python("".join(script), "tour")
 
-    # 3. The demo's steps (scripts/demo.sh after its setup), on the default experiment.
+    # 3. The demo's last step, on the artifact the tour exported. (tests/test_readme.py
+    # runs scripts/demo.sh itself, its training and export in full.)
     demo = (repo / "scripts/demo.sh").read_text()
-    assert '.venv/bin/python experiments/digits_mlp.py "$@"' in demo
-    user.run("python experiments/digits_mlp.py --smoke --no-progress")
-    user.run("jaxmint export runs/digits_mlp --out artifacts/digits_mlp --force")
-    out = user.run("python scripts/predict_digits.py artifacts/digits_mlp")
+    assert '.venv/bin/python scripts/predict_digits.py "$artifact"' in demo
+    out = user.run("python scripts/predict_digits.py artifacts/digits_smoke")
     assert "correct" in out
 
     # 4. An experiment of one's own, in its own folder, importing a module beside it;

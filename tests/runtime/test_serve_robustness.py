@@ -22,8 +22,9 @@ INFER = "/v2/models/digits/infer"
 def test_overload_answers_503_quickly_and_every_request_exactly_once(
     make_server, predictor, inputs
 ):
-    # The batch waits 300 ms to fill, so the queue (2 requests) overflows at once.
-    server = make_server(max_queue=2, max_delay_ms=300)
+    # The batch waits 1.5 s to fill, so the queue (2 requests) overflows at once, even
+    # when a loaded machine spreads the clients' arrivals over a second.
+    server = make_server(max_queue=2, max_delay_ms=1500)
     n = 24
     responses: dict[int, list] = {}
     barrier = threading.Barrier(n)

@@ -32,9 +32,10 @@ def _study(sweep_dir):
     return open_study(sweep_dir, spec, state.get("storage"))
 
 
-def _sweep(script, sweep_dir, url, trials, **env_vars):
+def _sweep(script, sweep_dir, url, trials, workers=4, **env_vars):
     argv = [sys.executable, "-c", CLI, "sweep", str(script), "--sweep-dir", str(sweep_dir)]
-    argv += ["--storage", url, "--workers", "4", "--trials", str(trials), "--timeout-min", "4"]
+    argv += ["--storage", url, "--workers", str(workers), "--trials", str(trials)]
+    argv += ["--timeout-min", "4"]
     argv += ["--heartbeat-s", "0.5", "--stale-after-s", "4", "--", "--steps", "40"]
     argv += ["--delay", "0.05"]
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1", **env_vars}
@@ -103,7 +104,8 @@ def test_a_store_gone_for_longer_than_the_workers_wait_fails_loudly_then_continu
     script = tiny(SPACE, trials=4, pruner="none")
     sweep_dir = tmp_path / "sweep"
     patience = {"JAXMINT_SWEEP_STORAGE_PATIENCE_S": "2"}
-    proc = _sweep(script, sweep_dir, postgres.url, trials=4, **patience)
+    # Two workers: what is tested is how a worker gives up and how the sweep says so.
+    proc = _sweep(script, sweep_dir, postgres.url, trials=4, workers=2, **patience)
     try:
         assert trial_past_its_first_checkpoint(sweep_dir, proc) is not None
         postgres.stop()  # and it stays down past the workers' patience
@@ -115,7 +117,7 @@ def test_a_store_gone_for_longer_than_the_workers_wait_fails_loudly_then_continu
         postgres.start()
     assert proc.returncode == 1, stderr[-3000:]
     assert "cannot reach the study storage" in stderr and "run the same command again" in stderr
-    proc = _sweep(script, sweep_dir, postgres.url, trials=4)  # the same command, once more
+    proc = _sweep(script, sweep_dir, postgres.url, trials=4, workers=2)  # the same, once more
     _, stderr = proc.communicate(timeout=240)
     assert proc.returncode == 0, stderr[-3000:]
     counted = [t for t in _study(sweep_dir).get_trials() if not t.user_attrs.get(REQUEUED)]
