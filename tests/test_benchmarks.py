@@ -39,9 +39,14 @@ def test_overhead_quick(tmp_path, model):
 
 
 @pytest.mark.slow
-def test_checkpoint_quick(tmp_path):
-    run("benchmarks/checkpoint.py", "--quick", "--out", tmp_path / "c.json")
-    assert json.loads((tmp_path / "c.json").read_text())
+@pytest.mark.parametrize("model", ["wide", "transformer"])
+def test_checkpoint_quick(tmp_path, model):
+    out = run("benchmarks/checkpoint.py", "--quick", "--model", model, "--out", tmp_path / "c.json")
+    result = json.loads((tmp_path / "c.json").read_text())
+    assert result["throughput"]["ratio"] > 0 and result["throughput"]["periodic_saves_timed"] > 0
+    assert result["config"]["model"].startswith("mlp" if model == "wide" else model)
+    assert (result["resume"] is None) == (model != "wide")
+    assert ("seconds from spawn" in out) == (model == "wide")
 
 
 @pytest.mark.slow

@@ -161,7 +161,7 @@ class RunCheckpoints:
             return
         # The next train step donates (reuses) the state's buffers, so the
         # background writer gets its own copy: one device memcpy of the state.
-        snapshot = jax.tree_util.tree_map(jnp.copy, _as_dict(state))
+        snapshot = _snapshot(_as_dict(state))
         self._prune(upcoming=step)
         meta = {"step": step, "time": time.time(), "final": final, **(meta or {})}
         items = {"state": ocp.args.StandardSave(snapshot), "meta": ocp.args.JsonSave(meta)}
@@ -335,6 +335,12 @@ def _handlers() -> dict:
     with contextlib.suppress(ImportError):  # without Grain (the data extra) no data state
         handlers["data"] = _grain_checkpoint().CheckpointHandler()
     return handlers
+
+
+@jax.jit
+def _snapshot(tree):
+    """A copy of every array of ``tree`` in one dispatch (jitted once per tree structure)."""
+    return jax.tree_util.tree_map(jnp.copy, tree)
 
 
 def _as_dict(state):

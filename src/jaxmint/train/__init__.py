@@ -20,8 +20,8 @@ from jaxmint.train._distributed import initialize as initialize_distributed
 from jaxmint.train._experiment import Experiment as Experiment
 from jaxmint.train._experiment import fit_experiment as fit_experiment
 from jaxmint.train._fit import FitLoop as FitLoop
-from jaxmint.train._fit import FitResult as FitResult
 from jaxmint.train._fit import fit as fit
+from jaxmint.train._hooks import FitResult as FitResult
 from jaxmint.train._hooks import Hook as Hook
 from jaxmint.train._hooks import without as without
 from jaxmint.train._modes import CheckError as CheckError

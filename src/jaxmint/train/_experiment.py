@@ -13,7 +13,8 @@ from jaxmint.losses import Loss
 from jaxmint.models import Model
 from jaxmint.run import RunDir
 from jaxmint.train._config import FitConfig
-from jaxmint.train._fit import FitResult, fit
+from jaxmint.train._fit import fit
+from jaxmint.train._hooks import FitResult
 
 
 class Experiment(NamedTuple):

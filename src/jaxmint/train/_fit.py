@@ -2,59 +2,27 @@
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import jax
 import numpy as np
 import optax
 
-from jaxmint.data import TrainData, eval_batches, prefetch_to_device
+from jaxmint.data import prefetch_to_device
 from jaxmint.losses import Loss
 from jaxmint.models._model import Model
 from jaxmint.run import RunDir
 from jaxmint.state import TrainState
-from jaxmint.steps import Steps, build_steps
-from jaxmint.train import _modes
 from jaxmint.train import _parallel as parallel
+from jaxmint.train import _setup as setup
 from jaxmint.train._builtin import NonFiniteGuard, assemble_hooks, scalar
 from jaxmint.train._config import FitConfig, resolve_settings
-from jaxmint.train._hooks import Hook, as_hooks, overrides
-from jaxmint.train._setup import check_inputs, compile_steps, init_state, open_run, replay_steps
+from jaxmint.train._hooks import FitResult, Hook, as_hooks, overrides
 
 log = logging.getLogger("jaxmint")
-
-
-@dataclasses.dataclass
-class FitResult:
-    """What `fit` returns.
-
-    Attributes:
-      params: the final trained parameters (on the host, as numpy).
-      state: the final `TrainState` (on device).
-      history: the logged records, the same dicts that are in ``metrics.jsonl``.
-      workdir: the run directory, or None.
-      stopped: why a hook ended the run early (`FitLoop.request_stop`), or None.
-    """
-
-    params: Any
-    state: TrainState
-    history: list[dict]
-    workdir: Path | None
-    stopped: str | None = None
-
-    @property
-    def final_eval(self) -> dict:
-        """The last logged ``eval/*`` metrics."""
-        for record in reversed(self.history):
-            evals = {k: v for k, v in record.items() if k.startswith("eval/")}
-            if evals:
-                return evals
-        return {}
 
 
 def fit(
@@ -96,14 +64,12 @@ def fit(
         ``config.json`` so the run can be exported and resumed. A `FitConfig`
         (such as an experiment's config, which extends it) also supplies the
         settings.
-      **settings: any field of `FitConfig` — ``steps`` and ``batch_size``
-        (required unless ``config`` has them), ``seed``, ``workdir`` (a path or a
-        `jaxmint.run.RunDir`), ``eval_every``, ``checkpoint_every``, ``strategy``
-        (``auto``, ``single``, ``data``, ``fsdp``, ``pmap``) or a ``mesh`` such as
-        ``{"data": -1, "fsdp": 2}``, ``nonfinite``
-        (``raise`` or ``skip``), ``grad_accum``, ``compute_dtype``,
-        ``log_every``, ``debug``, ``check``, ``diagnose_every``, the keep policy
-        and more; each is described in the training guide.
+      **settings: any field of `FitConfig` (each is described in the training guide):
+        ``steps`` and ``batch_size`` (required unless ``config`` has them), ``seed``,
+        ``workdir`` (a path or a `jaxmint.run.RunDir`), ``eval_every``,
+        ``checkpoint_every``, ``strategy`` or a ``mesh`` such as ``{"data": -1,
+        "fsdp": 2}``, ``nonfinite``, ``grad_accum``, ``compute_dtype``, ``log_every``,
+        ``debug``, ``check``, ``diagnose_every``, the keep policy and more.
 
     Example::
 
@@ -154,43 +120,21 @@ class FitLoop:
         config,
         rules=None,
     ):
-        s = self.settings = settings
-        self.replay_before = None if s.replay_from is None else replay_steps(s, workdir)
+        self.settings, self.rules = settings, rules
+        self.replay_before = (
+            None if settings.replay_from is None else setup.replay_steps(settings, workdir)
+        )
         self.model, self.loss, self.optimizer, self.input_key = model, loss, optimizer, input_key
-        self.rules = rules
         self.eval_data, self.start_step, self.final, self.preemption = eval_data, 0, False, None
         self._log_requested = False
         self.stopped: str | None = None
-        self.strategy = "mesh" if s.mesh is not None else parallel.resolve(s.strategy)
-        if s.debug or s.check:
-            self.strategy = _modes.single_device(self.strategy, "debug" if s.debug else "check")
-        self.mesh = parallel.layout(self.strategy, s.mesh)
-        parallel.check_batch(s.batch_size, s.grad_accum, self.strategy, self.mesh)
-        self.n_proc, self.proc = jax.process_count(), jax.process_index()
-        self.lead = self.proc == 0  # only the first process writes files and draws the bar
-
-        self.data = TrainData(
-            data, s.batch_size, seed=s.seed, shard=(self.proc, self.n_proc), workers=s.data_workers
-        )
-        check_inputs(self)
-        self.steps: Steps = build_steps(
-            model,
-            loss,
-            optimizer,
-            input_key=input_key,
-            metrics=metrics,
-            grad_accum=s.grad_accum,
-            compute_dtype=s.compute_dtype,
-            axis_name=parallel.AXIS if self.strategy == "pmap" else None,
-        )
-        self._on_cpu = jax.devices()[0].platform == "cpu"
-        state = init_state(self)
-        compile_steps(self, state)
-
+        setup.prepare(self, data, metrics)  # strategy and mesh, data, the pure steps
+        state = setup.init_state(self)
+        setup.compile_steps(self, state)
         self.run_dir = None if workdir is None else RunDir.of(workdir)
         self.checkpoints, self.history = None, []
         if self.run_dir is not None:
-            state = open_run(self, state, config)
+            state = setup.open_run(self, state, config)
         self.state = state
         self.hooks = assemble_hooks(self, hooks)
 
@@ -219,20 +163,7 @@ class FitLoop:
 
     def evaluate(self, state: TrainState, eval_data=None) -> dict:
         """``eval/<name>`` means over all of ``eval_data`` (default: fit's), for ``state``."""
-        eval_data = self.eval_data if eval_data is None else eval_data
-        n_dev = jax.device_count()
-        size = self.settings.eval_batch_size or self.settings.batch_size
-        size = -(-size // n_dev) * n_dev  # divisible by the devices
-        per = size // self.n_proc
-        sums: dict[str, float] = {}
-        count = 0
-        for batch, n in eval_batches(eval_data, size):
-            local = {k: v[self.proc * per : (self.proc + 1) * per] for k, v in batch.items()}
-            out = parallel.to_host(self.eval_step(state, self.put(local), np.int32(n)))
-            for k, v in out.items():
-                sums[k] = sums.get(k, 0.0) + float(v) * n
-            count += n
-        return {f"eval/{k}": v / count for k, v in sums.items() if not k.startswith("weight/")}
+        return setup.evaluate(self, state, self.eval_data if eval_data is None else eval_data)
 
     # -- the loop ----------------------------------------------------------------
     def run(self) -> FitResult:
@@ -286,8 +217,9 @@ class FitLoop:
                 self.final = True
                 self._checkpoint(step, state)
             self.state = state
+            path = None if self.run_dir is None else self.run_dir.path
             result = FitResult(
-                parallel.to_host(state.params), state, self.history, self._path(), self.stopped
+                parallel.to_host(state.params), state, self.history, path, self.stopped
             )
         finally:
             try:
@@ -317,6 +249,3 @@ class FitLoop:
             h.on_checkpoint(self, step, state)
         if self.stop:
             self.preemption.exit(step, self.run_dir.checkpoints_dir)
-
-    def _path(self) -> Path | None:
-        return None if self.run_dir is None else self.run_dir.path

@@ -9,13 +9,43 @@ is known at that moment.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from jaxmint.state import TrainState
-    from jaxmint.train._fit import FitLoop, FitResult
+    from jaxmint.train._fit import FitLoop
+
+
+@dataclasses.dataclass
+class FitResult:
+    """What `fit` returns.
+
+    Attributes:
+      params: the final trained parameters (on the host, as numpy).
+      state: the final `TrainState` (on device).
+      history: the logged records, the same dicts that are in ``metrics.jsonl``.
+      workdir: the run directory, or None.
+      stopped: why a hook ended the run early (`FitLoop.request_stop`), or None.
+    """
+
+    params: Any
+    state: TrainState
+    history: list[dict]
+    workdir: Path | None
+    stopped: str | None = None
+
+    @property
+    def final_eval(self) -> dict:
+        """The last logged ``eval/*`` metrics."""
+        for record in reversed(self.history):
+            evals = {k: v for k, v in record.items() if k.startswith("eval/")}
+            if evals:
+                return evals
+        return {}
 
 
 class Hook:

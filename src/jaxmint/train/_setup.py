@@ -1,5 +1,6 @@
-"""Before `fit`'s first step: the inputs checked, the state initialized, the steps
-compiled, and the run dir opened (resumed, or started and recorded)."""
+"""Before `fit`'s first step: the layout and the data, the inputs checked, the state
+initialized, the steps compiled, and the run dir opened (resumed, or started and
+recorded); and the evaluation of a state on eval data."""
 
 from __future__ import annotations
 
@@ -11,10 +12,11 @@ import jax
 import numpy as np
 
 from jaxmint.config import normalized, run_control_fields
-from jaxmint.data import DataError, check_input_range
+from jaxmint.data import DataError, TrainData, check_input_range, eval_batches
 from jaxmint.models import split_variables
 from jaxmint.run import RunDir
 from jaxmint.state import TrainState
+from jaxmint.steps import build_steps
 from jaxmint.train import _modes
 from jaxmint.train import _parallel as parallel
 from jaxmint.train._compiled import call_compiled
@@ -23,6 +25,51 @@ from jaxmint.train._resume import resume
 
 if TYPE_CHECKING:
     from jaxmint.train._fit import FitLoop
+
+
+def prepare(loop: FitLoop, data, metrics) -> None:
+    """The strategy and mesh, the training data (checked), and the pure steps."""
+    s = loop.settings
+    loop.strategy = "mesh" if s.mesh is not None else parallel.resolve(s.strategy)
+    if s.debug or s.check:
+        loop.strategy = _modes.single_device(loop.strategy, "debug" if s.debug else "check")
+    loop.mesh = parallel.layout(loop.strategy, s.mesh)
+    parallel.check_batch(s.batch_size, s.grad_accum, loop.strategy, loop.mesh)
+    loop.n_proc, loop.proc = jax.process_count(), jax.process_index()
+    loop.lead = loop.proc == 0  # only the first process writes files and draws the bar
+    loop.data = TrainData(
+        data, s.batch_size, seed=s.seed, shard=(loop.proc, loop.n_proc), workers=s.data_workers
+    )
+    check_inputs(loop)
+    loop.steps = build_steps(
+        loop.model,
+        loop.loss,
+        loop.optimizer,
+        input_key=loop.input_key,
+        metrics=metrics,
+        grad_accum=s.grad_accum,
+        compute_dtype=s.compute_dtype,
+        axis_name=parallel.AXIS if loop.strategy == "pmap" else None,
+    )
+    loop._on_cpu = jax.devices()[0].platform == "cpu"
+
+
+def evaluate(loop: FitLoop, state: TrainState, eval_data) -> dict:
+    """``eval/<name>`` means over all of ``eval_data`` for ``state``: padded batches of
+    ``eval_batch_size`` (rounded up to the devices), each process its share."""
+    n_dev = jax.device_count()
+    size = loop.settings.eval_batch_size or loop.settings.batch_size
+    size = -(-size // n_dev) * n_dev  # divisible by the devices
+    per = size // loop.n_proc
+    sums: dict[str, float] = {}
+    count = 0
+    for batch, n in eval_batches(eval_data, size):
+        local = {k: v[loop.proc * per : (loop.proc + 1) * per] for k, v in batch.items()}
+        out = parallel.to_host(loop.eval_step(state, loop.put(local), np.int32(n)))
+        for k, v in out.items():
+            sums[k] = sums.get(k, 0.0) + float(v) * n
+        count += n
+    return {f"eval/{k}": v / count for k, v in sums.items() if not k.startswith("weight/")}
 
 
 def check_inputs(loop: FitLoop) -> None:
