@@ -2,12 +2,14 @@
 
     XLA_FLAGS=--xla_force_host_platform_device_count=8 \
         python parallel_check.py CASE STRATEGY[,STRATEGY...] [WORKDIR|-] [STEPS]
+        python parallel_check.py activations MESH[;MESH...]
 
 Run in a subprocess so that the number of fake CPU devices can be chosen per run.
 """
 
 import json
 import os
+import re
 import sys
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -71,7 +73,41 @@ def setup(case: str, strategy: str):
     return model, train, extra
 
 
+def activation_layouts(meshes) -> dict:
+    """Per mesh: ``{shape: [mesh axes per dimension]}`` of every activation the built-in
+    transformer constrains, read from its lowered program (and "outside": lowered with
+    no layout, where constraining is a no-op)."""
+    from jaxmint.models import activation_layout
+    from jaxmint.train import _parallel as parallel
+
+    model, _, _ = setup("transformer", "single")
+    tokens = np.zeros((8, 16), np.int32)
+    variables = model.init(jax.random.PRNGKey(0), tokens)
+
+    def lowered():  # a fresh jit each time: a trace is cached with what it saw
+        return jax.jit(lambda v, x: model.apply(v, x)).lower(variables, tokens).as_text()
+
+    found = {"outside": _constraints(lowered())}
+    for spec in meshes:
+        with activation_layout(parallel.layout("mesh", spec), DEFAULT_RULES):
+            found[spec] = _constraints(lowered())
+    return found
+
+
+def _constraints(text: str) -> dict:
+    out = {}
+    for line in text.splitlines():
+        if "sharding_constraint" in line or "@Sharding" in line:
+            shape = re.search(r"tensor<([0-9x]+)x[a-z]", line.split(":")[-1]).group(1)
+            dims = re.search(r"\[(\{.*\})\]>", line).group(1)
+            out[shape] = [re.findall(r'"(\w+)"', d) for d in re.findall(r"\{[^}]*\}", dims)]
+    return out
+
+
 def main():
+    if sys.argv[1] == "activations":
+        print("RESULT " + json.dumps(activation_layouts(sys.argv[2].split(";"))))
+        return
     case, strategies = sys.argv[1], sys.argv[2].split(",")
     workdir = sys.argv[3] if len(sys.argv) > 3 and sys.argv[3] != "-" else None
     steps = int(sys.argv[4]) if len(sys.argv) > 4 else 6

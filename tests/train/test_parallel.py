@@ -76,6 +76,38 @@ def test_tensor_parallel_transformer_matches_one_device_and_splits_by_the_rules(
     assert '["fsdp", null, "tensor", null]' in results[meshes[0]]["sharded"]  # qkv, Megatron
 
 
+def test_the_transformers_activations_are_laid_out_by_the_rules():
+    meshes = ["tensor=8", "data=2,fsdp=2,tensor=2"]
+    found = run(["activations", ";".join(meshes)])
+    assert found["outside"] == {}  # one device, export, eager: constrain is a no-op
+    tensor, mixed = found["tensor=8"], found["data=2,fsdp=2,tensor=2"]
+    # batch 8, length 16, width 32, 8 heads of 4, MLP hidden 128, vocabulary 256
+    assert tensor["8x16x128"] == [[], [], ["tensor"]]  # the MLP's hidden axis, Megatron
+    assert tensor["8x16x8x4"] == [[], [], ["tensor"], []]  # attention by heads
+    assert tensor["8x16x256"] == [[], [], ["tensor"]]  # logits by vocabulary
+    assert tensor["8x16x32"] == [[], [], []]  # the residual stream whole on each device
+    # batch takes data and fsdp, so embed (fsdp for the weights) stays whole here
+    assert mixed["8x16x32"] == [["data", "fsdp"], [], []]
+    assert mixed["8x16x128"] == [["data", "fsdp"], [], ["tensor"]]
+
+
+def test_constrain_names_each_dimension():
+    import jax
+    import jax.numpy as jnp
+
+    from jaxmint.models import activation_layout, constrain
+    from jaxmint.train import DEFAULT_RULES
+
+    x = jnp.zeros((4, 3))
+    assert constrain(x, "batch", "embed") is x  # no layout: unchanged
+    mesh = jax.make_mesh((1,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    with (
+        activation_layout(mesh, DEFAULT_RULES),
+        pytest.raises(ValueError, match=r"2 axis names .* shape \(4, 3, 1\)"),
+    ):
+        constrain(x[..., None], "batch", "embed")
+
+
 @pytest.mark.slow
 def test_a_users_annotated_flax_module_is_split_by_the_rules_and_rules_can_change():
     meshes = ["mesh:data=2/fsdp=2/tensor=2", "mesh:tensor=8"]

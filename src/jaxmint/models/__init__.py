@@ -1,6 +1,8 @@
 """Pure-function models: the `Model` contract, flax adapters and built-in models."""
 
 from jaxmint.models._axes import axes_by_path as axes_by_path
+from jaxmint.models._constrain import activation_layout as activation_layout
+from jaxmint.models._constrain import constrain as constrain
 from jaxmint.models._flax import from_linen as from_linen
 from jaxmint.models._flax import from_nnx as from_nnx
 from jaxmint.models._model import Model as Model
@@ -19,8 +21,10 @@ __all__ = [
     "LayerSummary",
     "Model",
     "ModelSummary",
+    "activation_layout",
     "axes_by_path",
     "cnn",
+    "constrain",
     "from_linen",
     "from_nnx",
     "join_variables",

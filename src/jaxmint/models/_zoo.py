@@ -13,6 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxmint.models._constrain import constrain
 from jaxmint.models._flax import from_linen
 from jaxmint.models._model import Model
 from jaxmint.models._remat import Policy, policy_of, remat
@@ -82,6 +83,16 @@ def _named(init, *names):
     return nn.with_logical_partitioning(init, names)
 
 
+def _embeds(x_BxLxD):
+    """The residual stream: split by batch, whole along the model width."""
+    return constrain(x_BxLxD, "batch", "length", "embed")
+
+
+def _heads(x_BxLxHxK):
+    """Queries, keys, values and attention outputs: heads split (over ``tensor``)."""
+    return constrain(x_BxLxHxK, "batch", "length", "heads", "kv")
+
+
 _DENSE = nn.initializers.lecun_normal()
 _ZEROS, _ONES = nn.initializers.zeros_init(), nn.initializers.ones_init()
 
@@ -106,8 +117,8 @@ class Block(nn.Module):
             kernel_init=_named(_DENSE, "embed", None, "heads", "kv"),
             name="qkv",
         )(h)
-        q_BxLxHxK, k_BxLxHxK, v_BxLxHxK = (qkv[:, :, i] for i in range(3))
-        att_BxLxHxK = self.attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, is_causal=True)
+        q_BxLxHxK, k_BxLxHxK, v_BxLxHxK = (_heads(qkv[:, :, i]) for i in range(3))
+        att_BxLxHxK = _heads(self.attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, is_causal=True))
         x_BxLxD = x_BxLxD + nn.DenseGeneral(
             d,
             axis=(-2, -1),
@@ -122,13 +133,16 @@ class Block(nn.Module):
             bias_init=_named(_ZEROS, "mlp"),
             name="up",
         )(h)
-        h = nn.gelu(h)
-        return x_BxLxD + nn.Dense(
-            d,
-            kernel_init=_named(_DENSE, "mlp", "embed"),
-            bias_init=_named(_ZEROS, "norm"),
-            name="down",
-        )(h)
+        h_BxLxF = nn.gelu(constrain(h, "batch", "length", "mlp"))
+        return _embeds(
+            x_BxLxD
+            + nn.Dense(
+                d,
+                kernel_init=_named(_DENSE, "mlp", "embed"),
+                bias_init=_named(_ZEROS, "norm"),
+                name="down",
+            )(h_BxLxF)
+        )
 
 
 class Transformer(nn.Module):
@@ -159,14 +173,15 @@ class Transformer(nn.Module):
         )
         pos_init = _named(nn.initializers.normal(0.02), "length", "embed")
         pos_LxD = self.param("pos", pos_init, (self.max_len, self.d_model))[:length]
-        x_BxLxD = embed(tokens_BxL) + pos_LxD
+        x_BxLxD = _embeds(embed(tokens_BxL) + pos_LxD)
         # Remat matters only where gradients are taken: inference runs the plain block.
         block = remat(Block, self.remat) if train else Block
         for i in range(self.num_layers):
             x_BxLxD = block(self.num_heads, self.attention, name=f"block{i}")(x_BxLxD)
             self.sow("intermediates", f"block{i}_out", x_BxLxD)
         x_BxLxD = nn.RMSNorm(name="norm", scale_init=_named(_ONES, "norm"))(x_BxLxD)
-        return embed.attend(x_BxLxD)  # tied embeddings: logits_BxLxV
+        # tied embeddings: logits_BxLxV
+        return constrain(embed.attend(x_BxLxD), "batch", "length", "vocab")
 
 
 def mlp(features: Sequence[int] = (256, 256), num_outputs: int = 10, *, dropout=0.0) -> Model:

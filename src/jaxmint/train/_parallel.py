@@ -24,6 +24,7 @@ where they fit.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from collections.abc import Mapping
@@ -35,6 +36,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxmint.data import DataError
+from jaxmint.models import activation_layout
 
 AXIS = "data"
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -282,21 +284,28 @@ def to_host(tree):
     return jax.tree_util.tree_map(fetch, tree)
 
 
-def compile_steps(steps, strategy: str, mesh: Mesh | None, shardings):
-    """``(train_step, eval_step)`` jitted for ``strategy`` (train_step donates its state)."""
+def compile_steps(steps, strategy: str, mesh: Mesh | None, shardings, rules=None):
+    """``(train_step, eval_step)`` jitted for ``strategy`` (train_step donates its state).
+
+    On a mesh, the steps trace inside `activation_layout`, so that the model's
+    `jaxmint.models.constrain` calls lay its activations out by the ``rules``.
+    """
     if strategy == "single":
         return (jax.jit(steps.train_step, donate_argnums=0), jax.jit(steps.eval_step))
     replicated = NamedSharding(mesh, P())
     data = batch_sharding(mesh)
     if strategy != "pmap":
+        laid_out = _laid_out(mesh, DEFAULT_RULES if rules is None else rules)
         train = jax.jit(
-            steps.train_step,
+            laid_out(steps.train_step),
             in_shardings=(shardings, data),
             out_shardings=(shardings, replicated),
             donate_argnums=0,
         )
         evaluate = jax.jit(
-            steps.eval_step, in_shardings=(shardings, data, replicated), out_shardings=replicated
+            laid_out(steps.eval_step),
+            in_shardings=(shardings, data, replicated),
+            out_shardings=replicated,
         )
         return train, evaluate
     # pmap: per-device programs; the step itself pmeans over AXIS (build_steps(axis_name=...)).
@@ -320,6 +329,18 @@ def compile_steps(steps, strategy: str, mesh: Mesh | None, shardings):
         )
     )
     return train, evaluate
+
+
+def _laid_out(mesh: Mesh, rules):
+    def wrap(fn):
+        @functools.wraps(fn)
+        def step(*args):
+            with activation_layout(mesh, rules):
+                return fn(*args)
+
+        return step
+
+    return wrap
 
 
 def sharding_plan(params, names, mesh_sizes: Mapping[str, int], rules=None) -> list[dict]:

@@ -132,7 +132,7 @@ def compile_steps(loop: FitLoop, state: TrainState) -> None:
         loop.train_step, loop.eval_step = _modes.checked_steps(loop.steps)
     else:
         loop.train_step, loop.eval_step = parallel.compile_steps(
-            loop.steps, loop.strategy, loop.mesh, loop.shardings
+            loop.steps, loop.strategy, loop.mesh, loop.shardings, loop.rules
         )
     # Trace once on shapes: a bad loss term or batch fails here, before compiling.
     shapes = {
