@@ -16,6 +16,7 @@ Format version log (the manifest's ``format_version``):
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 import json
@@ -69,6 +70,7 @@ _CODES = {v: k for k, v in _DTYPES.items()}
 _MAX_HEADER = 100 * 1024 * 1024
 
 
+@functools.lru_cache(maxsize=64)
 def np_dtype(name: str) -> np.dtype:
     """numpy dtype by name; ``bfloat16`` comes from ml_dtypes (installed with jax and IREE)."""
     if name == "bfloat16":
