@@ -1,6 +1,6 @@
-"""Memory of a transformer's train step under rematerialization policies.
+"""Memory of a transformer's train step: rematerialization policies, and meshes.
 
-Run (about a minute on 2 CPU cores for the default ~100M-parameter model;
+Run (a few minutes on 2 CPU cores for the default ~100M-parameter model;
 ``--quick`` is a few-second run on a tiny one)::
 
     python benchmarks/memory.py
@@ -18,13 +18,25 @@ gradient of the next-token loss at one batch:
   it). On a CPU, XLA drops the barriers that keep the recomputation late, so this
   may not fall there; run it on an accelerator to see the peak move.
 
+And per mesh of 8 devices (8 fake CPU devices in a child process when this
+process has fewer): `fit`'s whole train step (adamw, the state donated) laid out
+by the default rules, compiled, and XLA's ``memory_analysis()`` of one device:
+arguments + outputs + temporaries - aliased (donated) bytes. Target: the
+``fsdp=2,tensor=4`` mesh at **<= 0.2** of ``data=8`` (data parallelism keeps a
+whole copy of the parameters and Adam's two moments on every device). Both meshes
+take the same global batch, so each device of ``fsdp=2,tensor=4`` computes four
+times the examples of one of ``data=8``; the state's share is reported apart.
+
 Writes ``benchmarks/results/memory.json``.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -38,6 +50,8 @@ from jaxmint.models._remat import POLICIES
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TARGET_FULL_OVER_NONE = 0.5
+TARGET_MESH = 0.2
+MESHES = ("data=8", "fsdp=8", "fsdp=2,tensor=4", "fsdp=4,tensor=2")
 SIZES = {
     "100m": dict(vocab=32_000, length=1024, d_model=768, layers=12, heads=12, batch=8),
     "tiny": dict(vocab=256, length=64, d_model=64, layers=2, heads=4, batch=8),
@@ -69,6 +83,65 @@ def measure(size: str, policy: str, compile_: bool) -> dict:
         row["xla_temp_bytes"] = int(compiled.memory_analysis().temp_size_in_bytes)
         row["compile_s"] = time.perf_counter() - t0
     return row
+
+
+def mesh_memory(size: str, meshes) -> dict:
+    """Per mesh: the per-device bytes of `fit`'s compiled train step (see the docstring)."""
+    from jaxmint.steps import build_steps
+    from jaxmint.train import _parallel as parallel
+    from jaxmint.train._setup import param_axes
+
+    vocab, length, d_model, layers, heads, batch = SIZES[size].values()
+    model = jaxmint.models.transformer(
+        vocab, max_len=length, d_model=d_model, num_layers=layers, num_heads=heads
+    )
+    steps = build_steps(model, jaxmint.losses.softmax_cross_entropy(), optax.adamw(1e-4))
+    key = jax.random.PRNGKey(0)
+    sample = {"x": np.zeros((batch, length), np.int32), "y": np.zeros((batch, length), np.int32)}
+    abstract = jax.eval_shape(steps.init, key, sample)
+    names = param_axes(model, key, sample["x"])
+    out = {}
+    for spec in meshes:
+        mesh = parallel.layout("mesh", spec)
+        shardings = parallel.state_shardings(abstract, mesh, "mesh", names)
+        train, _ = parallel.compile_steps(steps, "mesh", mesh, shardings)
+        batch_spec = {
+            k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=parallel.batch_sharding(mesh))
+            for k, v in sample.items()
+        }
+        t0 = time.perf_counter()
+        stats = train.lower(abstract, batch_spec).compile().memory_analysis()
+        parts = {
+            "arguments": stats.argument_size_in_bytes,
+            "outputs": stats.output_size_in_bytes,
+            "temporaries": stats.temp_size_in_bytes,
+            "aliased": stats.alias_size_in_bytes,
+        }
+        total = parts["arguments"] + parts["outputs"] + parts["temporaries"] - parts["aliased"]
+        out[spec] = {**parts, "per_device_bytes": int(total), "compile_s": time.perf_counter() - t0}
+    return out
+
+
+def meshes_on_8_devices(size: str) -> dict:
+    """`mesh_memory` here if this process has 8 devices, else in a child that has."""
+    if jax.device_count() == 8:
+        return mesh_memory(size, MESHES)
+    env = {
+        **os.environ,
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+        "JAX_PLATFORMS": "cpu",
+    }
+    code = (
+        f"import json, sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
+        f"import memory; print('MESHES', json.dumps(memory.mesh_memory({size!r}, memory.MESHES)))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, check=False
+    )
+    if out.returncode != 0:
+        raise RuntimeError(f"the 8-device child failed:\n{out.stderr[-3000:]}")
+    line = next(x for x in out.stdout.splitlines() if x.startswith("MESHES "))
+    return json.loads(line[len("MESHES ") :])
 
 
 def main(argv=None) -> dict:
@@ -111,12 +184,47 @@ def main(argv=None) -> dict:
         f"\nfull / none, kept for backward: {ratio:.3f} "
         f"(target <= {TARGET_FULL_OVER_NONE}: {verdict})"
     )
+    meshes = {} if args.no_compile else meshes_on_8_devices(size)
+    if meshes:
+        data = meshes["data=8"]
+        for row in meshes.values():
+            row["over_data"] = row["per_device_bytes"] / data["per_device_bytes"]
+            row["arguments_over_data"] = row["arguments"] / data["arguments"]
+        print()
+        print(
+            table(
+                f"fit's train step (adamw) on 8 devices, per device, {size}",
+                ["mesh", "state MiB", "/ data=8", "temporaries MiB", "total MiB", "/ data=8"],
+                [
+                    [
+                        spec,
+                        mib(row["arguments"]),
+                        f"{row['arguments_over_data']:.3f}",
+                        mib(row["temporaries"]),
+                        mib(row["per_device_bytes"]),
+                        f"{row['over_data']:.3f}",
+                    ]
+                    for spec, row in meshes.items()
+                ],
+            )
+        )
+        mixed = meshes["fsdp=2,tensor=4"]
+        verdict = "met" if mixed["over_data"] <= TARGET_MESH else "MISSED"
+        print(
+            f"\nfsdp=2,tensor=4 / data=8: {mixed['over_data']:.3f} (target <= {TARGET_MESH}: "
+            f"{verdict}); the state alone (parameters, Adam's moments, the batch): "
+            f"{mixed['arguments_over_data']:.3f}. At the same global batch each device of "
+            "fsdp=2,tensor=4 computes 4 examples (tensor replicas share rows) where data=8 "
+            "computes 1, so its activations are larger."
+        )
     result = {
         "benchmark": "memory",
         "size": size,
         "shape": SIZES[size],
         "remat": rows,
         "full_over_none_kept": ratio,
+        "meshes": meshes,
+        "fsdp_tensor_over_data": meshes["fsdp=2,tensor=4"]["over_data"] if meshes else None,
         "environment": {**environment(), "load_average_at_start": load_before},
     }
     write_result(result, args.out, load_before)

@@ -135,7 +135,13 @@ def test_serving_peers_quick(tmp_path):
 
 
 def test_memory_quick(tmp_path):
-    run("benchmarks/memory.py", "--quick", "--out", tmp_path / "m.json")
+    out = run("benchmarks/memory.py", "--quick", "--out", tmp_path / "m.json")
+    result = json.loads((tmp_path / "m.json").read_text())
+    assert set(result["meshes"]) == {"data=8", "fsdp=8", "fsdp=2,tensor=4", "fsdp=4,tensor=2"}
+    # each device holds a slice of the state on a model-parallel mesh, all of it on data=8
+    meshes = result["meshes"]
+    assert meshes["fsdp=8"]["arguments"] < 0.2 * meshes["data=8"]["arguments"]
+    assert "fsdp=2,tensor=4 / data=8" in out
     result = json.loads((tmp_path / "m.json").read_text())
     assert set(result["remat"]) == {"none", "full", "dots", "dots_no_batch"}
     assert result["full_over_none_kept"] < 0.5
