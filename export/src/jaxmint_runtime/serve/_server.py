@@ -643,10 +643,11 @@ class Server:
                 continue
             self._start(new)
             self.served[name][version] = new  # from here on, requests go to the new one
-            await loop.run_in_executor(None, old.batcher.close, self.config.drain_timeout_s)
+            # Said when it takes effect, before the old one drains what it queued.
             log.info(
                 "model %r version %s reloaded from %s (rewritten in place)", name, version, path
             )
+            await loop.run_in_executor(None, old.batcher.close, self.config.drain_timeout_s)
 
     def _try_load(self, name: str, version: int, path: Path) -> Served | None:
         """Load, check and warm one version (no batcher yet); None, logged, if it fails."""
