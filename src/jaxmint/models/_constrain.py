@@ -57,17 +57,25 @@ def constrain(x: jax.Array, *names: str | None) -> jax.Array:
             "give one name (or None) per dimension"
         )
     mesh, rules = layout
-    sizes = dict(mesh.shape)
+    spec = split_dims(names, x.shape, rules, dict(mesh.shape), undivided=P.UNCONSTRAINED)
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P(*spec)))
+
+
+def split_dims(names, shape, rules, sizes: Mapping[str, int], undivided=None) -> list:
+    """Per dimension, the mesh axes that split it (an axis name, a tuple of them, or None)
+    by each name's rule: leaving out axes of size 1 and axes an earlier dimension took;
+    ``undivided`` where the axes do not divide the dimension. Parameters and
+    activations are laid out by this one function."""
     spec, used = [], set()
-    for dim, name in zip(x.shape, names, strict=True):
+    for name, dim in zip(names, shape, strict=True):
         axes = rules.get(name) if name is not None else None
-        axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+        axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
         axes = tuple(a for a in axes if sizes.get(a, 1) > 1 and a not in used)
         if not axes:
             spec.append(None)
         elif dim % math.prod(sizes[a] for a in axes):
-            spec.append(P.UNCONSTRAINED)
+            spec.append(undivided)
         else:
             used.update(axes)
             spec.append(axes[0] if len(axes) == 1 else axes)
-    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P(*spec)))
+    return spec

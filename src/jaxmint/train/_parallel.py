@@ -37,6 +37,7 @@ from jax.sharding import PartitionSpec as P
 
 from jaxmint.data import DataError
 from jaxmint.models import activation_layout
+from jaxmint.models._constrain import split_dims
 
 AXIS = "data"
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -186,17 +187,7 @@ def logical_spec(names, shape, rules, sizes: dict[str, int]) -> P:
     """The PartitionSpec of a leaf with logical axis ``names``: each name's mesh axes by
     ``rules``, leaving out axes of size 1, axes already used, and any split that does
     not divide the dimension."""
-    used: set[str] = set()
-    spec = []
-    for name, dim in zip(names, shape, strict=True):
-        axes = rules.get(name) if name is not None else None
-        axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
-        axes = tuple(a for a in axes if sizes.get(a, 1) > 1 and a not in used)
-        if not axes or dim % math.prod(sizes[a] for a in axes):
-            spec.append(None)
-            continue
-        used.update(axes)
-        spec.append(axes[0] if len(axes) == 1 else axes)
+    spec = split_dims(names, shape, rules, sizes)
     return P(*spec) if any(a is not None for a in spec) else P()  # nothing split: replicated
 
 
