@@ -66,8 +66,9 @@ def test_every_strategy_matches_single_device(case):
 @pytest.mark.slow
 def test_tensor_parallel_transformer_matches_one_device_and_splits_by_the_rules():
     meshes = [f"mesh:data={d}/fsdp={f}/tensor={t}" for d, f, t in [(2, 2, 2), (1, 2, 4), (1, 1, 8)]]
-    results = run(["transformer", ",".join(["single", *meshes])])
-    for mesh in meshes:
+    sequence = ["mesh:sequence=8", "mesh:data=2/sequence=2/tensor=2"]  # positions split
+    results = run(["transformer", ",".join(["single", *meshes, *sequence])])
+    for mesh in meshes + sequence:
         assert_same_curve(results[mesh], results["single"])
     # (1, 1, 8): heads, the MLP's hidden axis and the vocabulary split 8 ways.
     tensor = results[meshes[-1]]
@@ -77,7 +78,7 @@ def test_tensor_parallel_transformer_matches_one_device_and_splits_by_the_rules(
 
 
 def test_the_transformers_activations_are_laid_out_by_the_rules():
-    meshes = ["tensor=8", "data=2,fsdp=2,tensor=2"]
+    meshes = ["tensor=8", "data=2,fsdp=2,tensor=2", "data=2,sequence=4"]
     found = run(["activations", ";".join(meshes)])
     assert found["outside"] == {}  # one device, export, eager: constrain is a no-op
     tensor, mixed = found["tensor=8"], found["data=2,fsdp=2,tensor=2"]
@@ -89,6 +90,10 @@ def test_the_transformers_activations_are_laid_out_by_the_rules():
     # batch takes data and fsdp, so embed (fsdp for the weights) stays whole here
     assert mixed["8x16x32"] == [["data", "fsdp"], [], []]
     assert mixed["8x16x128"] == [["data", "fsdp"], [], ["tensor"]]
+    # sequence parallelism: every activation split by position too
+    sequence = found["data=2,sequence=4"]
+    assert sequence["8x16x32"] == [["data"], ["sequence"], []]
+    assert sequence["8x16x8x4"] == [["data"], ["sequence"], [], []]
 
 
 def test_constrain_names_each_dimension():
@@ -162,7 +167,7 @@ def test_a_mesh_that_does_not_fit_names_the_devices_and_the_meshes_that_do():
     with pytest.raises(MeshError, match=r"mesh data=2 does not fit the 1 device .*: data=1$"):
         fit(mesh={"data": 2})
     for mesh, message in [
-        ("data=-1,expert=2", "unknown axis 'expert'; the axes are data, fsdp, tensor"),
+        ("data=-1,expert=2", "unknown axis 'expert'; the axes are data, fsdp, sequence, tensor"),
         ("data=-1,fsdp=-1", "only one axis may be -1"),
         ("data:2", "'data:2' is not AXIS=SIZE"),
         ("data=0", "the size of 'data' must be a positive integer or -1"),
@@ -175,7 +180,12 @@ def test_a_mesh_that_does_not_fit_names_the_devices_and_the_meshes_that_do():
     # On 8 devices, the meshes that fit are listed.
     with pytest.raises(MeshError, match=r"data=1,fsdp=8; data=2,fsdp=4; data=4,fsdp=2; data=8"):
         mesh_shape({"data": 3, "fsdp": -1}, 8)
-    assert mesh_shape({"fsdp": 2, "data": -1}, 8) == {"data": 4, "fsdp": 2, "tensor": 1}
+    assert mesh_shape({"fsdp": 2, "data": -1}, 8) == {
+        "data": 4,
+        "fsdp": 2,
+        "sequence": 1,
+        "tensor": 1,
+    }
 
 
 def test_batch_not_divisible_by_devices_fails_before_compiling():

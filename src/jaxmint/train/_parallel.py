@@ -14,7 +14,8 @@
 
 A *mesh* generalizes ``data`` and ``fsdp``: ``mesh={"data": 2, "fsdp": 2, "tensor": 2}``
 (or ``--mesh data=2,fsdp=2,tensor=2``, ``-1`` for the rest) is a device mesh over
-`MESH_AXES`. The batch is sharded over ``data`` and ``fsdp``; a parameter with
+`MESH_AXES`. The batch is sharded over ``data`` and ``fsdp``; activations that a
+model constrains by position (``length``) over ``sequence``; a parameter with
 logical axis names is split by the rules (`DEFAULT_RULES`), any other along its
 largest dimension divisible by ``fsdp``'s size. ``data`` is the mesh ``data=-1``
 and ``fsdp`` the mesh ``fsdp=-1``. With several processes the devices are laid out
@@ -40,15 +41,18 @@ from jaxmint.models import activation_layout
 from jaxmint.models._constrain import split_dims
 
 AXIS = "data"
-MESH_AXES = ("data", "fsdp", "tensor")
-BATCH_AXES = ("data", "fsdp")  # the batch is split over these; tensor replicas share rows
+MESH_AXES = ("data", "fsdp", "sequence", "tensor")
+# The batch is split over these; sequence and tensor replicas share rows.
+BATCH_AXES = ("data", "fsdp")
 SHORTHANDS = {"data": {"data": -1}, "fsdp": {"fsdp": -1}}
 
 # Logical axis name -> mesh axes. Megatron-style tensor parallelism: attention heads,
 # the MLP's hidden axis and the vocabulary split over `tensor`; the model width over
-# `fsdp`. A name not listed (kv, length, norm) is not split.
+# `fsdp`; sequence parallelism: positions over `sequence`. A name not listed (kv,
+# norm) is not split.
 DEFAULT_RULES: dict[str, str | tuple[str, ...] | None] = {
     "batch": BATCH_AXES,
+    "length": "sequence",
     "embed": "fsdp",
     "vocab": "tensor",
     "heads": "tensor",
