@@ -46,15 +46,19 @@ class NonFiniteGuard(Hook):
     """
 
     def on_log(self, loop, step, state, batch, record):
-        self.check(loop, state)
+        self.check(loop, state, record)
 
     def on_checkpoint(self, loop, step, state):
         self.check(loop, state)  # never save a poisoned state
 
     @staticmethod
-    def check(loop, state) -> None:
+    def check(loop, state, record=None) -> None:
+        """Raise if a step was bad. A log ``record`` with ``skipped_steps`` 0 (the step's
+        own count, already on the host) answers without fetching the guard."""
+        if loop.settings.nonfinite != "raise" or (record or {}).get("skipped_steps") == 0:
+            return
         guard = parallel.to_host(state.guard)
-        if loop.settings.nonfinite != "raise" or int(guard["first_bad_step"]) < 0:
+        if int(guard["first_bad_step"]) < 0:
             return
         names = ["total", *loop.steps.term_names]
         terms = [n for n, bad in zip(names, guard["bad_terms"], strict=True) if bad]
@@ -75,7 +79,12 @@ class NonFiniteGuard(Hook):
 
 
 class RecompileWatch(Hook):
-    """Warn when the train step compiles again, naming the argument that changed."""
+    """Warn when the train step compiles again, naming the argument that changed.
+
+    At each log it reads the jitted step's cache size (one C++ call); the
+    arguments' shapes and dtypes are read only at the first log and after a
+    recompile, to compare with those of the version before.
+    """
 
     def __init__(self):
         self.size = None
@@ -100,6 +109,8 @@ class RecompileWatch(Hook):
         if cache_size is None or batch is None:
             return
         size = cache_size()
+        if size == self.size:
+            return
         signature = self._signature(state, batch)
         if self.size is not None and size > self.size:
             changed = [

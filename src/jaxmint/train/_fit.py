@@ -236,7 +236,7 @@ class FitLoop:
         record["steps_per_sec"] = (step - self._s_last) / max(now - self._t_last, 1e-9)
         self._t_last, self._s_last = now, step
         if do_eval:
-            NonFiniteGuard.check(self, state)  # name a bad step before evaluating after it
+            NonFiniteGuard.check(self, state, record)  # name a bad step before evaluating it
             record.update(self.evaluate(state))
             for h in self.hooks:
                 h.on_eval(self, step, state, record)
