@@ -162,7 +162,7 @@ def encode_infer(
     for want, array in _protocol.answer_outputs(outputs, request.outputs, labels):
         tensor = response.outputs.add()
         tensor.name = want.name
-        tensor.datatype = _protocol.DATATYPES[array.dtype.name]
+        tensor.datatype = _protocol.datatype_of(array.dtype)
         tensor.shape.extend(array.shape)
         response.raw_output_contents.append(_protocol.raw_tensor(array))
     return response

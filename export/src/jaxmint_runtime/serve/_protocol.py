@@ -24,6 +24,7 @@ message names the tensor and what to change, before any large allocation.
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from collections.abc import Mapping
@@ -54,6 +55,14 @@ DATATYPES = {
     "object": "BYTES",  # classification strings, answered only
 }
 NUMPY_NAMES = {v: k for k, v in DATATYPES.items()}
+
+
+@functools.lru_cache(maxsize=64)
+def datatype_of(dtype: np.dtype) -> str:
+    """The protocol's datatype of a numpy dtype (``KeyError`` for one it cannot carry).
+
+    Cached by dtype: numpy computes a dtype's name in Python on every call."""
+    return DATATYPES[dtype.name]
 MODEL_VERSION = "1"
 EXTENSIONS = ("binary_tensor_data", "classification", "model_configuration", "parameters")
 REQUEST_PARAMETERS = ("binary_data_output",)  # read here, not passed through
@@ -472,7 +481,7 @@ def encode_infer(
     """The response body and, when some output is binary, the JSON header's length."""
     tensors, chunks = [], []
     for want, arr in answer_outputs(outputs, request.outputs, labels or {}):
-        datatype = DATATYPES[str(arr.dtype)]
+        datatype = datatype_of(arr.dtype)
         tensor: dict[str, Any] = {"name": want.name, "datatype": datatype, "shape": list(arr.shape)}
         if want.binary:
             raw = raw_tensor(arr)
