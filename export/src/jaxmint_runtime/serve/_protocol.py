@@ -55,6 +55,12 @@ DATATYPES = {
     "object": "BYTES",  # classification strings, answered only
 }
 NUMPY_NAMES = {v: k for k, v in DATATYPES.items()}
+MODEL_VERSION = "1"
+EXTENSIONS = ("binary_tensor_data", "classification", "model_configuration", "parameters")
+REQUEST_PARAMETERS = ("binary_data_output",)  # read here, not passed through
+MAX_PARAMETERS = 64
+MAX_PARAMETER_CHARS = 4096
+INT64 = (-(2**63), 2**63 - 1)
 
 
 @functools.lru_cache(maxsize=64)
@@ -63,12 +69,6 @@ def datatype_of(dtype: np.dtype) -> str:
 
     Cached by dtype: numpy computes a dtype's name in Python on every call."""
     return DATATYPES[dtype.name]
-MODEL_VERSION = "1"
-EXTENSIONS = ("binary_tensor_data", "classification", "model_configuration", "parameters")
-REQUEST_PARAMETERS = ("binary_data_output",)  # read here, not passed through
-MAX_PARAMETERS = 64
-MAX_PARAMETER_CHARS = 4096
-INT64 = (-(2**63), 2**63 - 1)
 
 
 class ProtocolError(ValueError):
