@@ -25,7 +25,9 @@ arguments + outputs + temporaries - aliased (donated) bytes. Target: the
 ``fsdp=2,tensor=4`` mesh at **<= 0.2** of ``data=8`` (data parallelism keeps a
 whole copy of the parameters and Adam's two moments on every device). Both meshes
 take the same global batch, so each device of ``fsdp=2,tensor=4`` computes four
-times the examples of one of ``data=8``; the state's share is reported apart.
+times the examples of one of ``data=8``; the state's share is reported apart. The
+mesh table runs twice: at the model's full sequence length, and at an eighth of it,
+where activations weigh less against the state.
 
 Writes ``benchmarks/results/memory.json``.
 """
@@ -51,6 +53,7 @@ from jaxmint.models._remat import POLICIES
 RESULTS = Path(__file__).resolve().parent / "results"
 TARGET_FULL_OVER_NONE = 0.5
 TARGET_MESH = 0.2
+SHORT = 8  # the mesh table also runs on sequences this many times shorter
 MESHES = ("data=8", "fsdp=8", "fsdp=2,tensor=4", "fsdp=4,tensor=2")
 SIZES = {
     "100m": dict(vocab=32_000, length=1024, d_model=768, layers=12, heads=12, batch=8),
@@ -85,13 +88,15 @@ def measure(size: str, policy: str, compile_: bool) -> dict:
     return row
 
 
-def mesh_memory(size: str, meshes) -> dict:
-    """Per mesh: the per-device bytes of `fit`'s compiled train step (see the docstring)."""
+def mesh_memory(size: str, meshes, length: int | None = None) -> dict:
+    """Per mesh: the per-device bytes of `fit`'s compiled train step (see the docstring),
+    on sequences of ``length`` tokens (default: the size's)."""
     from jaxmint.steps import build_steps
     from jaxmint.train import _parallel as parallel
     from jaxmint.train._setup import param_axes
 
-    vocab, length, d_model, layers, heads, batch = SIZES[size].values()
+    vocab, max_len, d_model, layers, heads, batch = SIZES[size].values()
+    length = length or max_len
     model = jaxmint.models.transformer(
         vocab, max_len=length, d_model=d_model, num_layers=layers, num_heads=heads
     )
@@ -122,10 +127,10 @@ def mesh_memory(size: str, meshes) -> dict:
     return out
 
 
-def meshes_on_8_devices(size: str) -> dict:
+def meshes_on_8_devices(size: str, length: int) -> dict:
     """`mesh_memory` here if this process has 8 devices, else in a child that has."""
     if jax.device_count() == 8:
-        return mesh_memory(size, MESHES)
+        return mesh_memory(size, MESHES, length)
     env = {
         **os.environ,
         "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
@@ -133,7 +138,8 @@ def meshes_on_8_devices(size: str) -> dict:
     }
     code = (
         f"import json, sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
-        f"import memory; print('MESHES', json.dumps(memory.mesh_memory({size!r}, memory.MESHES)))"
+        "import memory; print('MESHES', json.dumps("
+        f"memory.mesh_memory({size!r}, memory.MESHES, {length})))"
     )
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, env=env, check=False
@@ -142,6 +148,42 @@ def meshes_on_8_devices(size: str) -> dict:
         raise RuntimeError(f"the 8-device child failed:\n{out.stderr[-3000:]}")
     line = next(x for x in out.stdout.splitlines() if x.startswith("MESHES "))
     return json.loads(line[len("MESHES ") :])
+
+
+def report_meshes(size: str, length: int, meshes: dict) -> None:
+    """Add each mesh's ratios to data=8 to ``meshes`` and print their table."""
+    mib = lambda b: f"{b / 2**20:.1f}"
+    data = meshes["data=8"]
+    for row in meshes.values():
+        row["over_data"] = row["per_device_bytes"] / data["per_device_bytes"]
+        row["arguments_over_data"] = row["arguments"] / data["arguments"]
+    print()
+    print(
+        table(
+            f"fit's train step (adamw) on 8 devices, per device, {size}, {length} tokens",
+            ["mesh", "state MiB", "/ data=8", "temporaries MiB", "total MiB", "/ data=8"],
+            [
+                [
+                    spec,
+                    mib(row["arguments"]),
+                    f"{row['arguments_over_data']:.3f}",
+                    mib(row["temporaries"]),
+                    mib(row["per_device_bytes"]),
+                    f"{row['over_data']:.3f}",
+                ]
+                for spec, row in meshes.items()
+            ],
+        )
+    )
+    mixed = meshes["fsdp=2,tensor=4"]
+    verdict = "met" if mixed["over_data"] <= TARGET_MESH else "MISSED"
+    print(
+        f"\n{length} tokens: fsdp=2,tensor=4 / data=8: {mixed['over_data']:.3f} (target <= "
+        f"{TARGET_MESH}: {verdict}); the state alone (parameters, Adam's moments, the batch): "
+        f"{mixed['arguments_over_data']:.3f}. At the same global batch each device of "
+        "fsdp=2,tensor=4 computes 4 examples (tensor replicas share rows) where data=8 "
+        "computes 1, so its activations are larger."
+    )
 
 
 def main(argv=None) -> dict:
@@ -184,39 +226,16 @@ def main(argv=None) -> dict:
         f"\nfull / none, kept for backward: {ratio:.3f} "
         f"(target <= {TARGET_FULL_OVER_NONE}: {verdict})"
     )
-    meshes = {} if args.no_compile else meshes_on_8_devices(size)
-    if meshes:
-        data = meshes["data=8"]
-        for row in meshes.values():
-            row["over_data"] = row["per_device_bytes"] / data["per_device_bytes"]
-            row["arguments_over_data"] = row["arguments"] / data["arguments"]
-        print()
-        print(
-            table(
-                f"fit's train step (adamw) on 8 devices, per device, {size}",
-                ["mesh", "state MiB", "/ data=8", "temporaries MiB", "total MiB", "/ data=8"],
-                [
-                    [
-                        spec,
-                        mib(row["arguments"]),
-                        f"{row['arguments_over_data']:.3f}",
-                        mib(row["temporaries"]),
-                        mib(row["per_device_bytes"]),
-                        f"{row['over_data']:.3f}",
-                    ]
-                    for spec, row in meshes.items()
-                ],
-            )
-        )
-        mixed = meshes["fsdp=2,tensor=4"]
-        verdict = "met" if mixed["over_data"] <= TARGET_MESH else "MISSED"
-        print(
-            f"\nfsdp=2,tensor=4 / data=8: {mixed['over_data']:.3f} (target <= {TARGET_MESH}: "
-            f"{verdict}); the state alone (parameters, Adam's moments, the batch): "
-            f"{mixed['arguments_over_data']:.3f}. At the same global batch each device of "
-            "fsdp=2,tensor=4 computes 4 examples (tensor replicas share rows) where data=8 "
-            "computes 1, so its activations are larger."
-        )
+    # The full sequence, where activations dominate the peak, and an eighth of it,
+    # where they weigh less against the state (parameters, gradients, Adam's moments).
+    full_length = SIZES[size]["length"]
+    by_length = {}
+    for length in (full_length, full_length // SHORT):
+        meshes = {} if args.no_compile else meshes_on_8_devices(size, length)
+        if meshes:
+            report_meshes(size, length, meshes)
+        by_length[length] = meshes
+    meshes, short = by_length[full_length], by_length[full_length // SHORT]
     result = {
         "benchmark": "memory",
         "size": size,
@@ -225,6 +244,9 @@ def main(argv=None) -> dict:
         "full_over_none_kept": ratio,
         "meshes": meshes,
         "fsdp_tensor_over_data": meshes["fsdp=2,tensor=4"]["over_data"] if meshes else None,
+        "short_length": full_length // SHORT,
+        "meshes_short": short,
+        "fsdp_tensor_over_data_short": short["fsdp=2,tensor=4"]["over_data"] if short else None,
         "environment": {**environment(), "load_average_at_start": load_before},
     }
     write_result(result, args.out, load_before)
