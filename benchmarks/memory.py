@@ -127,10 +127,11 @@ def mesh_memory(size: str, meshes, length: int | None = None) -> dict:
     return out
 
 
-def meshes_on_8_devices(size: str, length: int) -> dict:
-    """`mesh_memory` here if this process has 8 devices, else in a child that has."""
+def meshes_on_8_devices(size: str, lengths: tuple[int, ...]) -> dict[int, dict]:
+    """`mesh_memory` per sequence length, here if this process has 8 devices, else in
+    one child that has."""
     if jax.device_count() == 8:
-        return mesh_memory(size, MESHES, length)
+        return {n: mesh_memory(size, MESHES, n) for n in lengths}
     env = {
         **os.environ,
         "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
@@ -139,7 +140,7 @@ def meshes_on_8_devices(size: str, length: int) -> dict:
     code = (
         f"import json, sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
         "import memory; print('MESHES', json.dumps("
-        f"memory.mesh_memory({size!r}, memory.MESHES, {length})))"
+        f"[memory.mesh_memory({size!r}, memory.MESHES, n) for n in {list(lengths)}]))"
     )
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, env=env, check=False
@@ -147,7 +148,7 @@ def meshes_on_8_devices(size: str, length: int) -> dict:
     if out.returncode != 0:
         raise RuntimeError(f"the 8-device child failed:\n{out.stderr[-3000:]}")
     line = next(x for x in out.stdout.splitlines() if x.startswith("MESHES "))
-    return json.loads(line[len("MESHES ") :])
+    return dict(zip(lengths, json.loads(line[len("MESHES ") :]), strict=True))
 
 
 def report_meshes(size: str, length: int, meshes: dict) -> None:
@@ -229,13 +230,12 @@ def main(argv=None) -> dict:
     # The full sequence, where activations dominate the peak, and an eighth of it,
     # where they weigh less against the state (parameters, gradients, Adam's moments).
     full_length = SIZES[size]["length"]
-    by_length = {}
-    for length in (full_length, full_length // SHORT):
-        meshes = {} if args.no_compile else meshes_on_8_devices(size, length)
+    lengths = (full_length, full_length // SHORT)
+    by_length = {n: {} for n in lengths} if args.no_compile else meshes_on_8_devices(size, lengths)
+    for length, meshes in by_length.items():
         if meshes:
             report_meshes(size, length, meshes)
-        by_length[length] = meshes
-    meshes, short = by_length[full_length], by_length[full_length // SHORT]
+    meshes, short = (by_length[n] for n in lengths)
     result = {
         "benchmark": "memory",
         "size": size,
