@@ -612,7 +612,7 @@ class Server:
 
     async def _sync_model(self, name: str, on_disk: dict[int, Path]) -> None:
         loop = asyncio.get_running_loop()
-        await self._reload_rewritten(name, on_disk)
+        replaced = await self._reload_rewritten(name, on_disk)
         while True:
             wanted, missing = self._plan(name, on_disk)
             if not missing:
@@ -627,13 +627,16 @@ class Server:
                 _refreeze()
         stale = [v for v in self.served.get(name, {}) if int(v) not in wanted]
         await self._retire(name, stale)
+        if replaced and not stale:  # (retiring collects) the replaced versions' memory
+            await loop.run_in_executor(None, _collect)
 
-    async def _reload_rewritten(self, name: str, on_disk: dict[int, Path]) -> None:
+    async def _reload_rewritten(self, name: str, on_disk: dict[int, Path]) -> int:
         """Versions served whose directory was rewritten in place (a new export with
         --force): the new one is loaded, checked and warmed beside the old, then takes
         its place in the table; the old answers what it queued. A rewrite that fails
-        to load leaves the old one serving."""
+        to load leaves the old one serving. Returns how many were replaced."""
         loop = asyncio.get_running_loop()
+        replaced = 0
         for version, old in list(self.served.get(name, {}).items()):
             path = on_disk.get(int(version))
             if old.stamp is None or path is None or _stamp(path) == old.stamp:
@@ -651,6 +654,8 @@ class Server:
                 "model %r version %s reloaded from %s (rewritten in place)", name, version, path
             )
             await loop.run_in_executor(None, old.batcher.close, self.config.drain_timeout_s)
+            replaced += 1
+        return replaced
 
     def _try_load(self, name: str, version: int, path: Path) -> Served | None:
         """Load, check and warm one version (no batcher yet); None, logged, if it fails."""
@@ -839,7 +844,7 @@ class Server:
 # load each one stalls every request in flight. `serve_forever` freezes that heap once
 # the models are loaded and warm (`gc.freeze`): full collections then walk only what
 # was made since. Objects frozen are still freed when nothing refers to them; only
-# cycles among them wait for `_collect`, which unloading a version runs.
+# cycles among them wait for `_collect`, which unloading or replacing a version runs.
 def _freeze_heap() -> None:
     """Collect, then freeze what is alive."""
     gc.collect()
