@@ -137,8 +137,10 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     rounds, calls = (2, 30) if args.quick else (5, args.calls or 400)
     models = dict(MODELS)
-    if args.quick:  # every scheme still runs; IREE's compiles and the wide MLP (the
-        quick = ("xla", "onnx")  # digits model's code path, larger) are left out
+    if args.quick:
+        # Every scheme still runs; IREE's compiles and the wide MLP (the digits model's
+        # code path, larger) are left out.
+        quick = ("xla", "onnx")
         models["digits"] = ((64,), 100, {**dict.fromkeys(SCHEMES, quick), "int8": ("onnx",)})
         del models["wide"]
         models["char"] = ((32,), 30, models["char"][2])

@@ -1,11 +1,11 @@
 """A new user's first hour, in order, in one fresh copy of the repository.
 
 The README's tour, then every code block of docs/tour.md, then the demo's
-prediction step, then an experiment of the user's own in a folder of its own with a
-helper module beside it: trained, exported by `jaxmint export` from another
-directory, and served. Everything shares one working directory, as it does for a user, so run
-dirs that collide or a command that cannot find the user's module fail here. Any
-non-zero exit or "Traceback" fails.
+prediction step, then an experiment of the user's own in a folder of its own with
+a helper module beside it: trained, exported by `jaxmint export` from another
+directory, and served. Everything shares one working directory, as it does for a
+user, so run dirs that collide or a command that cannot find the user's module
+fail here. Any non-zero exit or "Traceback" fails.
 
 Shortened where the pages give full-size commands: experiment scripts run with
 `--smoke`, the sweep with two trials, and the README's tour with 200 steps.

@@ -626,9 +626,7 @@ class Server:
                 log.info("model %r version %d loaded from %s", name, v, on_disk[v])
                 _refreeze()
         stale = [v for v in self.served.get(name, {}) if int(v) not in wanted]
-        await self._retire(name, stale)
-        if replaced and not stale:  # (retiring collects) the replaced versions' memory
-            await loop.run_in_executor(None, _collect)
+        await self._retire(name, stale, replaced=replaced)
 
     async def _reload_rewritten(self, name: str, on_disk: dict[int, Path]) -> int:
         """Versions served whose directory was rewritten in place (a new export with
@@ -668,8 +666,9 @@ class Server:
         self._failed.pop(path, None)
         return Served(name, str(version), predictor, stamp=stamp)
 
-    async def _retire(self, name: str, versions: list[str]) -> None:
-        """Stop routing to ``versions``, then answer what they queued and let them go."""
+    async def _retire(self, name: str, versions: list[str], *, replaced: int = 0) -> None:
+        """Stop routing to ``versions``, then answer what they queued and let them go;
+        their memory, and that of ``replaced`` versions rewritten in place, is collected."""
         loop = asyncio.get_running_loop()
         for version in versions:
             served = self.served[name].pop(version)
@@ -677,7 +676,7 @@ class Server:
                 del self.served[name]
             await loop.run_in_executor(None, served.batcher.close, self.config.drain_timeout_s)
             log.info("model %r version %s unloaded", name, version)
-        if versions:
+        if versions or replaced:
             await loop.run_in_executor(None, _collect)
 
     async def _scan(self) -> dict[str, dict[int, Path]]:
