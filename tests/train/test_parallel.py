@@ -78,7 +78,7 @@ def test_tensor_parallel_transformer_matches_one_device_and_splits_by_the_rules(
 
 
 def test_the_transformers_activations_are_laid_out_by_the_rules():
-    meshes = ["tensor=8", "data=2,fsdp=2,tensor=2", "data=2,sequence=4"]
+    meshes = ["tensor=8", "data=2,fsdp=2,tensor=2", "data=2,sequence=4", "sequence=2,tensor=4"]
     found = run(["activations", ";".join(meshes)])
     assert found["outside"] == {}  # one device, export, eager: constrain is a no-op
     tensor, mixed = found["tensor=8"], found["data=2,fsdp=2,tensor=2"]
@@ -86,13 +86,18 @@ def test_the_transformers_activations_are_laid_out_by_the_rules():
     assert tensor["8x16x128"] == [[], [], ["tensor"]]  # the MLP's hidden axis, Megatron
     assert tensor["8x16x8x4"] == [[], [], ["tensor"], []]  # attention by heads
     assert tensor["8x16x256"] == [[], [], ["tensor"]]  # logits by vocabulary
-    assert tensor["8x16x32"] == [[], [], []]  # the residual stream whole on each device
+    # the residual stream split by position between the tensor-parallel layers (Megatron's
+    # sequence parallelism), whole along the width
+    assert tensor["8x16x32"] == [[], ["tensor"], []]
     # batch takes data and fsdp, so embed (fsdp for the weights) stays whole here
-    assert mixed["8x16x32"] == [["data", "fsdp"], [], []]
+    assert mixed["8x16x32"] == [["data", "fsdp"], ["tensor"], []]
     assert mixed["8x16x128"] == [["data", "fsdp"], [], ["tensor"]]
     # sequence parallelism: every activation split by position too
     sequence = found["data=2,sequence=4"]
     assert sequence["8x16x32"] == [["data"], ["sequence"], []]
+    both = found["sequence=2,tensor=4"]  # the residual stream's positions over both axes
+    assert both["8x16x32"] == [[], ["sequence", "tensor"], []]
+    assert both["8x16x8x4"] == [[], ["sequence"], ["tensor"], []]
     assert sequence["8x16x8x4"] == [["data"], ["sequence"], [], []]
 
 

@@ -84,8 +84,10 @@ def _named(init, *names):
 
 
 def _embeds(x_BxLxD):
-    """The residual stream: split by batch, whole along the model width."""
-    return constrain(x_BxLxD, "batch", "length", "embed")
+    """The residual stream: split by batch and by position (``residual_length``: over
+    ``sequence`` and ``tensor``, Megatron's sequence parallelism), whole along the
+    model width."""
+    return constrain(x_BxLxD, "batch", "residual_length", "embed")
 
 
 def _heads(x_BxLxHxK):
@@ -119,13 +121,16 @@ class Block(nn.Module):
         )(h)
         q_BxLxHxK, k_BxLxHxK, v_BxLxHxK = (_heads(qkv[:, :, i]) for i in range(3))
         att_BxLxHxK = _heads(self.attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, is_causal=True))
-        x_BxLxD = x_BxLxD + nn.DenseGeneral(
-            d,
-            axis=(-2, -1),
-            use_bias=False,
-            kernel_init=_named(_DENSE, "heads", "kv", "embed"),
-            name="proj",
-        )(att_BxLxHxK)
+        x_BxLxD = _embeds(
+            x_BxLxD
+            + nn.DenseGeneral(
+                d,
+                axis=(-2, -1),
+                use_bias=False,
+                kernel_init=_named(_DENSE, "heads", "kv", "embed"),
+                name="proj",
+            )(att_BxLxHxK)
+        )
         h = nn.RMSNorm(name="norm2", scale_init=_named(_ONES, "norm"))(x_BxLxD)
         h = nn.Dense(
             self.mlp_ratio * d,

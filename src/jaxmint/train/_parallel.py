@@ -48,11 +48,13 @@ SHORTHANDS = {"data": {"data": -1}, "fsdp": {"fsdp": -1}}
 
 # Logical axis name -> mesh axes. Megatron-style tensor parallelism: attention heads,
 # the MLP's hidden axis and the vocabulary split over `tensor`; the model width over
-# `fsdp`; sequence parallelism: positions over `sequence`. A name not listed (kv,
-# norm) is not split.
+# `fsdp`; sequence parallelism: positions over `sequence`, and the residual stream's
+# positions over `tensor` too (Megatron's sequence parallelism, between the
+# tensor-parallel layers). A name not listed (kv, norm) is not split.
 DEFAULT_RULES: dict[str, str | tuple[str, ...] | None] = {
     "batch": BATCH_AXES,
     "length": "sequence",
+    "residual_length": ("sequence", "tensor"),
     "embed": "fsdp",
     "vocab": "tensor",
     "heads": "tensor",
