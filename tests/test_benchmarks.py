@@ -142,6 +142,10 @@ def test_memory_quick(tmp_path):
     meshes = result["meshes"]
     assert meshes["fsdp=8"]["arguments"] < 0.2 * meshes["data=8"]["arguments"]
     assert "fsdp=2,tensor=4 / data=8" in out
+    # every mesh planned under XLA's default CPU order and its memory-optimized one
+    assert set(result["schedules"]) == {"default", "memory-optimized"}
+    for by_length in result["schedules"].values():
+        assert all(set(rows) == set(meshes) for rows in by_length.values())
     assert set(result["remat"]) == {"none", "full", "dots", "dots_no_batch"}
     assert result["full_over_none_kept"] < 0.5
 
