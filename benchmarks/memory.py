@@ -256,15 +256,16 @@ def main(argv=None) -> dict:
         f"(target <= {TARGET_FULL_OVER_NONE}: {verdict})"
     )
     # The full sequence, where activations dominate the peak, and an eighth of it,
-    # where they weigh less against the state (parameters, gradients, Adam's moments).
+    # where they weigh less against the state (parameters, gradients, Adam's moments);
+    # --quick plans the full one only.
     full_length = SIZES[size]["length"]
-    lengths = (full_length, full_length // SHORT)
+    lengths = (full_length,) if args.quick else (full_length, full_length // SHORT)
     schedules = {} if args.no_compile else meshes_on_8_devices(size, lengths)
     for length in lengths:
         if schedules:
             report_meshes(size, length, {name: rows[length] for name, rows in schedules.items()})
     headline = next(iter(schedules.values()), {})  # the default CPU schedule's, or the backend's
-    meshes, short = (headline.get(n, {}) for n in lengths)
+    meshes, short = (headline.get(n, {}) for n in (full_length, full_length // SHORT))
     ratio_of = lambda rows: rows["fsdp=2,tensor=4"]["over_data"] if rows else None
     result = {
         "benchmark": "memory",
