@@ -111,4 +111,5 @@ def test_the_keep_policy_never_deletes_the_last_verified_checkpoint(tmp_path):
     ckpt = RunCheckpoints(tmp_path / "c", keep_last=1)
     ckpt.save(40, state, final=True)  # 30 is verified now: 10 may go
     assert ckpt.steps() == [40]
-    ckpt.close()
+    ckpt.close()  # waits for the background deletions too
+    assert sorted(p.name for p in (tmp_path / "c").iterdir() if p.name.isdigit()) == ["40"]

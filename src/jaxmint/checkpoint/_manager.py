@@ -44,7 +44,8 @@ class RunCheckpoints:
 
     Saves are asynchronous: `save` copies the state on device and returns while
     orbax writes in the background (atomically: a save interrupted at any moment
-    leaves no half-written step behind). Keeps the last ``keep_last`` steps plus
+    leaves no half-written step behind); steps the keep policy drops are deleted in
+    the background too. Keeps the last ``keep_last`` steps plus
     the best ``keep_best`` by the scores given to `record_score` (the keep policy
     is applied here, not by orbax, so that it survives a restart: the caller
     passes the scores it logged before).
@@ -76,7 +77,11 @@ class RunCheckpoints:
     @property
     def manager(self) -> ocp.CheckpointManager:
         if self._manager is None:
-            options = ocp.CheckpointManagerOptions(enable_async_checkpointing=True, create=True)
+            # Deleting a step the keep policy drops happens on orbax's deleter thread,
+            # not in the train loop (`close` waits for it).
+            options = ocp.CheckpointManagerOptions(
+                enable_async_checkpointing=True, create=True, enable_background_delete=True
+            )
             self._manager = ocp.CheckpointManager(
                 self.directory, options=options, item_handlers=_handlers()
             )
