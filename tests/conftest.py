@@ -3,12 +3,16 @@
 import os
 import tempfile
 
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
-# Loading an artifact turns on JAX's persistent compilation cache; keep it out of $HOME.
-os.environ.setdefault("JAXMINT_CACHE_DIR", tempfile.mkdtemp(prefix="jaxmint-test-cache-"))
-
 import numpy as np
 import pytest
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Loading an artifact turns on JAX's persistent compilation cache; keep it out of $HOME,
+# one per xdist worker (the cache tests tamper with entries another worker also uses).
+_WORKER = os.environ.get("PYTEST_XDIST_WORKER")
+if _WORKER or "JAXMINT_CACHE_DIR" not in os.environ:
+    prefix = f"jaxmint-test-cache-{_WORKER or 'main'}-"
+    os.environ["JAXMINT_CACHE_DIR"] = tempfile.mkdtemp(prefix=prefix)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

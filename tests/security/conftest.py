@@ -27,9 +27,14 @@ def sample():
 
 
 @pytest.fixture(scope="session")
-def genuine(tmp_path_factory, sample):
+def tiny_model():
+    return _model()
+
+
+@pytest.fixture(scope="session")
+def genuine(tmp_path_factory, sample, tiny_model):
     """A genuine artifact with precompiled executables for this machine."""
-    model = _model()
+    model = tiny_model
     variables = model.init(jax.random.PRNGKey(0), sample)
     out = tmp_path_factory.mktemp("genuine") / "tiny"
     export_model(model, variables, sample, out, name="tiny", batch_sizes=(1, 4))

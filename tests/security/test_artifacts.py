@@ -16,6 +16,7 @@ import zlib
 
 import hypothesis
 import hypothesis.strategies as st
+import jax
 import numpy as np
 import pytest
 from security_helpers import manifest, write_manifest
@@ -285,6 +286,35 @@ def test_garbage_left_in_the_cache_is_replaced_by_the_verified_entry(genuine, ca
     assert os.path.basename(rel) in caplog.text and "differs" in caplog.text
     assert (cache_dir / os.path.basename(rel)).read_bytes() == (genuine[0] / rel).read_bytes()
     assert predictor(sample).shape == (4, 3)
+
+
+def test_artifacts_of_one_program_take_turns_in_the_cache_quietly(
+    genuine, sample, tiny_model, tmp_path, caplog
+):
+    """Two versions of one model (same program, other weights) ship executables under the
+    same cache key whose bytes differ. Loading them in turn replaces the entry each time,
+    without a warning or a copy set aside: the entry there is one XLA loaded for the other."""
+    from jaxmint.export import export_model
+    from jaxmint_runtime import _cache
+
+    variables = tiny_model.init(jax.random.PRNGKey(1), sample)
+    sibling = tmp_path / "sibling"
+    export_model(tiny_model, variables, sample, sibling, name="tiny", batch_sizes=(1, 4))
+    names = lambda a: {
+        os.path.basename(f) for e in _module_entry(manifest(a))["precompiled"] for f in e["files"]
+    }
+    assert names(sibling) & names(genuine[0])  # the same cache keys
+    aside = _cache.configure() / "set-aside"
+    before = len(list(aside.iterdir())) if aside.is_dir() else 0
+    with caplog.at_level("WARNING", logger="jaxmint_runtime"):
+        for artifact in (genuine[0], sibling, genuine[0], sibling):
+            predictor = jaxmint_runtime.load(artifact)
+            assert set(predictor.executables.values()) == {"precompiled"}
+    assert caplog.text == ""
+    assert (len(list(aside.iterdir())) if aside.is_dir() else 0) == before
+    np.testing.assert_allclose(
+        jaxmint_runtime.load(genuine[0])(sample), genuine[1], rtol=1e-5, atol=1e-6
+    )
 
 
 # -- property-based: every mutation loads correctly or raises ArtifactError ----------------

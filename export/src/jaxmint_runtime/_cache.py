@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import threading
 import time
 from collections import Counter
@@ -68,36 +67,75 @@ def configure(directory: str | os.PathLike | None = None) -> Path:
     return path
 
 
-def install(entries: list[tuple[Path, str]], cache_dir: Path) -> list[Path]:
-    """Put verified cache entries into ``cache_dir``; return their paths there.
+def install(entries: list[tuple[Path, str]], cache_dir: Path) -> list[tuple[Path, str]]:
+    """Put verified cache entries into ``cache_dir``; return ``(path there, sha256)`` pairs.
 
     ``entries`` are ``(file, sha256)`` pairs already verified against the artifact's
     manifest. The shared cache is not trusted: an entry already there is read and
-    compared with that digest, and one that differs (written by a damaged or hostile
-    artifact) is set aside with a warning naming it and replaced. Writes are atomic
-    (a temporary file, then a rename).
+    compared with that digest, and one that differs is replaced. Artifacts of one
+    program (versions of a model: same module, other weights) ship executables under
+    the same key whose bytes differ, so an entry that XLA loaded for another verified
+    artifact (`mark_loaded`) is replaced quietly; any other (written by JAX itself,
+    damaged or planted) is set aside with a warning naming it. Writes are atomic (a
+    temporary file, then a rename).
     """
     cache_dir.mkdir(parents=True, exist_ok=True)
     installed = []
     for src, digest in entries:
         dst = cache_dir / src.name
-        if dst.is_file() and not dst.is_symlink() and sha256_file(dst) == digest:
-            installed.append(dst)
+        have = sha256_file(dst) if dst.is_file() and not dst.is_symlink() else None
+        if have == digest:
+            installed.append((dst, digest))
             continue
-        if dst.exists() or dst.is_symlink():
-            set_aside(dst, "its content differs from the artifact's verified entry")
-        tmp = cache_dir / f".{src.name}.{os.getpid()}.tmp"
-        shutil.copyfile(src, tmp)
-        os.replace(tmp, dst)
-        installed.append(dst)
+        if have is not None and have == _loaded_digest(cache_dir, src.name):
+            log.info(
+                "replacing the compilation cache entry %s, which another artifact of the same "
+                "program (another version of the model) put there",
+                dst,
+            )
+        elif dst.exists() or dst.is_symlink():
+            set_aside(
+                dst,
+                "its content differs from the artifact's verified entry, and no artifact's "
+                "executable was loaded from it: JAX may have written it, or it is damaged or "
+                "was planted",
+            )
+        _write_atomic(cache_dir, src.name, src.read_bytes())
+        installed.append((dst, digest))
     return installed
+
+
+def mark_loaded(entries: list[tuple[Path, str]]) -> None:
+    """Record that XLA loaded these installed ``(path, sha256)`` entries of a verified
+    artifact, so that another artifact of the same program may replace them quietly."""
+    for path, digest in entries:
+        folder = path.parent / _LOADED
+        folder.mkdir(exist_ok=True)
+        _write_atomic(folder, path.name, digest.encode())
+
+
+_LOADED = "loaded"  # per entry name: the digest of the executable XLA last loaded from it
+
+
+def _loaded_digest(cache_dir: Path, name: str) -> str | None:
+    try:
+        return (cache_dir / _LOADED / name).read_text(encoding="ascii")[:64]
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
+def _write_atomic(folder: Path, name: str, data: bytes) -> None:
+    tmp = folder / f".{name}.{os.getpid()}.{threading.get_ident()}.tmp"
+    tmp.write_bytes(data)
+    os.replace(tmp, folder / name)
 
 
 def set_aside(entry: Path, why: str) -> None:
     """Move a cache entry to ``<cache>/set-aside/`` (kept for inspection, never read)."""
     folder = entry.parent / "set-aside"
     folder.mkdir(exist_ok=True)
-    target = folder / f"{entry.name}.{time.strftime('%Y%m%d-%H%M%S')}.{os.getpid()}"
+    stamp = f"{time.strftime('%Y%m%d-%H%M%S')}.{os.getpid()}.{time.time_ns() % 10**9}"
+    target = folder / f"{entry.name}.{stamp}"  # unique: nothing set aside is overwritten
     try:
         os.replace(entry, target)
     except FileNotFoundError:

@@ -60,7 +60,7 @@ class XlaBackend:
                 raise
             # A precompiled executable that does not run is never trusted again: set it
             # aside and compile the portable module instead.
-            for entry in self._installed:
+            for entry, _ in self._installed:
                 _cache.set_aside(entry, f"XLA could not load it: {str(e).splitlines()[0][:120]}")
             self._installed = []
             return self._fn(key)(self._weights, arrays)
@@ -90,7 +90,10 @@ class XlaBackend:
         if had_precompiled and not self._installed:
             return "compiled"  # its precompiled executable was set aside
         hits = _cache.cache_events().get("cache_hits", 0) - before
-        return "precompiled" if hits else "compiled"
+        if not hits:
+            return "compiled"
+        _cache.mark_loaded(self._installed)
+        return "precompiled"
 
     def analyze(self, batch_size: int, arrays: dict[str, np.ndarray]) -> dict:
         """XLA's cost and memory analysis of the executable for ``batch_size``."""
