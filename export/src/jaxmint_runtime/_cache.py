@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import threading
 import time
 from collections import Counter
@@ -29,6 +30,7 @@ from jaxmint_runtime._format import sha256_file
 
 log = logging.getLogger("jaxmint_runtime")
 
+_LOADED = "loaded"  # in the cache, per entry name: the digest of the executable XLA last loaded
 _EVENTS: Counter = Counter()
 _LOCK = threading.Lock()
 _LISTENING = False
@@ -100,7 +102,9 @@ def install(entries: list[tuple[Path, str]], cache_dir: Path) -> list[tuple[Path
                 "executable was loaded from it: JAX may have written it, or it is damaged or "
                 "was planted",
             )
-        _write_atomic(cache_dir, src.name, src.read_bytes())
+        tmp = cache_dir / f".{src.name}.{os.getpid()}.{threading.get_ident()}.tmp"
+        shutil.copyfile(src, tmp)
+        os.replace(tmp, dst)
         installed.append((dst, digest))
     return installed
 
@@ -111,10 +115,9 @@ def mark_loaded(entries: list[tuple[Path, str]]) -> None:
     for path, digest in entries:
         folder = path.parent / _LOADED
         folder.mkdir(exist_ok=True)
-        _write_atomic(folder, path.name, digest.encode())
-
-
-_LOADED = "loaded"  # per entry name: the digest of the executable XLA last loaded from it
+        tmp = folder / f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp"
+        tmp.write_text(digest, encoding="ascii")
+        os.replace(tmp, folder / path.name)
 
 
 def _loaded_digest(cache_dir: Path, name: str) -> str | None:
@@ -122,12 +125,6 @@ def _loaded_digest(cache_dir: Path, name: str) -> str | None:
         return (cache_dir / _LOADED / name).read_text(encoding="ascii")[:64]
     except (OSError, UnicodeDecodeError):
         return None
-
-
-def _write_atomic(folder: Path, name: str, data: bytes) -> None:
-    tmp = folder / f".{name}.{os.getpid()}.{threading.get_ident()}.tmp"
-    tmp.write_bytes(data)
-    os.replace(tmp, folder / name)
 
 
 def set_aside(entry: Path, why: str) -> None:
