@@ -282,10 +282,6 @@ def main(argv=None) -> dict:
             name: {str(n): rows for n, rows in by_length.items()}
             for name, by_length in schedules.items()
         },
-        "fsdp_tensor_over_data_by_schedule": {
-            name: {str(n): ratio_of(rows) for n, rows in by_length.items()}
-            for name, by_length in schedules.items()
-        },
         "environment": {**environment(), "load_average_at_start": load_before},
     }
     write_result(result, args.out, load_before)

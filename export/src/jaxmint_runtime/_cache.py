@@ -111,8 +111,11 @@ def install(entries: list[tuple[Path, str]], cache_dir: Path) -> list[tuple[Path
 
 def mark_loaded(entries: list[tuple[Path, str]]) -> None:
     """Record that XLA loaded these installed ``(path, sha256)`` entries of a verified
-    artifact, so that another artifact of the same program may replace them quietly."""
+    artifact, so that another artifact of the same program may replace them quietly.
+    An entry already recorded with its digest is not written again."""
     for path, digest in entries:
+        if _loaded_digest(path.parent, path.name) == digest:
+            continue
         folder = path.parent / _LOADED
         folder.mkdir(exist_ok=True)
         tmp = folder / f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp"

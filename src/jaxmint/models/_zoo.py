@@ -121,16 +121,14 @@ class Block(nn.Module):
         )(h)
         q_BxLxHxK, k_BxLxHxK, v_BxLxHxK = (_heads(qkv[:, :, i]) for i in range(3))
         att_BxLxHxK = _heads(self.attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, is_causal=True))
-        x_BxLxD = _embeds(
-            x_BxLxD
-            + nn.DenseGeneral(
-                d,
-                axis=(-2, -1),
-                use_bias=False,
-                kernel_init=_named(_DENSE, "heads", "kv", "embed"),
-                name="proj",
-            )(att_BxLxHxK)
-        )
+        proj_BxLxD = nn.DenseGeneral(
+            d,
+            axis=(-2, -1),
+            use_bias=False,
+            kernel_init=_named(_DENSE, "heads", "kv", "embed"),
+            name="proj",
+        )(att_BxLxHxK)
+        x_BxLxD = _embeds(x_BxLxD + proj_BxLxD)
         h = nn.RMSNorm(name="norm2", scale_init=_named(_ONES, "norm"))(x_BxLxD)
         h = nn.Dense(
             self.mlp_ratio * d,
