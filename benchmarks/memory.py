@@ -64,6 +64,12 @@ SIZES = {
 }
 
 
+# Every program here is compiled for its memory plan only, never run: XLA plans
+# buffers before code generation, so LLVM's optimizations are switched off (the same
+# bytes, a third less compile time).
+PLAN_ONLY = {"xla_backend_optimization_level": 0}
+
+
 def measure(size: str, policy: str, compile_: bool) -> dict:
     vocab, length, d_model, layers, heads, batch = SIZES[size].values()
     model = jaxmint.models.transformer(
@@ -85,19 +91,22 @@ def measure(size: str, policy: str, compile_: bool) -> dict:
     row = {"params": nbytes(params) // 4, "kept_for_backward_bytes": nbytes(backward)}
     if compile_:
         t0 = time.perf_counter()
-        compiled = jax.jit(jax.grad(loss)).lower(params, tokens).compile()
+        compiled = jax.jit(jax.grad(loss)).lower(params, tokens).compile(PLAN_ONLY)
         row["xla_temp_bytes"] = int(compiled.memory_analysis().temp_size_in_bytes)
         row["compile_s"] = time.perf_counter() - t0
     return row
 
 
-def mesh_memory(size: str, meshes, length: int | None = None) -> dict:
-    """Per mesh: the per-device bytes of `fit`'s compiled train step (see the docstring),
-    on sequences of ``length`` tokens (default: the size's)."""
+def mesh_memory(size: str, meshes, length: int | None = None, schedules=None) -> dict:
+    """Per schedule (name -> XLA compiler options; default: the backend's own) and
+    mesh: the per-device bytes of `fit`'s compiled train step (see the docstring), on
+    sequences of ``length`` tokens (default: the size's). Each mesh's step is lowered
+    once and compiled once per schedule."""
     from jaxmint.steps import build_steps
     from jaxmint.train import _parallel as parallel
     from jaxmint.train._setup import param_axes
 
+    schedules = schedules or {"backend": {}}
     vocab, max_len, d_model, layers, heads, batch = SIZES[size].values()
     length = length or max_len
     model = jaxmint.models.transformer(
@@ -108,7 +117,7 @@ def mesh_memory(size: str, meshes, length: int | None = None) -> dict:
     sample = {"x": np.zeros((batch, length), np.int32), "y": np.zeros((batch, length), np.int32)}
     abstract = jax.eval_shape(steps.init, key, sample)
     names = param_axes(model, key, sample["x"])
-    out = {}
+    out = {name: {} for name in schedules}
     for spec in meshes:
         mesh = parallel.layout("mesh", spec)
         shardings = parallel.state_shardings(abstract, mesh, "mesh", names)
@@ -117,55 +126,54 @@ def mesh_memory(size: str, meshes, length: int | None = None) -> dict:
             k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=parallel.batch_sharding(mesh))
             for k, v in sample.items()
         }
-        t0 = time.perf_counter()
-        stats = train.lower(abstract, batch_spec).compile().memory_analysis()
-        parts = {
-            "arguments": stats.argument_size_in_bytes,
-            "outputs": stats.output_size_in_bytes,
-            "temporaries": stats.temp_size_in_bytes,
-            "aliased": stats.alias_size_in_bytes,
-        }
-        total = parts["arguments"] + parts["outputs"] + parts["temporaries"] - parts["aliased"]
-        out[spec] = {**parts, "per_device_bytes": int(total), "compile_s": time.perf_counter() - t0}
+        lowered = train.lower(abstract, batch_spec)
+        for name, options in schedules.items():
+            t0 = time.perf_counter()
+            stats = lowered.compile({**PLAN_ONLY, **options}).memory_analysis()
+            parts = {
+                "arguments": stats.argument_size_in_bytes,
+                "outputs": stats.output_size_in_bytes,
+                "temporaries": stats.temp_size_in_bytes,
+                "aliased": stats.alias_size_in_bytes,
+            }
+            total = parts["arguments"] + parts["outputs"] + parts["temporaries"] - parts["aliased"]
+            seconds = time.perf_counter() - t0
+            out[name][spec] = {**parts, "per_device_bytes": int(total), "compile_s": seconds}
     return out
 
 
 # XLA's CPU compiler orders a program for concurrency by default: independent
 # operations run side by side, which keeps more buffers alive at once than an order
 # chosen for memory (as accelerator compilers choose under their memory limit). The
-# mesh table is planned under both, every mesh under each.
+# mesh table is planned under both, every mesh under each (XLA compiler options).
 SCHEDULES = {
-    "default": "",
-    "memory-optimized": "--xla_cpu_scheduler_type=CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED",
+    "default": {},
+    "memory-optimized": {"xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"},
 }
 
 
 def meshes_on_8_devices(size: str, lengths: tuple[int, ...]) -> dict[str, dict[int, dict]]:
     """Per schedule and sequence length, `mesh_memory`: on 8 accelerators, here and
-    with the backend's own schedule; else in one child of 8 fake CPU devices per
-    CPU schedule (`SCHEDULES`)."""
+    with the backend's own schedule; else in a child of 8 fake CPU devices, under
+    each CPU schedule (`SCHEDULES`)."""
     if jax.device_count() == 8 and jax.devices()[0].platform != "cpu":
-        return {"backend": {n: mesh_memory(size, MESHES, n) for n in lengths}}
+        by_length = {n: mesh_memory(size, MESHES, n) for n in lengths}
+        return {"backend": {n: rows["backend"] for n, rows in by_length.items()}}
     code = (
         f"import json, sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
-        "import memory; print('MESHES', json.dumps("
-        f"[memory.mesh_memory({size!r}, memory.MESHES, n) for n in {list(lengths)}]))"
+        "import memory; print('MESHES', json.dumps([memory.mesh_memory("
+        f"{size!r}, memory.MESHES, n, memory.SCHEDULES) for n in {list(lengths)}]))"
     )
-    out = {}
-    for schedule, flag in SCHEDULES.items():
-        env = {
-            **os.environ,
-            "XLA_FLAGS": f"--xla_force_host_platform_device_count=8 {flag}".strip(),
-            "JAX_PLATFORMS": "cpu",
-        }
-        child = subprocess.run(
-            [sys.executable, "-c", code], capture_output=True, text=True, env=env, check=False
-        )
-        if child.returncode != 0:
-            raise RuntimeError(f"the 8-device child ({schedule}) failed:\n{child.stderr[-3000:]}")
-        line = next(x for x in child.stdout.splitlines() if x.startswith("MESHES "))
-        out[schedule] = dict(zip(lengths, json.loads(line[len("MESHES ") :]), strict=True))
-    return out
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    env["JAX_PLATFORMS"] = "cpu"
+    child = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, check=False
+    )
+    if child.returncode != 0:
+        raise RuntimeError(f"the 8-device child failed:\n{child.stderr[-3000:]}")
+    line = next(x for x in child.stdout.splitlines() if x.startswith("MESHES "))
+    by_length = dict(zip(lengths, json.loads(line[len("MESHES ") :]), strict=True))
+    return {name: {n: rows[name] for n, rows in by_length.items()} for name in SCHEDULES}
 
 
 def report_meshes(size: str, length: int, schedules: dict[str, dict]) -> None:
