@@ -32,3 +32,10 @@ def toy():
     w = rng.normal(size=(5, 3)).astype(np.float32)
     y = np.argmax(x @ w, axis=1).astype(np.int32)
     return {"x": x, "y": y}
+
+
+def pytest_collection_modifyitems(items):
+    """Files with slow tests first, each file's tests in order (module fixtures stay shared):
+    two xdist workers then end on short tests instead of one waiting on a long one."""
+    slow_files = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.path not in slow_files)

@@ -107,6 +107,7 @@ def test_pages_exist():
     assert not WITHOUT_CODE - names, f"WITHOUT_CODE names missing pages: {WITHOUT_CODE - names}"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: p.name)
 def test_page_runs(page: Path, tmp_path: Path):
     runnable = [b for b in blocks(page.read_text(encoding="utf-8"), page.name) if b.runs]

@@ -395,6 +395,7 @@ if __name__ == "__main__":
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shipped", [False, True])
 def test_nan_report_names_the_fault_not_the_attention_mask(tmp_path, shipped, monkeypatch):
     """A -inf mask that the softmax turns into zeros never reaches the loss."""

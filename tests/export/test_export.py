@@ -50,6 +50,7 @@ def reference(trained, x):
     return np.asarray(model.apply(variables, x))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script", ["digits_mlp", "char_transformer"])
 def test_every_shipped_experiment_round_trips(script, tmp_path):
     module = load_module(REPO / f"experiments/{script}.py")
