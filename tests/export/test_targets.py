@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import sys
 
 import flax.linen as nn
 import jax
@@ -113,6 +114,15 @@ def test_each_target_owns_its_files_and_hashes(exported):
     (inp,) = graph.input
     assert inp.type.tensor_type.shape.dim[0].dim_param == "batch"  # symbolic batch kept
     assert any(t.data_location == onnx.TensorProto.EXTERNAL for t in graph.initializer)
+
+
+def test_onnx_conversion_imports_only_the_converter_plugins_an_export_needs(exported):
+    """jax2onnx's equinox plugins (their import builds example models) and examples are
+    left out; its jax plugins convert every model above."""
+    loaded = [m for m in sys.modules if m.startswith("jax2onnx.plugins.")]
+    assert any(m.startswith("jax2onnx.plugins.jax.") for m in loaded)
+    skipped = ("jax2onnx.plugins.equinox", "jax2onnx.plugins.examples")
+    assert not [m for m in loaded if m.startswith(skipped)]
 
 
 def test_a_modified_target_file_is_refused(exported, tmp_path):

@@ -183,9 +183,37 @@ def save_onnx(model, folder: Path) -> list[str]:
     return [f"onnx/{name}" for name in names if (folder / name).exists()]
 
 
+# jax2onnx's plugin trees that an export needs: its predict function is traced to jax
+# primitives (flax's modules too); jax2onnx's equinox tree, whose import builds example
+# models, and its examples are left out.
+_ONNX_PLUGIN_TREES = ("jax", "flax")
+
+
+def _load_onnx_plugins() -> None:
+    """Import the converter's plugins for `_ONNX_PLUGIN_TREES` only, once per process.
+
+    Without this, jax2onnx imports every plugin it ships on its first conversion, most
+    of a conversion's time for a small model. With a jax2onnx whose plugin registry
+    differs from the one this was written for, its own full import runs instead.
+    """
+    try:
+        from jax2onnx.plugins import plugin_system
+    except ImportError:
+        return
+    import_tree = getattr(plugin_system, "_import_tree", None)
+    if import_tree is None or getattr(plugin_system, "_already_imported_plugins", True):
+        return
+    root = Path(plugin_system.__file__).parent
+    for tree in _ONNX_PLUGIN_TREES:
+        import_tree(root / tree, f"jax2onnx.plugins.{tree}")
+    plugin_system._already_imported_plugins = True
+
+
 def convert_onnx(job: Job, spec, opset: int):
     """The ONNX ``ModelProto`` of ``job``'s predict function (weights as initializers)."""
     from jax2onnx import to_onnx
+
+    _load_onnx_plugins()
 
     # onnx_ir logs a warning per untyped shape constant it leaves out; they are noise here.
     quiet = logging.getLogger("onnx_ir")
