@@ -350,3 +350,35 @@ def test_a_save_that_costs_little_is_not_reported(caplog):
         assert not caplog.records and not hook.warned
         hook._measure(Loop(), 3.5, 3.7)  # 200 ms of 0.7 s
     assert hook.warned and "29% of the training time" in caplog.records[0].getMessage()
+
+
+def test_a_saved_state_keeps_each_leafs_dtype_and_takes_the_targets_placement(tmp_path):
+    """One process saves host copies (orbax's numpy path), typed PRNG keys as they are;
+    a restore gives jax arrays with the target's dtypes and shardings, values unchanged."""
+    from jaxmint.checkpoint import RunCheckpoints
+
+    state = {
+        "w": jnp.arange(6.0).reshape(2, 3),
+        "half": jnp.linspace(-1, 1, 5, dtype=jnp.bfloat16),
+        "step": jnp.asarray(7, jnp.int32),
+        "key": jax.random.key(3),
+        "raw_key": jax.random.PRNGKey(4),
+    }
+    ckpt = RunCheckpoints(tmp_path / "checkpoints")
+    ckpt.save(5, state)
+    ckpt.close()
+    placed = jax.sharding.SingleDeviceSharding(jax.devices()[-1])
+    target = jax.tree_util.tree_map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=placed), state
+    )
+    ckpt = RunCheckpoints(tmp_path / "checkpoints")
+    restored, meta = ckpt.restore(5, target)
+    ckpt.close()
+    assert meta["step"] == 5
+    for name, want in state.items():
+        got = restored[name]
+        assert isinstance(got, jax.Array) and got.sharding == placed, name
+        assert got.dtype == want.dtype, name
+        if name == "key":
+            want, got = jax.random.key_data(want), jax.random.key_data(got)
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want), err_msg=name)

@@ -167,6 +167,12 @@ class RunCheckpoints:
         # The next train step donates (reuses) the state's buffers, so the
         # background writer gets its own copy: one device memcpy of the state.
         snapshot = _snapshot(_as_dict(state))
+        if jax.process_count() == 1:
+            # One process holds every array: orbax gets host (numpy) copies. Its
+            # numpy path skips the per-array sharding and replica bookkeeping of
+            # its jax.Array path (about 40% of a save's CPU on a small state), and
+            # a restore places the arrays under whatever mesh its target names.
+            snapshot = jax.device_get(snapshot)
         self._prune(upcoming=step)
         meta = {"step": step, "time": time.time(), "final": final, **(meta or {})}
         items = {"state": ocp.args.StandardSave(snapshot), "meta": ocp.args.JsonSave(meta)}
