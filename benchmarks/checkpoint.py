@@ -142,14 +142,14 @@ def isolated_saves(state, directory: Path, count: int, bare: bool = False) -> di
     if bare:
         options = ocp.CheckpointManagerOptions(enable_async_checkpointing=True, create=True)
         manager = ocp.CheckpointManager(directory, options=options)
-        tree, close = state._asdict(), manager.close
+        tree, close, wait = state._asdict(), manager.close, manager.wait_until_finished
 
         def save(step):
             manager.save(step, args=ocp.args.StandardSave(tree))
 
     else:
         ckpt = RunCheckpoints(directory)
-        manager, close = ckpt.manager, ckpt.close
+        close, wait = ckpt.close, ckpt.wait
 
         def save(step):
             ckpt.save(step, state)
@@ -160,7 +160,7 @@ def isolated_saves(state, directory: Path, count: int, bare: bool = False) -> di
             c0, t0 = time.process_time(), time.perf_counter()
             save(step)
             t1 = time.perf_counter()
-            manager.wait_until_finished()
+            wait()
             t2, c2 = time.perf_counter(), time.process_time()
             out["blocking"].append(t1 - t0)
             out["written"].append(t2 - t0)

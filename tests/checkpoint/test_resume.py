@@ -18,6 +18,7 @@ import pytest
 import jaxmint
 from jaxmint import losses
 from jaxmint.checkpoint import CheckpointError
+from jaxmint.checkpoint._manager import DIGEST
 from jaxmint.run import RunDir, load_params
 from jaxmint.train import NonFiniteError
 
@@ -382,3 +383,38 @@ def test_a_saved_state_keeps_each_leafs_dtype_and_takes_the_targets_placement(tm
         if name == "key":
             want, got = jax.random.key_data(want), jax.random.key_data(got)
         np.testing.assert_array_equal(np.asarray(got), np.asarray(want), err_msg=name)
+
+
+def test_a_save_returns_before_orbax_starts_it_and_its_error_raises_at_the_next_call(tmp_path):
+    """In one process the loop does not wait for orbax's start of a save (a saver thread
+    runs it); what that start raises comes back from the next call, not lost."""
+    import threading
+
+    from jaxmint.checkpoint import RunCheckpoints
+
+    ckpt = RunCheckpoints(tmp_path / "checkpoints")
+    state = {"w": jnp.arange(3.0)}
+    returned, starts = threading.Event(), []
+    orbax_save = ckpt.manager.save
+
+    def save_after_the_call_returned(step, *args, **kwargs):
+        starts.append(returned.wait(timeout=5))  # True: the caller was not waiting
+        if step == 2:
+            raise OSError("No space left on device")
+        return orbax_save(step, *args, **kwargs)
+
+    ckpt.manager.save = save_after_the_call_returned
+    ckpt.save(1, state)
+    returned.set()
+    ckpt.wait()
+    assert starts == [True] and ckpt.steps() == [1]
+
+    returned.clear()
+    ckpt.save(2, state)
+    returned.set()
+    with pytest.raises(OSError, match="No space left"):
+        ckpt.save(3, state)
+    assert starts == [True, True]
+    ckpt.save(4, state, final=True)  # the last save of a run is complete when it returns
+    assert ckpt.steps() == [1, 4] and (tmp_path / "checkpoints" / "4" / DIGEST).is_file()
+    ckpt.close()

@@ -14,6 +14,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -42,10 +43,12 @@ def _first_line(e: Exception) -> str:
 class RunCheckpoints:
     """The checkpoints under ``directory``, one orbax step per saved train step.
 
-    Saves are asynchronous: `save` copies the state on device and returns while
-    orbax writes in the background (atomically: a save interrupted at any moment
-    leaves no half-written step behind); steps the keep policy drops are deleted in
-    the background too. Keeps the last ``keep_last`` steps plus
+    Saves are asynchronous: `save` copies the state and returns while orbax writes
+    it in the background (atomically: a save interrupted at any moment leaves no
+    half-written step behind); steps the keep policy drops are deleted in the
+    background too. In a run of one process, even orbax's start of a save (and the
+    keep policy) runs on a saver thread: every other method first waits for that
+    start, and raises what it raised. Keeps the last ``keep_last`` steps plus
     the best ``keep_best`` by the scores given to `record_score` (the keep policy
     is applied here, not by orbax, so that it survives a restart: the caller
     passes the scores it logged before).
@@ -72,6 +75,8 @@ class RunCheckpoints:
         self._manager = None
         self._undigested: list[int] = []  # saved, digest not yet written
         self._verified: set[int] | None = None  # steps with a digest (read from disk once)
+        self._saver: ThreadPoolExecutor | None = None
+        self._starting: Future | None = None  # a save being started on the saver thread
 
     # -- lifecycle -------------------------------------------------------------
     @property
@@ -88,13 +93,30 @@ class RunCheckpoints:
         return self._manager
 
     def close(self) -> None:
-        if self._manager is not None:
-            self.wait()
-            self._manager.close()
-            self._manager = None
+        try:
+            self._started()
+        finally:
+            if self._saver is not None:
+                self._saver.shutdown()
+                self._saver = None
+            if self._manager is not None:
+                self._finish()
+                self._manager.close()
+                self._manager = None
 
     def wait(self) -> None:
         """Wait for saves in flight, then write the digests of the steps they completed."""
+        self._started()
+        self._finish()
+
+    def _started(self) -> None:
+        """Wait until the save handed to the saver thread has started; raise its error.
+        (Never called on the saver thread itself.)"""
+        starting, self._starting = self._starting, None
+        if starting is not None:
+            starting.result()
+
+    def _finish(self) -> None:
         if self._manager is not None:
             self._manager.wait_until_finished()
         for step in self._undigested:
@@ -119,12 +141,17 @@ class RunCheckpoints:
         return steps[-1] if steps else None
 
     def steps(self) -> list[int]:
+        self._started()
+        return self._steps()
+
+    def _steps(self) -> list[int]:
         if not self.directory.is_dir():
             return []
         return sorted(self.manager.all_steps())
 
     # -- keep policy -----------------------------------------------------------
     def record_score(self, step: int, value: float) -> None:
+        self._started()  # the saver thread applies the keep policy, which reads the scores
         self._scores[step] = float(value)
 
     def kept_steps(self, steps: list[int]) -> set[int]:
@@ -137,8 +164,8 @@ class RunCheckpoints:
         return keep | set(ranked[: self.keep_best]) | set(sorted(verified)[-1:])
 
     def _prune(self, upcoming: int | None = None) -> None:
-        self.wait()  # never delete under a save in flight; digest what completed
-        steps = self.steps()
+        self._finish()  # never delete under a save in flight; digest what completed
+        steps = self._steps()
         keep = self.kept_steps(steps + ([upcoming] if upcoming is not None else []))
         for step in steps:
             if step not in keep:
@@ -160,6 +187,7 @@ class RunCheckpoints:
         term names): what a resumed run needs besides the state. ``data_state`` is a
         Grain iterator's state, saved by Grain's orbax handler (one file per process).
         """
+        self._started()
         if step in self.manager.all_steps():
             if final:
                 self._prune()  # the step's digest is written now: older ones may go
@@ -173,8 +201,18 @@ class RunCheckpoints:
             # its jax.Array path (about 40% of a save's CPU on a small state), and
             # a restore places the arrays under whatever mesh its target names.
             snapshot = jax.device_get(snapshot)
-        self._prune(upcoming=step)
         meta = {"step": step, "time": time.time(), "final": final, **(meta or {})}
+        if final or jax.process_count() > 1:  # (several processes: orbax's barriers in order)
+            self._start(step, snapshot, meta, final, data_state)
+        else:  # the loop goes on while orbax starts the save (it waits for nothing here)
+            if self._saver is None:
+                self._saver = ThreadPoolExecutor(1, thread_name_prefix="jaxmint-checkpoint")
+            self._starting = self._saver.submit(
+                self._start, step, snapshot, meta, final, data_state
+            )
+
+    def _start(self, step: int, snapshot, meta: dict, final: bool, data_state) -> None:
+        self._prune(upcoming=step)
         items = {"state": ocp.args.StandardSave(snapshot), "meta": ocp.args.JsonSave(meta)}
         if data_state is not None:
             items["data"] = _grain_checkpoint().CheckpointSave(IteratorState(data_state))
@@ -186,6 +224,7 @@ class RunCheckpoints:
     # -- restore ---------------------------------------------------------------
     def stored_structure(self, step: int) -> dict | None:
         """The saved state of ``step`` as a tree of `jax.ShapeDtypeStruct` (None: unreadable)."""
+        self._started()
         try:
             stored = self.manager.item_metadata(step).get("state", None)
         except Exception:  # unreadable metadata: restoring the step will report it
@@ -204,6 +243,7 @@ class RunCheckpoints:
         `CheckpointError` naming the file. A step without a digest (saved by an older
         version, or stopped before its digest was written) is restored with a warning.
         """
+        self._started()
         check_digest(self.directory / str(step), step)
         restore = ocp.args.StandardRestore(target) if target is not None else None
         args = ocp.args.Composite(
@@ -214,6 +254,7 @@ class RunCheckpoints:
 
     def restore_data(self, step: int) -> bytes | None:
         """The Grain iterator state saved at ``step`` for this process (None: none saved)."""
+        self._started()
         if not (self.directory / str(step) / "data").is_dir():
             return None
         receiver = IteratorState()
