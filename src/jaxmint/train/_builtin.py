@@ -158,9 +158,10 @@ class Checkpointer(Hook):
 
     Records each step's ``best_metric`` for the keep policy, and installs the
     SIGTERM/SIGINT handlers that make the loop save and stop at the next step.
-    Saves are asynchronous; the part the loop waits for (the copy of the state, a
-    previous save still in flight, pruning) is measured, and a warning names it
-    once when it takes more than ``warn_fraction`` of the time between saves.
+    Saves are asynchronous; the part the loop waits for (the copy of the state, and
+    with several processes also a previous save still in flight, pruning and orbax's
+    start of the save) is measured, and a warning names it once when it takes more
+    than ``warn_fraction`` of the time between saves.
     """
 
     def __init__(self, checkpoints: RunCheckpoints, best_metric: str, warn_fraction=0.1):
