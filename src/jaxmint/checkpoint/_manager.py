@@ -195,14 +195,15 @@ class RunCheckpoints:
         # The next train step donates (reuses) the state's buffers, so the
         # background writer gets its own copy: one device memcpy of the state.
         snapshot = _snapshot(_as_dict(state))
-        if jax.process_count() == 1:
+        one_process = jax.process_count() == 1
+        if one_process:
             # One process holds every array: orbax gets host (numpy) copies. Its
             # numpy path skips the per-array sharding and replica bookkeeping of
             # its jax.Array path (about 40% of a save's CPU on a small state), and
             # a restore places the arrays under whatever mesh its target names.
             snapshot = jax.device_get(snapshot)
         meta = {"step": step, "time": time.time(), "final": final, **(meta or {})}
-        if final or jax.process_count() > 1:  # (several processes: orbax's barriers in order)
+        if final or not one_process:  # (several processes: orbax's barriers in order)
             self._start(step, snapshot, meta, final, data_state)
         else:  # the loop goes on while orbax starts the save (it waits for nothing here)
             if self._saver is None:
