@@ -353,11 +353,19 @@ def test_a_save_that_costs_little_is_not_reported(caplog):
     assert hook.warned and "29% of the training time" in caplog.records[0].getMessage()
 
 
-def test_a_saved_state_keeps_each_leafs_dtype_and_takes_the_targets_placement(tmp_path):
-    """One process saves host copies (orbax's numpy path), typed PRNG keys as they are;
-    a restore gives jax arrays with the target's dtypes and shardings, values unchanged."""
-    from jaxmint.checkpoint import RunCheckpoints
+@pytest.mark.parametrize("host_copies", [True, False])
+def test_a_saved_state_keeps_each_leafs_dtype_and_takes_the_targets_placement(
+    tmp_path, monkeypatch, host_copies
+):
+    """One process saves a small state as host copies (orbax's numpy path; typed PRNG
+    keys as they are) and a large one as jax arrays; either way a restore gives jax
+    arrays with the target's dtypes and shardings, values unchanged."""
+    import json
 
+    from jaxmint.checkpoint import RunCheckpoints, _manager
+
+    if not host_copies:
+        monkeypatch.setattr(_manager, "HOST_COPY_MAX_BYTES", 16)  # "large": over 16 bytes
     state = {
         "w": jnp.arange(6.0).reshape(2, 3),
         "half": jnp.linspace(-1, 1, 5, dtype=jnp.bfloat16),
@@ -368,6 +376,9 @@ def test_a_saved_state_keeps_each_leafs_dtype_and_takes_the_targets_placement(tm
     ckpt = RunCheckpoints(tmp_path / "checkpoints")
     ckpt.save(5, state)
     ckpt.close()
+    saved = json.loads((tmp_path / "checkpoints" / "5" / "state" / "_METADATA").read_text())
+    kinds = {k: v["value_metadata"]["value_type"] for k, v in saved["tree_metadata"].items()}
+    assert kinds["('w',)"] == ("np.ndarray" if host_copies else "jax.Array"), kinds
     placed = jax.sharding.SingleDeviceSharding(jax.devices()[-1])
     target = jax.tree_util.tree_map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=placed), state

@@ -27,6 +27,12 @@ log = logging.getLogger("jaxmint")
 DIGEST = "jaxmint_digest.json"
 """Written inside each step's folder once its save completes: the sha256 of every file."""
 
+HOST_COPY_MAX_BYTES = 256 << 20
+"""In a run of one process, a state of up to this many bytes goes to orbax as host
+(numpy) copies: orbax's numpy path skips the sharding and replica bookkeeping of its
+`jax.Array` path, most of a small state's save. A larger state goes as `jax.Array`s,
+which orbax writes shard by shard without assembling a second copy on the host."""
+
 
 class CheckpointError(RuntimeError):
     """Checkpoints exist but cannot be used; the message says what to do."""
@@ -196,11 +202,10 @@ class RunCheckpoints:
         # background writer gets its own copy: one device memcpy of the state.
         snapshot = _snapshot(_as_dict(state))
         one_process = jax.process_count() == 1
-        if one_process:
-            # One process holds every array: orbax gets host (numpy) copies. Its
-            # numpy path skips the per-array sharding and replica bookkeeping of
-            # its jax.Array path (about 40% of a save's CPU on a small state), and
-            # a restore places the arrays under whatever mesh its target names.
+        if one_process and _nbytes(snapshot) <= HOST_COPY_MAX_BYTES:
+            # One process holds every array: host copies (about 40% less CPU per
+            # save on a small state); a restore places the arrays under whatever
+            # mesh its target names.
             snapshot = jax.device_get(snapshot)
         meta = {"step": step, "time": time.time(), "final": final, **(meta or {})}
         if final or not one_process:  # (several processes: orbax's barriers in order)
@@ -394,6 +399,10 @@ def _handlers() -> dict:
 def _snapshot(tree):
     """A copy of every array of ``tree`` in one dispatch (jitted once per tree structure)."""
     return jax.tree_util.tree_map(jnp.copy, tree)
+
+
+def _nbytes(tree) -> int:
+    return sum(getattr(leaf, "nbytes", 0) for leaf in jax.tree_util.tree_leaves(tree))
 
 
 def _as_dict(state):
