@@ -1,11 +1,13 @@
 """Exact resume after SIGKILL, clean exit on SIGTERM, damaged checkpoints, keep policy."""
 
+import json
 import logging
 import os
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -17,7 +19,7 @@ import pytest
 
 import jaxmint
 from jaxmint import losses
-from jaxmint.checkpoint import CheckpointError
+from jaxmint.checkpoint import CheckpointError, RunCheckpoints, _manager
 from jaxmint.checkpoint._manager import DIGEST
 from jaxmint.run import RunDir, load_params
 from jaxmint.train import NonFiniteError
@@ -360,10 +362,6 @@ def test_a_saved_state_keeps_each_leafs_dtype_and_takes_the_targets_placement(
     """One process saves a small state as host copies (orbax's numpy path; typed PRNG
     keys as they are) and a large one as jax arrays; either way a restore gives jax
     arrays with the target's dtypes and shardings, values unchanged."""
-    import json
-
-    from jaxmint.checkpoint import RunCheckpoints, _manager
-
     if not host_copies:
         monkeypatch.setattr(_manager, "HOST_COPY_MAX_BYTES", 16)  # "large": over 16 bytes
     state = {
@@ -399,10 +397,6 @@ def test_a_saved_state_keeps_each_leafs_dtype_and_takes_the_targets_placement(
 def test_a_save_returns_before_orbax_starts_it_and_its_error_raises_at_the_next_call(tmp_path):
     """In one process the loop does not wait for orbax's start of a save (a saver thread
     runs it); what that start raises comes back from the next call, not lost."""
-    import threading
-
-    from jaxmint.checkpoint import RunCheckpoints
-
     ckpt = RunCheckpoints(tmp_path / "checkpoints")
     state = {"w": jnp.arange(3.0)}
     returned, starts = threading.Event(), []
