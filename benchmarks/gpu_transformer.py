@@ -3,6 +3,7 @@
     python benchmarks/gpu_transformer.py                 # on a GPU: the H200 size
     python benchmarks/gpu_transformer.py --size tiny     # anywhere: a smoke run (CPU test)
     python benchmarks/gpu_transformer.py --remat full    # each block rematerialized
+    python benchmarks/gpu_transformer.py --mesh fsdp=2,tensor=4 --scan-layers  # 8 GPUs
 
 Trains `jaxmint.models.transformer` with bf16 compute (float32 master params),
 sequence 2048 and cuDNN attention where available, through `jaxmint.fit`, and
@@ -10,6 +11,10 @@ reports MFU = model FLOPs per second / the chip's dense bf16 peak. Model FLOPs
 per token: 6 * params (matmuls, forward and backward) + 12 * layers * seq * d_model
 (attention scores and values); a rematerialized block's recomputation is not
 model FLOPs, so remat lowers MFU by what it recomputes. Target on an H200: >= 45%.
+``--mesh`` lays the step out on a mesh of the devices (``fit(mesh=...)``, the
+default sharding rules); MFU is then over all of them. ``--scan-layers`` runs the
+blocks as one scan (``transformer(scan_layers=True)``). The peak memory of each
+device comes from its allocator (``memory_stats``; none on a CPU).
 Writes benchmarks/results/gpu_transformer.json.
 """
 
@@ -51,6 +56,10 @@ def main() -> None:
     )
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--remat", choices=sorted(POLICIES), default="none")
+    parser.add_argument(
+        "--mesh", default=None, help="a device mesh, e.g. fsdp=2,tensor=4 (default: fit's)"
+    )
+    parser.add_argument("--scan-layers", action="store_true", help="the blocks as one scan")
     args = parser.parse_args()
     on_gpu = jax.devices()[0].platform == "gpu"
     size = dict(SIZES[args.size or ("h200" if on_gpu else "tiny")])
@@ -63,7 +72,12 @@ def main() -> None:
     if on_gpu:
         attention = functools.partial(jax.nn.dot_product_attention, implementation="cudnn")
     model = jaxmint.models.transformer(
-        vocab, max_len=seq, attention=attention, remat=args.remat, **size
+        vocab,
+        max_len=seq,
+        attention=attention,
+        remat=args.remat,
+        scan_layers=args.scan_layers,
+        **size,
     )
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, vocab, size=(batch * 8, seq + 1), dtype=np.int32)
@@ -85,7 +99,9 @@ def main() -> None:
         log_every=1,
         progress=False,
         hooks=[clock],
+        **({"mesh": args.mesh} if args.mesh else {}),
     )
+    devices = jax.device_count() if args.mesh else 1
     n_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(result.params))
     d, layers = size["d_model"], size["num_layers"]
     flops_per_token = 6 * n_params + 12 * layers * seq * d
@@ -93,10 +109,17 @@ def main() -> None:
     per_step = (times[-1] - times[warm]) / (len(times) - 1 - warm)
     achieved = flops_per_token * batch * seq / per_step
     peak = peak_flops()
+    peak = peak * devices if peak else None
+    stats = [d.memory_stats() or {} for d in jax.local_devices()[:devices]]
+    peak_bytes = [s["peak_bytes_in_use"] for s in stats if "peak_bytes_in_use" in s]
     results = {
         "device": jax.devices()[0].device_kind,
         "params": n_params,
         "remat": args.remat,
+        "mesh": args.mesh,
+        "scan_layers": args.scan_layers,
+        "devices": devices,
+        "peak_bytes_per_device": max(peak_bytes) if peak_bytes else None,
         "tokens_per_step": batch * seq,
         "seconds_per_step": per_step,
         "model_tflops_per_sec": achieved / 1e12,

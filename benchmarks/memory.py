@@ -5,6 +5,7 @@ Run (a few minutes on 2 CPU cores for the default ~100M-parameter model;
 
     python benchmarks/memory.py
     python benchmarks/memory.py --quick
+    python benchmarks/memory.py --scan-layers --mesh-remat full  # scanned blocks, remat
 
 Two measures per policy of `jaxmint.models.transformer(..., remat=...)`, for the
 gradient of the next-token loss at one batch:
@@ -30,7 +31,9 @@ mesh table runs twice: at the model's full sequence length, and at an eighth of 
 where activations weigh less against the state. On CPU devices each mesh is planned
 under XLA's default CPU schedule (ordered for concurrency) and under its
 memory-optimized one (ordered for memory, as accelerator compilers do under their
-memory limit); on 8 accelerators, under the backend's own.
+memory limit); on 8 accelerators, under the backend's own. ``--scan-layers`` plans
+the transformer with its blocks scanned (``scan_layers=True``), and ``--mesh-remat``
+gives the mesh table's model a remat policy.
 
 Writes ``benchmarks/results/memory.json``.
 """
@@ -70,10 +73,16 @@ SIZES = {
 PLAN_ONLY = {"xla_backend_optimization_level": 0}
 
 
-def measure(size: str, policy: str, compile_: bool) -> dict:
+def measure(size: str, policy: str, compile_: bool, scan_layers: bool = False) -> dict:
     vocab, length, d_model, layers, heads, batch = SIZES[size].values()
     model = jaxmint.models.transformer(
-        vocab, max_len=length, d_model=d_model, num_layers=layers, num_heads=heads, remat=policy
+        vocab,
+        max_len=length,
+        d_model=d_model,
+        num_layers=layers,
+        num_heads=heads,
+        remat=policy,
+        scan_layers=scan_layers,
     )
     tokens = jax.ShapeDtypeStruct((batch, length + 1), np.int32)
     params = jax.eval_shape(
@@ -97,7 +106,14 @@ def measure(size: str, policy: str, compile_: bool) -> dict:
     return row
 
 
-def mesh_memory(size: str, meshes, length: int | None = None, schedules=None) -> dict:
+def mesh_memory(
+    size: str,
+    meshes,
+    length: int | None = None,
+    schedules=None,
+    scan_layers: bool = False,
+    remat: str = "none",
+) -> dict:
     """Per schedule (name -> XLA compiler options; default: the backend's own) and
     mesh: the per-device bytes of `fit`'s compiled train step (see the docstring), on
     sequences of ``length`` tokens (default: the size's). Each mesh's step is lowered
@@ -110,7 +126,13 @@ def mesh_memory(size: str, meshes, length: int | None = None, schedules=None) ->
     vocab, max_len, d_model, layers, heads, batch = SIZES[size].values()
     length = length or max_len
     model = jaxmint.models.transformer(
-        vocab, max_len=length, d_model=d_model, num_layers=layers, num_heads=heads
+        vocab,
+        max_len=length,
+        d_model=d_model,
+        num_layers=layers,
+        num_heads=heads,
+        scan_layers=scan_layers,
+        remat=remat,
     )
     steps = build_steps(model, jaxmint.losses.softmax_cross_entropy(), optax.adamw(1e-4))
     key = jax.random.PRNGKey(0)
@@ -152,17 +174,20 @@ SCHEDULES = {
 }
 
 
-def meshes_on_8_devices(size: str, lengths: tuple[int, ...]) -> dict[str, dict[int, dict]]:
+def meshes_on_8_devices(
+    size: str, lengths: tuple[int, ...], scan_layers: bool = False, remat: str = "none"
+) -> dict[str, dict[int, dict]]:
     """Per schedule and sequence length, `mesh_memory`: on 8 accelerators, here and
     with the backend's own schedule; else in a child of 8 fake CPU devices, under
     each CPU schedule (`SCHEDULES`)."""
     if jax.device_count() == 8 and jax.devices()[0].platform != "cpu":
-        by_length = {n: mesh_memory(size, MESHES, n) for n in lengths}
+        by_length = {n: mesh_memory(size, MESHES, n, None, scan_layers, remat) for n in lengths}
         return {"backend": {n: rows["backend"] for n, rows in by_length.items()}}
     code = (
         f"import json, sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
         "import memory; print('MESHES', json.dumps([memory.mesh_memory("
-        f"{size!r}, memory.MESHES, n, memory.SCHEDULES) for n in {list(lengths)}]))"
+        f"{size!r}, memory.MESHES, n, memory.SCHEDULES, {scan_layers}, {remat!r}) "
+        f"for n in {list(lengths)}]))"
     )
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
     env["JAX_PLATFORMS"] = "cpu"
@@ -228,11 +253,22 @@ def main(argv=None) -> dict:
     parser.add_argument("--quick", action="store_true", help="the tiny model")
     parser.add_argument("--size", choices=sorted(SIZES), default=None)
     parser.add_argument("--no-compile", action="store_true", help="skip XLA's memory analysis")
+    parser.add_argument(
+        "--scan-layers",
+        action="store_true",
+        help="the transformer's blocks as one scan over stacked weights (scan_layers=True)",
+    )
+    parser.add_argument(
+        "--mesh-remat",
+        choices=sorted(POLICIES),
+        default="none",
+        help="the remat policy of the model in the mesh table",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS / "memory.json")
     args = parser.parse_args(argv)
     size = args.size or ("tiny" if args.quick else "100m")
     load_before = os.getloadavg()
-    rows = {p: measure(size, p, not args.no_compile) for p in POLICIES}
+    rows = {p: measure(size, p, not args.no_compile, args.scan_layers) for p in POLICIES}
     none = rows["none"]
     for row in rows.values():
         row["kept_ratio"] = row["kept_for_backward_bytes"] / none["kept_for_backward_bytes"]
@@ -268,7 +304,11 @@ def main(argv=None) -> dict:
     # --quick plans the full one only.
     full_length = SIZES[size]["length"]
     lengths = (full_length,) if args.quick else (full_length, full_length // SHORT)
-    schedules = {} if args.no_compile else meshes_on_8_devices(size, lengths)
+    schedules = (
+        {}
+        if args.no_compile
+        else meshes_on_8_devices(size, lengths, args.scan_layers, args.mesh_remat)
+    )
     for length in lengths:
         if schedules:
             report_meshes(size, length, {name: rows[length] for name, rows in schedules.items()})
@@ -278,6 +318,8 @@ def main(argv=None) -> dict:
     result = {
         "benchmark": "memory",
         "size": size,
+        "scan_layers": args.scan_layers,
+        "mesh_remat": args.mesh_remat,
         "shape": SIZES[size],
         "remat": rows,
         "full_over_none_kept": ratio,

@@ -51,6 +51,9 @@ class Config(Common):
         "recompute each block's activations in the backward pass (less memory)",
         run_control=True,  # same gradients: a resumed run may switch it
     )
+    scan_layers: bool = field(
+        False, "run the blocks as one scan over weights stacked by layer (one block compiled)"
+    )
 
     def check_values(self) -> None:
         super().check_values()
@@ -91,6 +94,7 @@ def build(config: Config) -> Experiment:
         num_heads=config.num_heads,
         attention=jaxmint.models.portable_attention,  # exports to ONNX too
         remat=config.remat,
+        scan_layers=config.scan_layers,
     )
     ramp = optax.linear_schedule(0.0, config.z_loss_weight, max(config.steps // 4, 1))
     loss = losses.softmax_cross_entropy() + ramp * losses.z_loss()

@@ -13,9 +13,11 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
-def run(*args, timeout=600):
+def run(*args, timeout=600, devices=None):
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     env.pop("XLA_FLAGS", None)
+    if devices is not None:
+        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
     out = subprocess.run(
         [sys.executable, *map(str, args)],
         capture_output=True,
@@ -62,11 +64,14 @@ def test_scaling_quick():
 
 
 @pytest.mark.slow
-def test_gpu_transformer_tiny_on_cpu():
-    out = run("benchmarks/gpu_transformer.py", "--size", "tiny", "--remat", "full")
+def test_gpu_transformer_tiny_on_cpu_on_a_mesh_with_scanned_layers():
+    args = ["--size", "tiny", "--remat", "full", "--mesh", "fsdp=2,tensor=2", "--scan-layers"]
+    out = run("benchmarks/gpu_transformer.py", *args, devices=4)
     result = json.loads(out[out.index("{") :])
     assert result["params"] > 0 and result["mfu"] is None  # no peak known for a CPU
     assert result["remat"] == "full" and np.isfinite(result["final_loss"])
+    assert result["mesh"] == "fsdp=2,tensor=2" and result["scan_layers"] is True
+    assert result["devices"] == 4 and result["peak_bytes_per_device"] is None  # CPU: no stats
 
 
 @pytest.mark.slow
@@ -135,8 +140,10 @@ def test_serving_peers_quick(tmp_path):
 
 
 def test_memory_quick(tmp_path):
-    out = run("benchmarks/memory.py", "--quick", "--out", tmp_path / "m.json")
+    args = ["--quick", "--scan-layers", "--mesh-remat", "full", "--out", tmp_path / "m.json"]
+    out = run("benchmarks/memory.py", *args)
     result = json.loads((tmp_path / "m.json").read_text())
+    assert result["scan_layers"] is True and result["mesh_remat"] == "full"
     assert set(result["meshes"]) == {"data=8", "fsdp=8", "fsdp=2,tensor=4", "fsdp=4,tensor=2"}
     # each device holds a slice of the state on a model-parallel mesh, all of it on data=8
     meshes = result["meshes"]

@@ -101,3 +101,55 @@ def test_an_unknown_remat_policy_names_the_choices():
     with pytest.raises(TypeError, match="module class or a function"):
         jaxmint.models.remat(3, "full")
     assert set(POLICIES) == {"none", "full", "dots", "dots_no_batch"}
+
+
+def _stacked(params, layers):
+    """An unrolled transformer's parameters in the scanned layout (blocks on a layers axis)."""
+    p = dict(params["params"])
+    blocks = [p.pop(f"block{i}") for i in range(layers)]
+    p["blocks"] = {"block": jax.tree_util.tree_map(lambda *ls: jnp.stack(ls), *blocks)}
+    return {"params": p}
+
+
+def test_scanned_layers_give_the_unrolled_loss_gradients_and_activations(policy="dots"):
+    tokens = _tokens()
+    plain = _transformer("none", num_layers=3)
+    params = plain.init(jax.random.PRNGKey(0), tokens[:, :-1])
+    scanned = _transformer(policy, num_layers=3, scan_layers=True)
+    stacked = _stacked(params, 3)
+    fresh = scanned.init(jax.random.PRNGKey(0), tokens[:, :-1])
+    shapes = lambda tree: jax.tree_util.tree_map(jnp.shape, tree)
+    assert shapes(fresh) == shapes(stacked)  # each block's weights, stacked by layer
+
+    want_loss, want_grads = jax.jit(jax.value_and_grad(_loss_fn(plain, tokens)))(params)
+    loss_fn = _loss_fn(scanned, tokens)
+    loss, grads = jax.jit(jax.value_and_grad(loss_fn))(stacked)
+    np.testing.assert_allclose(loss, want_loss, rtol=1e-5)
+    jax.tree_util.tree_map(
+        lambda g, w: np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-6),
+        grads,
+        _stacked(want_grads, 3),
+    )
+    # One block in the program, run by a loop; remat, where asked, inside it.
+    eqns = jax.make_jaxpr(jax.grad(loss_fn))(stacked).jaxpr.eqns
+    assert sum(e.primitive.name == "scan" for e in eqns) == 2  # forward and backward
+    assert "remat2" in str(eqns)
+
+    # Sown activations: one array stacked by layer instead of block{i}_out.
+    _, want = plain.apply_with_state(params, tokens[:, :-1])
+    _, got = scanned.apply_with_state(stacked, tokens[:, :-1])
+    (stacked_out,) = got["intermediates"]["blocks"]["block_out"]
+    for i in range(3):
+        (layer_out,) = want["intermediates"][f"block{i}_out"]
+        np.testing.assert_allclose(stacked_out[i], layer_out, rtol=1e-5, atol=1e-6)
+
+
+def test_scanned_layers_carry_a_layers_axis_name_that_the_rules_keep_whole():
+    from jaxmint.train import DEFAULT_RULES
+
+    tokens = _tokens()
+    model = _transformer("none", scan_layers=True)
+    names = model.logical_axes(jax.random.PRNGKey(0), tokens[:, :-1])
+    qkv = names["['params']['blocks']['block']['qkv']['kernel']"]
+    assert qkv == ("layers", "embed", None, "heads", "kv")
+    assert "layers" not in DEFAULT_RULES  # a name the rules do not list is never split

@@ -52,9 +52,11 @@ def setup(case: str, strategy: str):
         train = {"x": train["x"].reshape(-1, 8, 8, 1), "y": train["y"]}
         axis = "data" if strategy == "pmap" else None
         return jaxmint.models.cnn((8,), 10, axis_name=axis), train, {}
-    if case == "transformer":  # heads, MLP width and vocabulary all divide by 8
+    if case in ("transformer", "transformer-scan"):  # heads, MLP width, vocabulary: 8 | each
         train, _ = jaxmint.data.stdlib_chars(16, max_bytes=40_000)
-        model = jaxmint.models.transformer(256, max_len=16, d_model=32, num_heads=8)
+        model = jaxmint.models.transformer(
+            256, max_len=16, d_model=32, num_heads=8, scan_layers=case == "transformer-scan"
+        )
         return model, train, {}
     if case.startswith("annotated"):  # a user's module with flax's logical partitioning
         rules = {**DEFAULT_RULES, "mlp": None} if case == "annotated-mlp-whole" else None

@@ -77,6 +77,17 @@ def test_tensor_parallel_transformer_matches_one_device_and_splits_by_the_rules(
     assert '["fsdp", null, "tensor", null]' in results[meshes[0]]["sharded"]  # qkv, Megatron
 
 
+@pytest.mark.slow
+def test_a_scanned_transformer_matches_one_device_with_its_layers_axis_whole():
+    mesh = "mesh:data=2/fsdp=2/tensor=2"
+    results = run(["transformer-scan", f"single,{mesh}"])
+    assert_same_curve(results[mesh], results["single"])
+    # qkv's stacked kernel: (layers, embed, 3, heads, kv), the layers never split.
+    assert '[null, "fsdp", null, "tensor", null]' in results[mesh]["sharded"]
+    split = results[mesh]
+    assert split["param_bytes_per_device"] < 0.3 * split["param_bytes"]  # fsdp x tensor
+
+
 def test_the_transformers_activations_are_laid_out_by_the_rules():
     meshes = ["tensor=8", "data=2,fsdp=2,tensor=2", "data=2,sequence=4", "sequence=2,tensor=4"]
     found = run(["activations", ";".join(meshes)])

@@ -148,6 +148,20 @@ class Block(nn.Module):
         )
 
 
+class _Layer(nn.Module):
+    """One `Block` as the body of a scan over layers: ``(x, None) -> (x, None)``."""
+
+    num_heads: int
+    attention: AttentionFn
+    remat: Policy
+
+    @nn.compact
+    def __call__(self, x_BxLxD, _):
+        x_BxLxD = remat(Block, self.remat)(self.num_heads, self.attention, name="block")(x_BxLxD)
+        self.sow("intermediates", "block_out", x_BxLxD)
+        return x_BxLxD, None
+
+
 class Transformer(nn.Module):
     vocab_size: int
     max_len: int
@@ -156,6 +170,7 @@ class Transformer(nn.Module):
     num_heads: int
     attention: AttentionFn
     remat: Policy = "none"
+    scan_layers: bool = False
 
     @nn.compact
     def __call__(self, tokens_BxL, train: bool = False):
@@ -178,10 +193,23 @@ class Transformer(nn.Module):
         pos_LxD = self.param("pos", pos_init, (self.max_len, self.d_model))[:length]
         x_BxLxD = _embeds(embed(tokens_BxL) + pos_LxD)
         # Remat matters only where gradients are taken: inference runs the plain block.
-        block = remat(Block, self.remat) if train else Block
-        for i in range(self.num_layers):
-            x_BxLxD = block(self.num_heads, self.attention, name=f"block{i}")(x_BxLxD)
-            self.sow("intermediates", f"block{i}_out", x_BxLxD)
+        policy = self.remat if train else "none"
+        if self.scan_layers:  # one block's program, its weights stacked on a `layers` axis
+            layers = nn.scan(
+                _Layer,
+                variable_axes={"params": 0, "intermediates": 0},
+                split_rngs={"params": True},
+                length=self.num_layers,
+                metadata_params={nn.PARTITION_NAME: "layers"},
+            )
+            x_BxLxD, _ = layers(self.num_heads, self.attention, policy, name="blocks")(
+                x_BxLxD, None
+            )
+        else:
+            for i in range(self.num_layers):
+                block = remat(Block, policy)(self.num_heads, self.attention, name=f"block{i}")
+                x_BxLxD = block(x_BxLxD)
+                self.sow("intermediates", f"block{i}_out", x_BxLxD)
         x_BxLxD = nn.RMSNorm(name="norm", scale_init=_named(_ONES, "norm"))(x_BxLxD)
         # tied embeddings: logits_BxLxV
         return constrain(embed.attend(x_BxLxD), "batch", "length", "vocab")
@@ -218,6 +246,7 @@ def transformer(
     num_heads: int = 4,
     attention: AttentionFn = jax.nn.dot_product_attention,
     remat: Policy = "none",
+    scan_layers: bool = False,
 ) -> Model:
     """A decoder-only (causal) transformer language model with tied embeddings.
 
@@ -225,6 +254,15 @@ def transformer(
     keeping them (see `jaxmint.models.remat`): ``"none"``, ``"full"``, ``"dots"``,
     ``"dots_no_batch"`` or a `jax.checkpoint_policies` function. It applies to
     training steps; inference and export run the plain blocks.
+
+    ``scan_layers=True`` runs the blocks as one `flax.linen.scan` (MaxText's and
+    Levanter's layout): their weights are stacked on a leading ``layers`` axis
+    (``params["blocks"]["block"][...]``, logical name ``layers``, never split by the
+    default rules) and one block's program is compiled, whatever the depth. ``remat``
+    then recomputes inside the loop's backward pass, where even XLA's CPU compiler
+    keeps it late and the planned peak falls (`benchmarks/memory.py --scan-layers`;
+    docs/parallel.md has the table). Its sown activations are ``intermediates["blocks"]["block_out"]``,
+    stacked by layer, instead of ``block{i}_out``.
 
     ``attention`` is any function with the signature of
     ``jax.nn.dot_product_attention(q, k, v, *, is_causal)`` on ``BxLxHxD`` arrays,
@@ -238,5 +276,7 @@ def transformer(
     if d_model % num_heads:
         raise ValueError(f"d_model={d_model} must be divisible by num_heads={num_heads}")
     policy_of(remat)  # an unknown name fails here, not at the first step
-    module = Transformer(vocab_size, max_len, d_model, num_layers, num_heads, attention, remat)
+    module = Transformer(
+        vocab_size, max_len, d_model, num_layers, num_heads, attention, remat, scan_layers
+    )
     return from_linen(module)._replace(input_range=(0, vocab_size))
