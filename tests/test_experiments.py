@@ -77,6 +77,7 @@ def test_smoke_trains_evaluates_and_resumes(script, tmp_path):
     again = run(script, "--smoke", "--workdir", workdir, "--no-progress")
     assert again.returncode == 0, again.stderr[-3000:]
     assert again.stdout.splitlines()[-1] == out.stdout.splitlines()[-1]
+    assert "changed config fields" not in again.stderr  # the same config: no false alarm
 
 
 @pytest.mark.slow

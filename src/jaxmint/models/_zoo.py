@@ -261,8 +261,9 @@ def transformer(
     default rules) and one block's program is compiled, whatever the depth. ``remat``
     then recomputes inside the loop's backward pass, where even XLA's CPU compiler
     keeps it late and the planned peak falls (`benchmarks/memory.py --scan-layers`;
-    docs/parallel.md has the table). Its sown activations are ``intermediates["blocks"]["block_out"]``,
-    stacked by layer, instead of ``block{i}_out``.
+    docs/parallel.md has the table). Its sown activations are
+    ``intermediates["blocks"]["block_out"]``, stacked by layer, instead of
+    ``block{i}_out``.
 
     ``attention`` is any function with the signature of
     ``jax.nn.dot_product_attention(q, k, v, *, is_causal)`` on ``BxLxHxD`` arrays,

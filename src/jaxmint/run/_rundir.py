@@ -109,11 +109,17 @@ class RunDir:
         except ValueError as e:
             raise RunDirError(f"{self.config_file} is not valid JSON ({e})") from None
 
-    def write_config(self, record: dict) -> None:
-        """Write ``config.json`` atomically; the experiment script is recorded in it."""
+    def as_recorded(self, record: dict) -> dict:
+        """``record`` as `write_config` writes it: JSON values, the experiment script
+        named in its config (compare this, not ``record``, with `read_config`)."""
         record = json.loads(json.dumps(record, default=str))
         if self.experiment:
             record.setdefault("config", {})["experiment"] = self.experiment
+        return record
+
+    def write_config(self, record: dict) -> None:
+        """Write ``config.json`` atomically; the experiment script is recorded in it."""
+        record = self.as_recorded(record)
         tmp = self.config_file.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(record, indent=2))
         tmp.replace(self.config_file)

@@ -40,7 +40,7 @@ def resume(loop: FitLoop, state: TrainState, record: dict) -> tuple[TrainState, 
     steps = ckpt.steps()
     if not steps:
         return state, 0
-    differing = config_changes(run.read_config(), record)
+    differing = config_changes(run.read_config(), run.as_recorded(record))
     _check_shapes(loop, state, steps[-1], differing)
     fresh = state._asdict()
     step_sharding = getattr(state.step, "sharding", None)
