@@ -54,6 +54,26 @@ def test_debug_smoke_run_then_inspect_step(tmp_path, capsys):
     assert "not a run dir" in capsys.readouterr().err
 
 
+def test_inspect_step_shows_the_update_the_run_applied_next(tmp_path):
+    import jax
+
+    from jaxmint.debug import inspect_run
+    from jaxmint.run import load_params
+
+    workdir = tmp_path / "run"  # warmup from a learning rate of 0, then Adam's moments
+    run("--smoke", "--steps", "5", "--checkpoint-every", "1", "--no-progress", "--workdir", workdir)
+    report, step = inspect_run(workdir, 4)
+    assert step == 4
+    before, after = (load_params(workdir, s)[0]["params"] for s in (4, 5))
+    applied = jax.tree_util.tree_map(lambda a, b: b - a, before, after)
+    jax.tree_util.tree_map(
+        lambda got, want: np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-7),
+        report.update,
+        applied,
+    )
+    assert not any(f.code == "update-ratio-low" for f in report.flags)
+
+
 def test_rerun_command_replays_the_step_with_the_same_steps():
     command = rerun_command(
         ["python experiments/x.py", "--check", "--lr", "1", "--steps", "900", "--workdir", "r/a"],

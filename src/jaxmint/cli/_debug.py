@@ -27,6 +27,6 @@ def _inspect_step(args) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"{args.run_dir}: checkpoint at step {step}, the batch of step {step + 1}")
-    print("(update: from a fresh optimizer state; learnable loss weights at their init)\n")
+    print("(the update the run applies next: from the checkpoint's optimizer and loss state)\n")
     print(report)
     return 0

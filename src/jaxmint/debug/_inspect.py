@@ -20,7 +20,7 @@ from jaxmint.models._model import Model, join_variables, split_variables
 from jaxmint.models._summary import _path
 from jaxmint.run import RunDir
 from jaxmint.state import group_leaves, param_groups
-from jaxmint.steps import activation_stats
+from jaxmint.steps import activation_stats, build_steps
 
 
 @dataclasses.dataclass
@@ -97,6 +97,7 @@ def inspect_step(
     key: jax.Array | None = None,
     model_state: Mapping[str, Any] | None = None,
     opt_state: Any = None,
+    loss_state: Mapping[str, Any] | None = None,
     step: int = 0,
     input_key: str = "x",
 ) -> StepInspection:
@@ -112,7 +113,9 @@ def inspect_step(
       model_state: the model's other collections (e.g. ``batch_stats``); default:
         freshly initialized.
       opt_state: the optimizer's state; default ``optimizer.init(params)``, so for
-        Adam the update is that of a first step.
+        Adam the update is that of a first step (and a warmup from 0 gives none).
+      loss_state: the loss's ``{"weights", "params"}`` (learnable weights as trained);
+        default ``loss.init()``.
       step: the step at which schedule weights of the loss are evaluated.
 
     Example::
@@ -134,7 +137,14 @@ def inspect_step(
         model_state = init_state if model_state is None else model_state
     params = jax.tree_util.tree_map(jnp.asarray, params)
     model_state = None if model_state is None else dict(model_state)
-    loss_state = loss.init()
+    loss_state = (
+        loss.init()
+        if loss_state is None
+        else {
+            "weights": loss_state["weights"],
+            "params": loss_state["params"],
+        }
+    )
     names = loss.metric_names()
 
     def evaluate(p):
@@ -209,14 +219,16 @@ def _dot(a, b) -> float:
 def inspect_run(run_dir: str | os.PathLike, step: int | None = None) -> tuple[StepInspection, int]:
     """`inspect_step` on a run dir's checkpoint (latest by default) and the batch after it.
 
-    Rebuilds the experiment from the script recorded in ``config.json``, loads the
-    checkpoint's params and model state, and takes the batch that the next train
-    step would use (array data only). Returns ``(inspection, checkpoint_step)``.
+    Rebuilds the experiment from the script recorded in ``config.json``, restores
+    the checkpoint's train state (params, model state, optimizer state and loss
+    state), and takes the batch that the next train step would use (array data
+    only): the update shown is the one the run applies next. Returns
+    ``(inspection, checkpoint_step)``.
     """
     run = RunDir.of(run_dir)
     module, config, _ = run.load_experiment()
     exp = module.build(config)
-    weights, chosen = run.load_params(step)
+    _, chosen = run.load_params(step)  # the step (latest by default), checked readable
     if not isinstance(exp.train, Mapping):
         raise ValueError(
             f"the experiment of {Path(run_dir)} streams its training data (an iterable), which "
@@ -225,15 +237,22 @@ def inspect_run(run_dir: str | os.PathLike, step: int | None = None) -> tuple[St
         )
     loader = ArrayLoader(exp.train, config.batch_size, seed=config.seed)
     batch = next(loader.batches(chosen))
+    steps = build_steps(
+        exp.model, exp.loss, exp.optimizer, input_key=exp.input_key, metrics=exp.metrics
+    )
+    template = jax.eval_shape(steps.init, jax.random.PRNGKey(config.seed), batch)
+    state = run.read_state(chosen, template._asdict())
     _, rng = jax.random.split(jax.random.PRNGKey(config.seed))  # as fit splits its seed
     report = inspect_step(
         exp.model,
         exp.loss,
         exp.optimizer,
         batch,
-        weights["params"],
+        state["params"],
         key=jax.random.fold_in(rng, chosen),
-        model_state=weights["model_state"],
+        model_state=state["model_state"],
+        opt_state=state["opt_state"],
+        loss_state=state["loss_state"],
         step=chosen,
         input_key=exp.input_key,
     )
