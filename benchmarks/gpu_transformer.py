@@ -11,10 +11,11 @@ reports MFU = model FLOPs per second / the chip's dense bf16 peak. Model FLOPs
 per token: 6 * params (matmuls, forward and backward) + 12 * layers * seq * d_model
 (attention scores and values); a rematerialized block's recomputation is not
 model FLOPs, so remat lowers MFU by what it recomputes. Target on an H200: >= 45%.
-``--mesh`` lays the step out on a mesh of the devices (``fit(mesh=...)``, the
-default sharding rules); MFU is then over all of them. ``--scan-layers`` runs the
-blocks as one scan (``transformer(scan_layers=True)``). The peak memory of each
-device comes from its allocator (``memory_stats``; none on a CPU).
+``fit`` trains on every device (data parallel by default; ``--mesh`` lays the step
+out on a mesh of them with the default sharding rules), and MFU is over all of them.
+``--scan-layers`` runs the blocks as one scan (``transformer(scan_layers=True)``).
+The peak memory of each device comes from its allocator (``memory_stats``; none on a
+CPU).
 Writes benchmarks/results/gpu_transformer.json.
 """
 
@@ -101,7 +102,7 @@ def main() -> None:
         hooks=[clock],
         **({"mesh": args.mesh} if args.mesh else {}),
     )
-    devices = jax.device_count() if args.mesh else 1
+    devices = jax.device_count()  # fit lays the step out on all of them (data by default)
     n_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(result.params))
     d, layers = size["d_model"], size["num_layers"]
     flops_per_token = 6 * n_params + 12 * layers * seq * d
