@@ -34,3 +34,14 @@ def test_summary_of_a_cnn_with_batch_stats():
     assert s.total_params == real_count(model, x)
     assert "conv0" in [layer.name for layer in s.layers]
     assert s.activations["act1"] == (2, 4, 4, 8)
+
+
+def test_summary_counts_every_layer_of_a_scanned_model():
+    # XLA's cost analysis counts a loop's body once; the summary counts every pass.
+    x = np.zeros((2, 32), np.int32)
+    shape = dict(max_len=32, d_model=32, num_layers=4, num_heads=4)
+    unrolled = jaxmint.models.summary(jaxmint.models.transformer(64, **shape), x, show=False)
+    scanned = jaxmint.models.transformer(64, scan_layers=True, **shape)
+    s = jaxmint.models.summary(scanned, x, show=False)
+    assert s.total_params == unrolled.total_params
+    assert s.flops_per_example == unrolled.flops_per_example

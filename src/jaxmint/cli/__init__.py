@@ -240,14 +240,18 @@ def _inspect(args) -> int:
         cost = Table(
             "batch", "GFLOPs", "MB accessed", "peak MB", title="XLA analysis (this platform)"
         )
+        loops = any(a.get("loops_counted_once") for a in report["analysis"].values())
+        at_least = ">= " if loops else ""
         for b, a in report["analysis"].items():
             cost.add_row(
                 str(b),
-                f"{a['flops'] / 1e9:.4g}",
-                f"{a['bytes_accessed'] / 1e6:.4g}",
+                f"{at_least}{a['flops'] / 1e9:.4g}",
+                f"{at_least}{a['bytes_accessed'] / 1e6:.4g}",
                 f"{a.get('peak_memory_bytes', float('nan')) / 1e6:.4g}",
             )
         c.print(cost)
+        if loops:
+            c.print("the program has loops (scanned layers): XLA counts each loop's body once")
     return 0
 
 

@@ -1,7 +1,8 @@
 """`summary`: a model's layers, parameter shapes, sizes, activation shapes and FLOPs.
 
 Nothing is allocated or trained: shapes come from ``jax.eval_shape`` and FLOPs
-from XLA's cost analysis of the compiled forward pass (one compile).
+from XLA's cost analysis of the compiled forward pass (one compile), its scans
+unrolled: XLA counts a loop's body once, whatever its trip count.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax.extend import core as jex
 
 from jaxmint.models._model import Model, split_variables
 
@@ -35,8 +37,10 @@ class ModelSummary:
       activations: shapes of the model's outputs (``"outputs"``) and of every sown
         intermediate, for the sample batch.
       total_params, total_bytes: over every layer (``params`` only, not model state).
-      flops_per_example: XLA's count for the forward pass divided by the batch
-        size, or None when the backend reports no cost analysis.
+      flops_per_example: XLA's count for the forward pass (every iteration of its
+        scans, such as scanned layers) divided by the batch size, or None when the
+        backend reports no cost analysis. A ``while_loop`` whose trip count is known
+        only at run time is counted once.
       batch_size: the sample's batch size.
     """
 
@@ -133,7 +137,9 @@ def _flops(model: Model, variables, inputs, batch: int) -> float | None:
         return model.apply(v, x, train=False, key=None)
 
     try:
-        cost = jax.jit(apply).lower(variables, inputs).compile().cost_analysis()
+        unrolled = jex.jaxpr_as_fun(_unroll_scans(jax.make_jaxpr(apply)(variables, inputs)))
+        args = jax.tree_util.tree_leaves((variables, inputs))
+        cost = jax.jit(unrolled).lower(*args).compile().cost_analysis()
     except Exception:  # a backend without cost analysis: report n/a, not an error
         return None
     if isinstance(cost, list | tuple):  # older jax: one dict per computation
@@ -141,6 +147,27 @@ def _flops(model: Model, variables, inputs, batch: int) -> float | None:
     if not cost or "flops" not in cost:
         return None
     return float(cost["flops"]) / max(batch, 1)
+
+
+def _unroll_scans(closed: jex.ClosedJaxpr) -> jex.ClosedJaxpr:
+    """``closed`` with every scan, nested ones too, fully unrolled (the same values)."""
+
+    def rewrite(value):
+        if isinstance(value, jex.ClosedJaxpr):
+            return value.replace(jaxpr=rewrite(value.jaxpr))
+        if isinstance(value, jex.Jaxpr):
+            eqns = []
+            for eqn in value.eqns:
+                params = {k: rewrite(v) for k, v in eqn.params.items()}
+                if eqn.primitive.name == "scan":
+                    params["unroll"] = max(int(params["length"]), 1)
+                eqns.append(eqn.replace(params=params))
+            return value.replace(eqns=eqns)
+        if type(value) is tuple:  # cond's branches (not a NamedTuple of numbers)
+            return tuple(rewrite(v) for v in value)
+        return value
+
+    return rewrite(closed)
 
 
 def _path(path) -> str:
