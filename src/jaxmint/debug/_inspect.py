@@ -137,14 +137,10 @@ def inspect_step(
         model_state = init_state if model_state is None else model_state
     params = jax.tree_util.tree_map(jnp.asarray, params)
     model_state = None if model_state is None else dict(model_state)
-    loss_state = (
-        loss.init()
-        if loss_state is None
-        else {
-            "weights": loss_state["weights"],
-            "params": loss_state["params"],
-        }
-    )
+    if loss_state is None:
+        loss_state = loss.init()
+    else:  # (a train state's loss state also holds the optimizer state of its params)
+        loss_state = {"weights": loss_state["weights"], "params": loss_state["params"]}
     names = loss.metric_names()
 
     def evaluate(p):
