@@ -137,9 +137,13 @@ def _flops(model: Model, variables, inputs, batch: int) -> float | None:
         return model.apply(v, x, train=False, key=None)
 
     try:
-        unrolled = jex.jaxpr_as_fun(_unroll_scans(jax.make_jaxpr(apply)(variables, inputs)))
-        args = jax.tree_util.tree_leaves((variables, inputs))
-        cost = jax.jit(unrolled).lower(*args).compile().cost_analysis()
+        closed = jax.make_jaxpr(apply)(variables, inputs)
+        if _has_scan(closed.jaxpr):  # XLA counts a loop body once: count it unrolled
+            unrolled = jex.jaxpr_as_fun(_unroll_scans(closed))
+            args = jax.tree_util.tree_leaves((variables, inputs))
+            cost = jax.jit(unrolled).lower(*args).compile().cost_analysis()
+        else:
+            cost = jax.jit(apply).lower(variables, inputs).compile().cost_analysis()
     except Exception:  # a backend without cost analysis: report n/a, not an error
         return None
     if isinstance(cost, list | tuple):  # older jax: one dict per computation
@@ -147,6 +151,13 @@ def _flops(model: Model, variables, inputs, batch: int) -> float | None:
     if not cost or "flops" not in cost:
         return None
     return float(cost["flops"]) / max(batch, 1)
+
+
+def _has_scan(jaxpr: jex.Jaxpr) -> bool:
+    """Whether ``jaxpr``, or a jaxpr nested in it, runs a scan."""
+    return any(eqn.primitive.name == "scan" for eqn in jaxpr.eqns) or any(
+        _has_scan(sub) for sub in jex.subjaxprs(jaxpr)
+    )
 
 
 def _unroll_scans(closed: jex.ClosedJaxpr) -> jex.ClosedJaxpr:
