@@ -3,6 +3,7 @@
 from jaxmint.checkpoint._manager import CheckpointError as CheckpointError
 from jaxmint.checkpoint._manager import Preempted as Preempted
 from jaxmint.checkpoint._manager import RunCheckpoints as RunCheckpoints
+from jaxmint.checkpoint._manager import read_state as read_state
 from jaxmint.checkpoint._manager import read_weights as read_weights
 
-__all__ = ["CheckpointError", "Preempted", "RunCheckpoints", "read_weights"]
+__all__ = ["CheckpointError", "Preempted", "RunCheckpoints", "read_state", "read_weights"]

@@ -417,6 +417,15 @@ def read_weights(directory: str | os.PathLike, step: int | None = None) -> tuple
     (``model_state`` is None for a model whose variables are all parameters).
     Needs no model code: orbax restores without a target.
     """
+    state, chosen = read_state(directory, step)
+    return {"params": state["params"], "model_state": state.get("model_state")}, chosen
+
+
+def read_state(
+    directory: str | os.PathLike, step: int | None = None, target: Any = None
+) -> tuple[dict, int]:
+    """Read the train state of the latest step, or ``step``, in a checkpoint directory:
+    ``(state, step)``, shaped and placed like ``target`` (None: as stored, numpy)."""
     directory = Path(directory).absolute()
     if not directory.is_dir():
         raise CheckpointError(
@@ -432,12 +441,12 @@ def read_weights(directory: str | os.PathLike, step: int | None = None) -> tuple
         if chosen not in available:
             raise CheckpointError(f"no checkpoint at step {step}; available steps: {available}")
         try:
-            state, _ = ckpt.restore(chosen)
+            state, _ = ckpt.restore(chosen, target)
         except Exception as e:  # orbax raises many types for damaged files
             raise CheckpointError(
                 f"the checkpoint at step {chosen} in {directory} cannot be read "
                 f"({_first_line(e)}); pick another step from {available}"
             ) from None
-        return {"params": state["params"], "model_state": state.get("model_state")}, chosen
+        return state, chosen
     finally:
         ckpt.close()

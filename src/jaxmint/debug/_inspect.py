@@ -224,7 +224,6 @@ def inspect_run(run_dir: str | os.PathLike, step: int | None = None) -> tuple[St
     run = RunDir.of(run_dir)
     module, config, _ = run.load_experiment()
     exp = module.build(config)
-    _, chosen = run.load_params(step)  # the step (latest by default), checked readable
     if not isinstance(exp.train, Mapping):
         raise ValueError(
             f"the experiment of {Path(run_dir)} streams its training data (an iterable), which "
@@ -232,12 +231,13 @@ def inspect_run(run_dir: str | os.PathLike, step: int | None = None) -> tuple[St
             "with a batch of your choosing"
         )
     loader = ArrayLoader(exp.train, config.batch_size, seed=config.seed)
-    batch = next(loader.batches(chosen))
     steps = build_steps(
         exp.model, exp.loss, exp.optimizer, input_key=exp.input_key, metrics=exp.metrics
     )
-    template = jax.eval_shape(steps.init, jax.random.PRNGKey(config.seed), batch)
-    state = run.read_state(chosen, template._asdict())
+    shapes = next(loader.batches(0))  # any batch: the state's shapes do not depend on it
+    template = jax.eval_shape(steps.init, jax.random.PRNGKey(config.seed), shapes)
+    state, chosen = run.read_state(step, template._asdict())
+    batch = next(loader.batches(chosen))
     _, rng = jax.random.split(jax.random.PRNGKey(config.seed))  # as fit splits its seed
     report = inspect_step(
         exp.model,

@@ -47,7 +47,7 @@ def localize_nonfinite(run_dir: str | os.PathLike) -> str:
     good = [s for s in run.checkpoint_steps() if s < bad_step]
     if good:
         start = max(good)
-        state = TrainState(**run.read_state(start, template._asdict()))
+        state = TrainState(**run.read_state(start, template._asdict())[0])
     else:
         start = 0
         state = jax.jit(steps.init)(jax.random.PRNGKey(config.seed), next(loader.batches(0)))

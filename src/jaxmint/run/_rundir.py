@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from jaxmint.checkpoint import CheckpointError, RunCheckpoints, read_weights
+from jaxmint.checkpoint import CheckpointError, RunCheckpoints, read_state, read_weights
 from jaxmint.config import from_dict
 from jaxmint.run._script import load_module
 from jaxmint.track import read_metrics
@@ -199,13 +199,10 @@ class RunDir:
             step = self.best_step()
         return read_weights(self.checkpoints_dir, step)
 
-    def read_state(self, step: int, target) -> dict:
-        """The saved train state of ``step``, read only, shaped like ``target``."""
-        ckpt = self.checkpoints()
-        try:
-            return ckpt.restore(step, target)[0]
-        finally:
-            ckpt.close()
+    def read_state(self, step: int | None, target) -> tuple[dict, int]:
+        """The saved train state at the latest step or ``step``, read only, shaped like
+        ``target``: ``(state, step)``."""
+        return read_state(self.checkpoints_dir, step, target)
 
     def move_aside(self) -> None:
         """``--fresh``: move checkpoints, metrics and events aside (nothing is deleted)."""
