@@ -6,6 +6,7 @@ Run (a few minutes on 2 CPU cores for the default ~100M-parameter model;
     python benchmarks/memory.py
     python benchmarks/memory.py --quick
     python benchmarks/memory.py --scan-layers --mesh-remat full  # scanned blocks, remat
+    python benchmarks/memory.py --scan-layers --mesh-remat full --chunked-ce --chunked-attention
 
 Two measures per policy of `jaxmint.models.transformer(..., remat=...)`, for the
 gradient of the next-token loss at one batch:
@@ -33,7 +34,9 @@ under XLA's default CPU schedule (ordered for concurrency) and under its
 memory-optimized one (ordered for memory, as accelerator compilers do under their
 memory limit); on 8 accelerators, under the backend's own. ``--scan-layers`` plans
 the transformer with its blocks scanned (``scan_layers=True``), and ``--mesh-remat``
-gives the mesh table's model a remat policy.
+gives the mesh table's model a remat policy. ``--chunked-ce`` trains it on
+`jaxmint.losses.chunked_cross_entropy` (no whole logits) instead of the plain
+cross-entropy, and ``--chunked-attention`` gives it `jaxmint.models.chunked_attention`.
 
 Writes ``benchmarks/results/memory.json``.
 """
@@ -113,6 +116,8 @@ def mesh_memory(
     schedules=None,
     scan_layers: bool = False,
     remat: str = "none",
+    chunked_ce: bool = False,
+    chunked_attention: bool = False,
 ) -> dict:
     """Per schedule (name -> XLA compiler options; default: the backend's own) and
     mesh: the per-device bytes of `fit`'s compiled train step (see the docstring), on
@@ -133,8 +138,12 @@ def mesh_memory(
         num_heads=heads,
         scan_layers=scan_layers,
         remat=remat,
+        **(dict(attention=jaxmint.models.chunked_attention()) if chunked_attention else {}),
     )
-    steps = build_steps(model, jaxmint.losses.softmax_cross_entropy(), optax.adamw(1e-4))
+    ce = (
+        jaxmint.losses.chunked_cross_entropy if chunked_ce else jaxmint.losses.softmax_cross_entropy
+    )
+    steps = build_steps(model, ce(), optax.adamw(1e-4))
     key = jax.random.PRNGKey(0)
     sample = {"x": np.zeros((batch, length), np.int32), "y": np.zeros((batch, length), np.int32)}
     abstract = jax.eval_shape(steps.init, key, sample)
@@ -175,18 +184,27 @@ SCHEDULES = {
 
 
 def meshes_on_8_devices(
-    size: str, lengths: tuple[int, ...], scan_layers: bool = False, remat: str = "none"
+    size: str,
+    lengths: tuple[int, ...],
+    scan_layers: bool = False,
+    remat: str = "none",
+    chunked_ce: bool = False,
+    chunked_attention: bool = False,
 ) -> dict[str, dict[int, dict]]:
     """Per schedule and sequence length, `mesh_memory`: on 8 accelerators, here and
     with the backend's own schedule; else in a child of 8 fake CPU devices, under
     each CPU schedule (`SCHEDULES`)."""
     if jax.device_count() == 8 and jax.devices()[0].platform != "cpu":
-        by_length = {n: mesh_memory(size, MESHES, n, None, scan_layers, remat) for n in lengths}
+        by_length = {
+            n: mesh_memory(size, MESHES, n, None, scan_layers, remat, chunked_ce, chunked_attention)
+            for n in lengths
+        }
         return {"backend": {n: rows["backend"] for n, rows in by_length.items()}}
     code = (
         f"import json, sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
         "import memory; print('MESHES', json.dumps([memory.mesh_memory("
-        f"{size!r}, memory.MESHES, n, memory.SCHEDULES, {scan_layers}, {remat!r}) "
+        f"{size!r}, memory.MESHES, n, memory.SCHEDULES, {scan_layers}, {remat!r}, {chunked_ce}, "
+        f"{chunked_attention}) "
         f"for n in {list(lengths)}]))"
     )
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
@@ -264,6 +282,18 @@ def main(argv=None) -> dict:
         default="none",
         help="the remat policy of the model in the mesh table",
     )
+    parser.add_argument(
+        "--chunked-ce",
+        action="store_true",
+        help="the mesh table's loss from the hidden states, a chunk of positions at a time "
+        "(losses.chunked_cross_entropy) instead of from the whole logits",
+    )
+    parser.add_argument(
+        "--chunked-attention",
+        action="store_true",
+        help="the mesh table's model scores attention 256 queries at a time "
+        "(models.chunked_attention) instead of all at once",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS / "memory.json")
     args = parser.parse_args(argv)
     size = args.size or ("tiny" if args.quick else "100m")
@@ -307,7 +337,14 @@ def main(argv=None) -> dict:
     schedules = (
         {}
         if args.no_compile
-        else meshes_on_8_devices(size, lengths, args.scan_layers, args.mesh_remat)
+        else meshes_on_8_devices(
+            size,
+            lengths,
+            args.scan_layers,
+            args.mesh_remat,
+            args.chunked_ce,
+            args.chunked_attention,
+        )
     )
     for length in lengths:
         if schedules:
@@ -320,6 +357,8 @@ def main(argv=None) -> dict:
         "size": size,
         "scan_layers": args.scan_layers,
         "mesh_remat": args.mesh_remat,
+        "chunked_ce": args.chunked_ce,
+        "chunked_attention": args.chunked_attention,
         "shape": SIZES[size],
         "remat": rows,
         "full_over_none_kept": ratio,

@@ -140,10 +140,18 @@ def test_serving_peers_quick(tmp_path):
 
 
 def test_memory_quick(tmp_path):
-    args = ["--quick", "--scan-layers", "--mesh-remat", "full", "--out", tmp_path / "m.json"]
-    out = run("benchmarks/memory.py", *args)
+    args = [
+        "--quick",
+        "--scan-layers",
+        "--mesh-remat",
+        "full",
+        "--chunked-ce",
+        "--chunked-attention",
+    ]
+    out = run("benchmarks/memory.py", *args, "--out", tmp_path / "m.json")
     result = json.loads((tmp_path / "m.json").read_text())
     assert result["scan_layers"] is True and result["mesh_remat"] == "full"
+    assert result["chunked_ce"] is True and result["chunked_attention"] is True
     assert set(result["meshes"]) == {"data=8", "fsdp=8", "fsdp=2,tensor=4", "fsdp=4,tensor=2"}
     # each device holds a slice of the state on a model-parallel mesh, all of it on data=8
     meshes = result["meshes"]

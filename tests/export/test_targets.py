@@ -42,6 +42,17 @@ def _models():
             ),
             rng.integers(0, 64, size=(6, 16)),
         ),
+        "chunked_transformer": (
+            jaxmint.models.transformer(
+                64,
+                max_len=16,
+                d_model=16,
+                num_layers=1,
+                num_heads=2,
+                attention=jaxmint.models.chunked_attention(8),
+            ),
+            rng.integers(0, 64, size=(6, 16)),
+        ),
     }
 
 
@@ -73,7 +84,9 @@ def _manifest(path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["mlp", "cnn", "transformer", "portable_transformer"])
+@pytest.mark.parametrize(
+    "name", ["mlp", "cnn", "transformer", "portable_transformer", "chunked_transformer"]
+)
 @pytest.mark.parametrize("backend", ALL)
 def test_round_trip_per_target(exported, name, backend):
     path, reference, x = exported[name]
@@ -81,7 +94,7 @@ def test_round_trip_per_target(exported, name, backend):
     if backend not in manifest["targets"]:
         # Only a converter limitation may skip a target, and then it says which op.
         why = manifest["skipped_targets"][backend]
-        assert name == "transformer" and backend == "onnx", why
+        assert name in ("transformer", "chunked_transformer") and backend == "onnx", why
         assert "cannot" in why and ("op" in why or "node" in why), why
         pytest.skip(f"{backend} cannot represent the {name}: {why}")
     parity = manifest["targets"][backend]["parity"]

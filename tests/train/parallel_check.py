@@ -52,12 +52,20 @@ def setup(case: str, strategy: str):
         train = {"x": train["x"].reshape(-1, 8, 8, 1), "y": train["y"]}
         axis = "data" if strategy == "pmap" else None
         return jaxmint.models.cnn((8,), 10, axis_name=axis), train, {}
-    if case in ("transformer", "transformer-scan"):  # heads, MLP width, vocabulary: 8 | each
+    if case == "transformer":  # heads, MLP width, vocabulary: 8 | each
+        train, _ = jaxmint.data.stdlib_chars(16, max_bytes=40_000)
+        return jaxmint.models.transformer(256, max_len=16, d_model=32, num_heads=8), train, {}
+    if case == "transformer-scan":  # with the long-sequence pieces, two chunks of 8 each
         train, _ = jaxmint.data.stdlib_chars(16, max_bytes=40_000)
         model = jaxmint.models.transformer(
-            256, max_len=16, d_model=32, num_heads=8, scan_layers=case == "transformer-scan"
+            256,
+            max_len=16,
+            d_model=32,
+            num_heads=8,
+            scan_layers=True,
+            attention=jaxmint.models.chunked_attention(8),
         )
-        return model, train, {}
+        return model, train, {"loss": losses.chunked_cross_entropy(chunk=8)}
     if case.startswith("annotated"):  # a user's module with flax's logical partitioning
         rules = {**DEFAULT_RULES, "mlp": None} if case == "annotated-mlp-whole" else None
         return jaxmint.models.from_linen(Annotated()), train, {"rules": rules}
@@ -119,9 +127,10 @@ def main():
 
 def run(case, strategy, workdir, steps):
     model, train, extra = setup(case, strategy)
+    loss = extra.pop("loss", losses.softmax_cross_entropy())
     result = jaxmint.fit(
         model,
-        losses.softmax_cross_entropy(),
+        loss,
         optax.sgd(0.1, momentum=0.9),
         train,
         steps=steps,

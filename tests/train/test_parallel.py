@@ -79,6 +79,7 @@ def test_tensor_parallel_transformer_matches_one_device_and_splits_by_the_rules(
 
 @pytest.mark.slow
 def test_a_scanned_transformer_matches_one_device_with_its_layers_axis_whole():
+    """Scanned, with chunked attention and the chunked cross-entropy."""
     mesh = "mesh:data=2/fsdp=2/tensor=2"
     results = run(["transformer-scan", f"single,{mesh}"])
     assert_same_curve(results[mesh], results["single"])

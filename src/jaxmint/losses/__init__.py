@@ -21,12 +21,14 @@ from jaxmint.losses._builtins import mse as mse
 from jaxmint.losses._builtins import sigmoid_binary_cross_entropy as sigmoid_binary_cross_entropy
 from jaxmint.losses._builtins import softmax_cross_entropy as softmax_cross_entropy
 from jaxmint.losses._builtins import z_loss as z_loss
+from jaxmint.losses._chunked import chunked_cross_entropy as chunked_cross_entropy
 
 __all__ = [
     "Loss",
     "LossError",
     "LossInputs",
     "Term",
+    "chunked_cross_entropy",
     "huber",
     "l2",
     "masked",

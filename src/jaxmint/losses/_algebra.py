@@ -24,7 +24,7 @@ import numpy as np
 Where = str | Callable[[Mapping[str, Any]], Any] | None
 """A mask: the name of a batch key, or ``batch -> bool array``, or None (all examples)."""
 
-_SOURCES = ("outputs", "intermediates", "params")
+_SOURCES = ("outputs", "intermediates", "params", "inputs")
 _REDUCTIONS = ("mean", "sum")
 
 
@@ -258,7 +258,10 @@ class Term(Loss):
         else:
             source = inputs.outputs if self.on == "outputs" else inputs.intermediates
             try:
-                values = jnp.asarray(self.fn(source, inputs.batch))
+                if self.on == "inputs":
+                    values = jnp.asarray(self.fn(inputs))
+                else:
+                    values = jnp.asarray(self.fn(source, inputs.batch))
             except KeyError as e:
                 raise LossError(
                     f"loss term {self.name!r} reads key {e.args[0]!r}, which is missing; "
@@ -460,7 +463,9 @@ def term(
       fn: for ``on="outputs"``, ``fn(outputs, batch) -> per-example values`` (leading
         batch axis; extra axes such as tokens are fine); for ``on="intermediates"``,
         ``fn(intermediates, batch)`` with the model's sown activations; for
-        ``on="params"``, ``fn(params) -> scalar`` (a regularizer).
+        ``on="params"``, ``fn(params) -> scalar`` (a regularizer); for ``on="inputs"``,
+        ``fn(inputs) -> per-example values`` with the whole `LossInputs` (outputs,
+        batch, params, intermediates, step), for a term that reads several of them.
       name: logged as ``loss/<name>``.
       reduction: ``"mean"`` over every unmasked value, or ``"sum"`` over non-batch
         axes then mean over examples.
@@ -562,6 +567,6 @@ def _describe_params(params) -> str:
 
 def _describe_keys(on, source, batch) -> str:
     text = f"the batch has keys {sorted(batch)}"
-    if on == "intermediates":
+    if on in ("intermediates", "inputs"):
         text += f" and the model's intermediates have keys {sorted(source)}"
     return text

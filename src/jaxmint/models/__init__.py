@@ -12,6 +12,7 @@ from jaxmint.models._remat import remat as remat
 from jaxmint.models._summary import LayerSummary as LayerSummary
 from jaxmint.models._summary import ModelSummary as ModelSummary
 from jaxmint.models._summary import summary as summary
+from jaxmint.models._zoo import chunked_attention as chunked_attention
 from jaxmint.models._zoo import cnn as cnn
 from jaxmint.models._zoo import mlp as mlp
 from jaxmint.models._zoo import portable_attention as portable_attention
@@ -23,6 +24,7 @@ __all__ = [
     "ModelSummary",
     "activation_layout",
     "axes_by_path",
+    "chunked_attention",
     "cnn",
     "constrain",
     "from_linen",

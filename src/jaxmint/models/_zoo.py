@@ -37,6 +37,51 @@ def portable_attention(q_BxLxHxD, k_BxLxHxD, v_BxLxHxD, *, is_causal: bool) -> j
     return jax.nn.dot_product_attention(q_BxLxHxD, k_BxLxHxD, v_BxLxHxD, mask=mask_LxS)
 
 
+def chunked_attention(chunk: int = 256) -> AttentionFn:
+    """An attention that scores ``chunk`` queries at a time, for long sequences.
+
+    ``jax.nn.dot_product_attention`` without a fused kernel (on a CPU, or wherever
+    XLA runs it as plain operations) holds every head's ``length x length`` scores,
+    and their gradient in the backward pass. This one runs the query chunks in a
+    `jax.lax.map` whose body is rematerialized, so one chunk's scores (``chunk x
+    length`` per head) exist at a time, forward and backward; the outputs and
+    gradients are the default attention's (to float rounding). On a GPU, cuDNN's
+    fused attention (``implementation="cudnn"``) saves the same memory faster.
+    It exports to every target, ``onnx`` included (its causal mask compares
+    positions, as `portable_attention`'s). Example::
+
+        model = jaxmint.models.transformer(
+            32_000, max_len=4096, attention=jaxmint.models.chunked_attention(512)
+        )
+    """
+    if not isinstance(chunk, int) or chunk < 1:
+        raise ValueError(f"chunked_attention: chunk must be a positive integer, got {chunk!r}")
+
+    def attention(q_BxLxHxD, k_BxSxHxD, v_BxSxHxD, *, is_causal: bool) -> jax.Array:
+        batch, length, heads, dim = q_BxLxHxD.shape
+        source = k_BxSxHxD.shape[1]
+        size = min(chunk, length)
+        count = -(-length // size)
+        q_BxLxHxD = jnp.pad(q_BxLxHxD, ((0, 0), (0, count * size - length), (0, 0), (0, 0)))
+        q_NxBxCxHxD = q_BxLxHxD.reshape(batch, count, size, heads, dim).swapaxes(0, 1)
+
+        @jax.checkpoint  # keep the chunk's queries only: its scores are recomputed backward
+        def one(xs):
+            q_BxCxHxD, start = xs
+            q_BxCxHxD = _heads(q_BxCxHxD)
+            mask_CxS = None
+            if is_causal:  # as is_causal=True: query i sees keys 0..i
+                mask_CxS = (start + jnp.arange(size))[:, None] >= jnp.arange(source)[None, :]
+            return jax.nn.dot_product_attention(q_BxCxHxD, k_BxSxHxD, v_BxSxHxD, mask=mask_CxS)
+
+        out_NxBxCxHxD = jax.lax.map(one, (q_NxBxCxHxD, jnp.arange(count) * size))
+        out_BxLxHxD = out_NxBxCxHxD.swapaxes(0, 1).reshape(batch, count * size, heads, dim)
+        return out_BxLxHxD[:, :length]
+
+    attention.__name__ = attention.__qualname__ = f"chunked_attention({chunk})"
+    return attention
+
+
 class MLP(nn.Module):
     features: Sequence[int]
     num_outputs: int
@@ -211,6 +256,7 @@ class Transformer(nn.Module):
                 x_BxLxD = block(x_BxLxD)
                 self.sow("intermediates", f"block{i}_out", x_BxLxD)
         x_BxLxD = nn.RMSNorm(name="norm", scale_init=_named(_ONES, "norm"))(x_BxLxD)
+        self.sow("intermediates", "hidden", x_BxLxD)  # for losses.chunked_cross_entropy
         # tied embeddings: logits_BxLxV
         return constrain(embed.attend(x_BxLxD), "batch", "length", "vocab")
 

@@ -1,0 +1,130 @@
+"""Cross-entropy from the last hidden states, a chunk of positions at a time.
+
+A language model's logits are its largest activation: ``batch x length x vocab``
+floats, held once in the forward pass and once more as their gradient. This term
+computes them from the hidden states and the output matrix itself, ``chunk``
+positions at a time inside a `jax.lax.map` whose body is rematerialized, so no more
+than one chunk's logits (and their gradient) exist at any moment. The model's own
+logits output is then unused by the train step, and XLA drops its computation.
+(The same idea as MaxText's vocabulary tiling and Levanter's blockwise
+cross-entropy.)
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from jaxmint.losses._algebra import LossError, LossInputs, Term, Where, term
+from jaxmint.models._constrain import constrain
+
+
+def chunked_cross_entropy(
+    *,
+    hidden: str = "hidden",
+    weight: str = "embed/embedding",
+    chunk: int = 256,
+    name: str = "ce",
+    labels: str = "y",
+    where: Where = None,
+) -> Term:
+    """Cross-entropy of the logits ``hidden @ weight.T`` against integer labels, computed
+    ``chunk`` positions at a time: the same values and gradients as
+    `softmax_cross_entropy` on the model's logits, without ever holding them whole.
+
+    Args:
+      hidden: the sown intermediate with the last hidden states ``(batch, length,
+        width)`` (the built-in transformer sows ``"hidden"``, after its final norm).
+      weight: the path of the output matrix ``(vocab, width)`` in the parameters,
+        ``/``-separated (the transformer's tied embedding: ``"embed/embedding"``).
+      chunk: positions per chunk; a length that is not a multiple is padded.
+
+    Per device, the logits then cost one chunk (``batch x chunk x vocab``) instead of
+    the whole sequence; `benchmarks/memory.py --chunked-ce` measures it. Use it for
+    training: evaluation with it reads the same intermediates, and prediction and
+    export run the model as it is, logits and all. Example::
+
+        model = jaxmint.models.transformer(32_000, max_len=1024)
+        loss = jaxmint.losses.chunked_cross_entropy(chunk=128)
+    """
+    if not isinstance(chunk, int) or chunk < 1:
+        raise ValueError(f"chunked_cross_entropy: chunk must be a positive integer, got {chunk!r}")
+    path = tuple(weight.split("/"))
+
+    def fn(inputs: LossInputs):
+        try:
+            (h_BxLxD,) = _sown(inputs.intermediates[hidden])
+        except KeyError:
+            raise LossError(
+                f"loss term {name!r} reads the intermediate {hidden!r}, which the model did not "
+                f"sow (it sowed {sorted(inputs.intermediates)}); sow the last hidden states "
+                f"under that name or pass hidden=<the name it has>"
+            ) from None
+        w_VxD = _param(inputs.params, path, name)
+        y_BxL = jnp.asarray(inputs.batch[labels])
+        if not jnp.issubdtype(y_BxL.dtype, jnp.integer):
+            raise LossError(
+                f"loss term {name!r} needs integer class labels in batch[{labels!r}], got dtype "
+                f"{y_BxL.dtype}; convert them with .astype('int32')"
+            )
+        if h_BxLxD.ndim != 3 or w_VxD.ndim != 2 or h_BxLxD.shape[-1] != w_VxD.shape[-1]:
+            raise LossError(
+                f"loss term {name!r}: the hidden states {hidden!r} have shape {h_BxLxD.shape} and "
+                f"the output matrix {weight!r} {w_VxD.shape}; expected (batch, length, width) "
+                "and (vocab, width)"
+            )
+        if y_BxL.shape != h_BxLxD.shape[:2]:
+            raise LossError(
+                f"loss term {name!r}: batch[{labels!r}] has shape {y_BxL.shape} but the hidden "
+                f"states have shape {h_BxLxD.shape}; expected labels of shape "
+                f"{h_BxLxD.shape[:2]}"
+            )
+        return _chunked(h_BxLxD.astype(jnp.float32), w_VxD.astype(jnp.float32), y_BxL, chunk)
+
+    return term(fn, name=name, on="inputs", where=where)
+
+
+def _sown(value):
+    """A sown value (flax keeps a tuple of the calls' values) as a one-element tuple."""
+    return tuple(value) if isinstance(value, tuple | list) else (value,)
+
+
+def _param(params, path: tuple[str, ...], name: str):
+    node = params
+    for i, key in enumerate(path):
+        try:
+            node = node[key]
+        except (KeyError, TypeError, IndexError):
+            here = "/".join(path[:i]) or "the parameters"
+            keys = sorted(node) if hasattr(node, "keys") else type(node).__name__
+            raise LossError(
+                f"loss term {name!r} reads the parameter {'/'.join(path)!r}, but {here} has no "
+                f"{key!r} (it has {keys}); pass weight=<its path>"
+            ) from None
+    return jnp.asarray(node)
+
+
+def _chunked(h_BxLxD, w_VxD, y_BxL, chunk: int):
+    """Per-position cross-entropy ``(batch, length)``, one rematerialized chunk at a time."""
+    batch, length, width = h_BxLxD.shape
+    chunk = min(chunk, length)
+    count = -(-length // chunk)
+    pad = count * chunk - length
+    if pad:
+        h_BxLxD = jnp.pad(h_BxLxD, ((0, 0), (0, pad), (0, 0)))
+        y_BxL = jnp.pad(y_BxL, ((0, 0), (0, pad)))
+    h_NxBxCxD = h_BxLxD.reshape(batch, count, chunk, width).swapaxes(0, 1)
+    y_NxBxC = y_BxL.reshape(batch, count, chunk).swapaxes(0, 1)
+
+    @jax.checkpoint  # keep only the chunk's inputs: its logits are recomputed backward
+    def one(xs):
+        h_BxCxD, y_BxC = xs
+        h_BxCxD = constrain(h_BxCxD, "batch", "length", "embed")
+        logits_BxCxV = constrain(
+            jnp.einsum("bcd,vd->bcv", h_BxCxD, w_VxD), "batch", "length", "vocab"
+        )
+        picked_BxC = jnp.take_along_axis(logits_BxCxV, y_BxC[..., None], axis=-1)[..., 0]
+        return jax.nn.logsumexp(logits_BxCxV, axis=-1) - picked_BxC
+
+    ce_NxBxC = jax.lax.map(one, (h_NxBxCxD, y_NxBxC))
+    return ce_NxBxC.swapaxes(0, 1).reshape(batch, count * chunk)[:, :length]
