@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxmint.losses._algebra import LossError, LossInputs, Term, Where, term
+from jaxmint.losses._builtins import _labels
 from jaxmint.models._constrain import constrain
 
 
@@ -61,12 +62,7 @@ def chunked_cross_entropy(
                 f"under that name or pass hidden=<the name it has>"
             ) from None
         w_VxD = _param(inputs.params, path, name)
-        y_BxL = jnp.asarray(inputs.batch[labels])
-        if not jnp.issubdtype(y_BxL.dtype, jnp.integer):
-            raise LossError(
-                f"loss term {name!r} needs integer class labels in batch[{labels!r}], got dtype "
-                f"{y_BxL.dtype}; convert them with .astype('int32')"
-            )
+        y_BxL = _labels(inputs.batch, labels, integer=True, term_name=name)
         if h_BxLxD.ndim != 3 or w_VxD.ndim != 2 or h_BxLxD.shape[-1] != w_VxD.shape[-1]:
             raise LossError(
                 f"loss term {name!r}: the hidden states {hidden!r} have shape {h_BxLxD.shape} and "
