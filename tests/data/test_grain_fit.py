@@ -52,6 +52,19 @@ def wait_for_step(proc, step, timeout=120):
     raise AssertionError(f"trainer ended before step {step}: {proc.stderr.read()[-2000:]}")
 
 
+def _children(pid: int) -> list[int]:
+    tasks = Path(f"/proc/{pid}/task")
+    return [int(c) for t in tasks.iterdir() for c in (t / "children").read_text().split()]
+
+
+def _running(pid: int) -> bool:
+    """Alive and not a zombie (an exited child its new parent has not reaped yet)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
 def finish(proc, timeout=180):
     _, err = proc.communicate(timeout=timeout)
     assert proc.returncode == 0, err[-3000:]
@@ -72,8 +85,15 @@ def test_sigkill_twice_mid_epoch_resumes_to_the_bit(tmp_path, shards):
     for kill_at in (11, 27):
         proc = start(shards, run, workers=2, pause=0.02)
         wait_for_step(proc, kill_at)
+        workers = _children(proc.pid)
+        assert len(workers) >= 2, workers  # Grain's 2 workers (and its resource tracker)
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
+        # The killed trainer could not stop its workers: they notice and exit.
+        deadline = time.monotonic() + 10
+        while (alive := [p for p in workers if _running(p)]) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not alive, f"worker processes {alive} outlived the killed trainer"
     err = finish(start(shards, run, workers=2))
     assert "no data iterator state" not in err
     got, want = final_params(run), final_params(reference)

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -73,8 +75,32 @@ def pipeline(
     it = ds.to_iter_dataset(options)
     if workers > 0:
         _absl_flags_parsed()
-        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
+        it = it.mp_prefetch(
+            grain.MultiprocessingOptions(num_workers=workers), worker_init_fn=_exit_with_parent
+        )
     return it
+
+
+_PARENT_POLL_S = 0.5
+
+
+def _exit_with_parent(worker_index: int, worker_count: int) -> None:
+    """Run in each worker process: exit once the training process is gone.
+
+    A trainer that is killed (SIGKILL, the OOM killer, a preempted node's agent)
+    cannot stop its workers, and Grain's idle workers would wait on their queues for
+    ever, each holding its memory. A daemon thread watches the parent's pid instead
+    (``PR_SET_PDEATHSIG`` fires when the spawning *thread* exits, not the process).
+    """
+    del worker_index, worker_count
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(_PARENT_POLL_S)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="jaxmint-exit-with-parent", daemon=True).start()
 
 
 _FOREVER = 1 << 62  # batches: the pipeline repeats its epochs without end
