@@ -5,6 +5,7 @@ ramps up on a schedule evaluated inside the compiled step.
 
     python experiments/char_transformer.py                  # minutes on a 2-core CPU
     python experiments/char_transformer.py --d-model 256 --num-layers 4 --seq-len 256
+    python experiments/char_transformer.py --seq-len 2048 --attention-chunk 256 --remat full
     python experiments/char_transformer.py --smoke --workdir /tmp/smoke
     python experiments/char_transformer.py --data ~/corpus --data-workers 2   # your own text
     jaxmint sweep experiments/char_transformer.py --sweep-dir runs/sweep_char   # sweep()
@@ -54,6 +55,12 @@ class Config(Common):
     scan_layers: bool = field(
         False, "run the blocks as one scan over weights stacked by layer (one block compiled)"
     )
+    attention_chunk: int = field(
+        0,
+        "score attention N queries at a time, for long --seq-len (0: all at once)",
+        min=0,
+        run_control=True,  # the same numbers: a resumed run may switch it
+    )
 
     def check_values(self) -> None:
         super().check_values()
@@ -92,7 +99,11 @@ def build(config: Config) -> Experiment:
         d_model=config.d_model,
         num_layers=config.num_layers,
         num_heads=config.num_heads,
-        attention=jaxmint.models.portable_attention,  # exports to ONNX too
+        attention=(  # both export to ONNX too
+            jaxmint.models.chunked_attention(config.attention_chunk)
+            if config.attention_chunk
+            else jaxmint.models.portable_attention
+        ),
         remat=config.remat,
         scan_layers=config.scan_layers,
     )

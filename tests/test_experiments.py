@@ -97,8 +97,10 @@ def test_char_transformer_trains_on_a_corpus_on_disk_and_exports(tmp_path):
     workdir = tmp_path / "run"
     script = REPO / "experiments/char_transformer.py"
     args = ["--smoke", "--data", corpus, "--data-workers", "1", "--workdir", workdir]
-    # ... with its blocks as one scan, which trains and exports like the unrolled ones
-    out = run(script, *args, "--no-progress", "--scan-layers", "--num-layers", "2")
+    # ... with its blocks as one scan and attention in chunks of 8 queries (of 32), which
+    # train and export like the unrolled blocks and whole attention
+    long = ["--scan-layers", "--num-layers", "2", "--attention-chunk", "8"]
+    out = run(script, *args, "--no-progress", *long)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "eval/accuracy" in out.stdout
     saved = workdir / "checkpoints" / "12" / "data" / "process_0-of-1.json"
