@@ -124,6 +124,23 @@ def test_intermediate_term_reads_sown_activations(batch):
     np.testing.assert_allclose(t(LossInputs(None, batch, intermediates=inter))[0], 4.0)
 
 
+def test_an_inputs_term_reads_outputs_params_and_intermediates_at_once(logits, batch):
+    params = {"scale": jnp.asarray(3.0)}
+    inter = {"act0": (jnp.ones((B, 2)),)}
+
+    def fn(inputs):
+        act = inputs.intermediates["act0"][0].sum(-1)  # 2 per example
+        return inputs.params["scale"] * act + 0.0 * inputs.outputs.sum(-1)
+
+    t = losses.term(fn, name="mixed", on="inputs", where="mask")
+    total, metrics = t(LossInputs(logits, batch, params=params, intermediates=inter))
+    np.testing.assert_allclose(total, 6.0)
+    assert metrics["loss/mixed"] == total
+    missing = losses.term(lambda inputs: inputs.intermediates["nope"][0], name="m", on="inputs")
+    with pytest.raises(LossError, match=r"reads key 'nope'.*intermediates have keys \['act0'\]"):
+        missing(LossInputs(logits, batch, intermediates=inter))
+
+
 def test_l2_default_and_masks():
     params = {"dense": {"kernel": jnp.ones((2, 3)), "bias": jnp.ones((3,))}}
     inputs = LossInputs(None, {"x": np.zeros((1, 1))}, params=params)
