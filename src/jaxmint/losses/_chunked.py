@@ -41,7 +41,8 @@ def chunked_cross_entropy(
       chunk: positions per chunk; a length that is not a multiple is padded.
 
     Per device, the logits then cost one chunk (``batch x chunk x vocab``) instead of
-    the whole sequence; `benchmarks/memory.py --chunked-ce` measures it. Use it for
+    the whole sequence (as long as no other term and no train metric reads the
+    model's outputs); `benchmarks/memory.py --chunked-ce` measures it. Use it for
     training: evaluation with it reads the same intermediates, and prediction and
     export run the model as it is, logits and all. Example::
 
