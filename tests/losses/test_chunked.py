@@ -31,11 +31,13 @@ def _steps(model, loss):
     return build_steps(model, loss, optax.adam(1e-2))
 
 
-@pytest.mark.parametrize("where", [None, "mask"])
-def test_three_steps_match_the_plain_cross_entropy(model, where):
+@pytest.mark.parametrize(("where", "smoothing"), [(None, 0.0), ("mask", 0.1)])
+def test_three_steps_match_the_plain_cross_entropy(model, where, smoothing):
     batch = _batch()
-    plain = _steps(model, losses.softmax_cross_entropy(where=where))
-    chunked = _steps(model, losses.chunked_cross_entropy(chunk=8, where=where))
+    plain = _steps(model, losses.softmax_cross_entropy(where=where, label_smoothing=smoothing))
+    chunked = _steps(
+        model, losses.chunked_cross_entropy(chunk=8, where=where, label_smoothing=smoothing)
+    )
     state_a = plain.init(jax.random.key(0), batch)
     state_b = chunked.init(jax.random.key(0), batch)
     step_a, step_b = jax.jit(plain.train_step), jax.jit(chunked.train_step)
@@ -100,3 +102,5 @@ def test_what_is_missing_or_misshapen_is_named(model):
         losses.chunked_cross_entropy()(_inputs(model, {**batch, "y": batch["y"][:, 1:]}))
     with pytest.raises(ValueError, match="chunk must be a positive integer, got 0"):
         losses.chunked_cross_entropy(chunk=0)
+    with pytest.raises(ValueError, match=r"label_smoothing must be in \[0, 1\), got 1.0"):
+        losses.chunked_cross_entropy(label_smoothing=1.0)

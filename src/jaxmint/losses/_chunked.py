@@ -27,6 +27,7 @@ def chunked_cross_entropy(
     chunk: int = 256,
     name: str = "ce",
     labels: str = "y",
+    label_smoothing: float = 0.0,
     where: Where = None,
 ) -> Term:
     """Cross-entropy of the logits ``hidden @ weight.T`` against integer labels, computed
@@ -39,6 +40,7 @@ def chunked_cross_entropy(
       weight: the path of the output matrix ``(vocab, width)`` in the parameters,
         ``/``-separated (the transformer's tied embedding: ``"embed/embedding"``).
       chunk: positions per chunk; a length that is not a multiple is padded.
+      label_smoothing: as `softmax_cross_entropy`'s (targets ``(1 - a) * one_hot + a / vocab``).
 
     Per device, the logits then cost one chunk (``batch x chunk x vocab``) instead of
     the whole sequence (as long as no other term and no train metric reads the
@@ -51,6 +53,8 @@ def chunked_cross_entropy(
     """
     if not isinstance(chunk, int) or chunk < 1:
         raise ValueError(f"chunked_cross_entropy: chunk must be a positive integer, got {chunk!r}")
+    if not 0.0 <= label_smoothing < 1.0:
+        raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
     path = tuple(weight.split("/"))
 
     def fn(inputs: LossInputs):
@@ -76,7 +80,8 @@ def chunked_cross_entropy(
                 f"states have shape {h_BxLxD.shape}; expected labels of shape "
                 f"{h_BxLxD.shape[:2]}"
             )
-        return _chunked(h_BxLxD.astype(jnp.float32), w_VxD.astype(jnp.float32), y_BxL, chunk)
+        h_BxLxD, w_VxD = h_BxLxD.astype(jnp.float32), w_VxD.astype(jnp.float32)
+        return _chunked(h_BxLxD, w_VxD, y_BxL, chunk, label_smoothing)
 
     return term(fn, name=name, on="inputs", where=where)
 
@@ -101,7 +106,7 @@ def _param(params, path: tuple[str, ...], name: str):
     return jnp.asarray(node)
 
 
-def _chunked(h_BxLxD, w_VxD, y_BxL, chunk: int):
+def _chunked(h_BxLxD, w_VxD, y_BxL, chunk: int, smoothing: float):
     """Per-position cross-entropy ``(batch, length)``, one rematerialized chunk at a time."""
     batch, length, width = h_BxLxD.shape
     chunk = min(chunk, length)
@@ -121,7 +126,10 @@ def _chunked(h_BxLxD, w_VxD, y_BxL, chunk: int):
             jnp.einsum("bcd,vd->bcv", h_BxCxD, w_VxD), "batch", "length", "vocab"
         )
         picked_BxC = jnp.take_along_axis(logits_BxCxV, y_BxC[..., None], axis=-1)[..., 0]
-        return jax.nn.logsumexp(logits_BxCxV, axis=-1) - picked_BxC
+        ce_BxC = jax.nn.logsumexp(logits_BxCxV, axis=-1) - picked_BxC
+        if smoothing:  # minus the smoothed targets' share: a * (mean logit - picked logit)
+            ce_BxC -= smoothing * (jnp.mean(logits_BxCxV, axis=-1) - picked_BxC)
+        return ce_BxC
 
     ce_NxBxC = jax.lax.map(one, (h_NxBxCxD, y_NxBxC))
     return ce_NxBxC.swapaxes(0, 1).reshape(batch, count * chunk)[:, :length]
