@@ -16,7 +16,8 @@ out on a mesh of them with the default sharding rules), and MFU is over all of t
 ``--scan-layers`` runs the blocks as one scan (``transformer(scan_layers=True)``).
 The peak memory of each device comes from its allocator (``memory_stats``; none on a
 CPU).
-Writes benchmarks/results/gpu_transformer.json.
+Writes benchmarks/results/gpu_transformer.json (``--out`` elsewhere).
+``benchmarks/gpu_checks.sh`` runs it with the other checks an accelerator is for.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ import optax
 import jaxmint
 from jaxmint.models._remat import POLICIES
 
+RESULTS = Path(__file__).resolve().parent / "results"
 PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12}  # dense, no sparsity
 SIZES = {
     # ~400M params: fills an H200 with batch 16 x 2048 tokens at bf16.
@@ -61,6 +63,7 @@ def main() -> None:
         "--mesh", default=None, help="a device mesh, e.g. fsdp=2,tensor=4 (default: fit's)"
     )
     parser.add_argument("--scan-layers", action="store_true", help="the blocks as one scan")
+    parser.add_argument("--out", type=Path, default=RESULTS / "gpu_transformer.json")
     args = parser.parse_args()
     on_gpu = jax.devices()[0].platform == "gpu"
     size = dict(SIZES[args.size or ("h200" if on_gpu else "tiny")])
@@ -129,9 +132,8 @@ def main() -> None:
         "final_loss": result.history[-1]["loss"],
     }
     print(json.dumps(results, indent=2))
-    out = Path(__file__).resolve().parent / "results"
-    out.mkdir(exist_ok=True)
-    (out / "gpu_transformer.json").write_text(json.dumps(results, indent=2))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2))
 
 
 if __name__ == "__main__":
