@@ -1,6 +1,7 @@
 """chunked_cross_entropy: the plain cross-entropy's values and updates, without the
 whole logits in the compiled step, and errors that name what is missing."""
 
+import flax.linen as nn
 import jax
 import numpy as np
 import optax
@@ -56,6 +57,29 @@ def test_three_steps_match_the_plain_cross_entropy(model, where, smoothing):
     np.testing.assert_allclose(evaluated["loss/ce"], expected["loss/ce"], rtol=1e-5)
 
 
+class _UntiedLM(nn.Module):
+    """A user's language model: its own embedding, an untied Dense head."""
+
+    @nn.compact
+    def __call__(self, tokens, train=False):
+        h = nn.Dense(16, name="mix")(nn.Embed(VOCAB, 16, name="embed")(tokens))
+        self.sow("intermediates", "last", h)
+        return nn.Dense(VOCAB, use_bias=False, name="head")(h)
+
+
+def test_a_users_untied_dense_head_by_its_kernel():
+    model = jaxmint.models.from_linen(_UntiedLM())
+    batch = _batch()
+    inputs = _inputs(model, batch)
+    chunked = losses.chunked_cross_entropy(hidden="last", weight="head/kernel", layout="DxV")
+    np.testing.assert_allclose(
+        chunked(inputs)[0], losses.softmax_cross_entropy()(inputs)[0], rtol=1e-5
+    )
+    as_table = losses.chunked_cross_entropy(hidden="last", weight="head/kernel")
+    with pytest.raises(LossError, match=r"\(16, 61\); expected .*pass layout='DxV'"):
+        as_table(inputs)
+
+
 def test_the_compiled_step_never_holds_the_whole_logits():
     """With 16384 classes over 64 positions the logits outweigh everything else: the
     plain step plans at least two copies (values and gradient), the chunked one less
@@ -100,6 +124,8 @@ def test_what_is_missing_or_misshapen_is_named(model):
         losses.chunked_cross_entropy()(_inputs(model, {**batch, "y": batch["y"] * 1.0}))
     with pytest.raises(LossError, match=r"batch\['y'\] has shape \(3, 20\).*\(3, 21\)"):
         losses.chunked_cross_entropy()(_inputs(model, {**batch, "y": batch["y"][:, 1:]}))
+    with pytest.raises(ValueError, match="layout must be 'VxD' or 'DxV', got 'DV'"):
+        losses.chunked_cross_entropy(layout="DV")
     with pytest.raises(ValueError, match="chunk must be a positive integer, got 0"):
         losses.chunked_cross_entropy(chunk=0)
     with pytest.raises(ValueError, match=r"label_smoothing must be in \[0, 1\), got 1.0"):

@@ -24,6 +24,7 @@ def chunked_cross_entropy(
     *,
     hidden: str = "hidden",
     weight: str = "embed/embedding",
+    layout: str = "VxD",
     chunk: int = 256,
     name: str = "ce",
     labels: str = "y",
@@ -37,8 +38,11 @@ def chunked_cross_entropy(
     Args:
       hidden: the sown intermediate with the last hidden states ``(batch, length,
         width)`` (the built-in transformer sows ``"hidden"``, after its final norm).
-      weight: the path of the output matrix ``(vocab, width)`` in the parameters,
-        ``/``-separated (the transformer's tied embedding: ``"embed/embedding"``).
+      weight: the path of the output matrix in the parameters, ``/``-separated (the
+        transformer's tied embedding: ``"embed/embedding"``). It has no bias.
+      layout: the matrix's axes: ``"VxD"`` (vocab, width), as an embedding table, or
+        ``"DxV"`` (width, vocab), as the kernel of an untied ``nn.Dense`` head
+        (``weight="head/kernel", layout="DxV"``).
       chunk: positions per chunk; a length that is not a multiple is padded.
       label_smoothing: as `softmax_cross_entropy`'s (targets ``(1 - a) * one_hot + a / vocab``).
 
@@ -55,6 +59,8 @@ def chunked_cross_entropy(
         raise ValueError(f"chunked_cross_entropy: chunk must be a positive integer, got {chunk!r}")
     if not 0.0 <= label_smoothing < 1.0:
         raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+    if layout not in ("VxD", "DxV"):
+        raise ValueError(f"chunked_cross_entropy: layout must be 'VxD' or 'DxV', got {layout!r}")
     path = tuple(weight.split("/"))
 
     def fn(inputs: LossInputs):
@@ -66,13 +72,16 @@ def chunked_cross_entropy(
                 f"sow (it sowed {sorted(inputs.intermediates)}); sow the last hidden states "
                 f"under that name or pass hidden=<the name it has>"
             ) from None
-        w_VxD = _param(inputs.params, path, name)
+        w = _param(inputs.params, path, name)
+        w_VxD = w.T if layout == "DxV" and w.ndim == 2 else w
         y_BxL = _labels(inputs.batch, labels, integer=True, term_name=name)
         if h_BxLxD.ndim != 3 or w_VxD.ndim != 2 or h_BxLxD.shape[-1] != w_VxD.shape[-1]:
+            matrix = "(width, vocab)" if layout == "DxV" else "(vocab, width)"
+            hint = "" if layout == "DxV" else "; pass layout='DxV' for a (width, vocab) kernel"
             raise LossError(
                 f"loss term {name!r}: the hidden states {hidden!r} have shape {h_BxLxD.shape} and "
-                f"the output matrix {weight!r} {w_VxD.shape}; expected (batch, length, width) "
-                "and (vocab, width)"
+                f"the output matrix {weight!r} {w.shape}; expected (batch, length, width) and "
+                f"{matrix}{hint}"
             )
         if y_BxL.shape != h_BxLxD.shape[:2]:
             raise LossError(
