@@ -32,12 +32,12 @@ def _steps(model, loss):
     return build_steps(model, loss, optax.adam(1e-2))
 
 
-@pytest.mark.parametrize(("where", "smoothing"), [(None, 0.0), ("mask", 0.1)])
-def test_three_steps_match_the_plain_cross_entropy(model, where, smoothing):
+def test_three_steps_match_the_plain_cross_entropy(model):
+    """With a token mask and label smoothing (the plain path is the same without)."""
     batch = _batch()
-    plain = _steps(model, losses.softmax_cross_entropy(where=where, label_smoothing=smoothing))
+    plain = _steps(model, losses.softmax_cross_entropy(where="mask", label_smoothing=0.1))
     chunked = _steps(
-        model, losses.chunked_cross_entropy(chunk=8, where=where, label_smoothing=smoothing)
+        model, losses.chunked_cross_entropy(chunk=8, where="mask", label_smoothing=0.1)
     )
     state_a = plain.init(jax.random.key(0), batch)
     state_b = chunked.init(jax.random.key(0), batch)
