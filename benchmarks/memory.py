@@ -70,6 +70,9 @@ SIZES = {
 }
 
 
+# The mesh table's model and loss: the plain transformer and cross-entropy by default.
+VARIANT = {"scan_layers": False, "remat": "none", "chunked_ce": False, "chunked_attention": False}
+
 # Every program here is compiled for its memory plan only, never run: XLA plans
 # buffers before code generation, so LLVM's optimizations are switched off (the same
 # bytes, a third less compile time).
@@ -109,40 +112,33 @@ def measure(size: str, policy: str, compile_: bool, scan_layers: bool = False) -
     return row
 
 
-def mesh_memory(
-    size: str,
-    meshes,
-    length: int | None = None,
-    schedules=None,
-    scan_layers: bool = False,
-    remat: str = "none",
-    chunked_ce: bool = False,
-    chunked_attention: bool = False,
-) -> dict:
+def mesh_memory(size: str, meshes, length: int | None = None, schedules=None, variant=None) -> dict:
     """Per schedule (name -> XLA compiler options; default: the backend's own) and
     mesh: the per-device bytes of `fit`'s compiled train step (see the docstring), on
-    sequences of ``length`` tokens (default: the size's). Each mesh's step is lowered
-    once and compiled once per schedule."""
+    sequences of ``length`` tokens (default: the size's), for the model and loss of
+    ``variant`` (`VARIANT`'s keys). Each mesh's step is lowered once and compiled once
+    per schedule."""
     from jaxmint.steps import build_steps
     from jaxmint.train import _parallel as parallel
     from jaxmint.train._setup import param_axes
 
     schedules = schedules or {"backend": {}}
+    variant = {**VARIANT, **(variant or {})}
     vocab, max_len, d_model, layers, heads, batch = SIZES[size].values()
     length = length or max_len
+    attention = jaxmint.models.chunked_attention() if variant["chunked_attention"] else None
     model = jaxmint.models.transformer(
         vocab,
         max_len=length,
         d_model=d_model,
         num_layers=layers,
         num_heads=heads,
-        scan_layers=scan_layers,
-        remat=remat,
-        **(dict(attention=jaxmint.models.chunked_attention()) if chunked_attention else {}),
+        scan_layers=variant["scan_layers"],
+        remat=variant["remat"],
+        **({"attention": attention} if attention else {}),
     )
-    ce = (
-        jaxmint.losses.chunked_cross_entropy if chunked_ce else jaxmint.losses.softmax_cross_entropy
-    )
+    losses = jaxmint.losses
+    ce = losses.chunked_cross_entropy if variant["chunked_ce"] else losses.softmax_cross_entropy
     steps = build_steps(model, ce(), optax.adamw(1e-4))
     key = jax.random.PRNGKey(0)
     sample = {"x": np.zeros((batch, length), np.int32), "y": np.zeros((batch, length), np.int32)}
@@ -184,28 +180,18 @@ SCHEDULES = {
 
 
 def meshes_on_8_devices(
-    size: str,
-    lengths: tuple[int, ...],
-    scan_layers: bool = False,
-    remat: str = "none",
-    chunked_ce: bool = False,
-    chunked_attention: bool = False,
+    size: str, lengths: tuple[int, ...], variant=None
 ) -> dict[str, dict[int, dict]]:
     """Per schedule and sequence length, `mesh_memory`: on 8 accelerators, here and
     with the backend's own schedule; else in a child of 8 fake CPU devices, under
     each CPU schedule (`SCHEDULES`)."""
     if jax.device_count() == 8 and jax.devices()[0].platform != "cpu":
-        by_length = {
-            n: mesh_memory(size, MESHES, n, None, scan_layers, remat, chunked_ce, chunked_attention)
-            for n in lengths
-        }
+        by_length = {n: mesh_memory(size, MESHES, n, None, variant) for n in lengths}
         return {"backend": {n: rows["backend"] for n, rows in by_length.items()}}
     code = (
         f"import json, sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
         "import memory; print('MESHES', json.dumps([memory.mesh_memory("
-        f"{size!r}, memory.MESHES, n, memory.SCHEDULES, {scan_layers}, {remat!r}, {chunked_ce}, "
-        f"{chunked_attention}) "
-        f"for n in {list(lengths)}]))"
+        f"{size!r}, memory.MESHES, n, memory.SCHEDULES, {variant!r}) for n in {list(lengths)}]))"
     )
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
     env["JAX_PLATFORMS"] = "cpu"
@@ -334,18 +320,13 @@ def main(argv=None) -> dict:
     # --quick plans the full one only.
     full_length = SIZES[size]["length"]
     lengths = (full_length,) if args.quick else (full_length, full_length // SHORT)
-    schedules = (
-        {}
-        if args.no_compile
-        else meshes_on_8_devices(
-            size,
-            lengths,
-            args.scan_layers,
-            args.mesh_remat,
-            args.chunked_ce,
-            args.chunked_attention,
-        )
-    )
+    variant = {
+        "scan_layers": args.scan_layers,
+        "remat": args.mesh_remat,
+        "chunked_ce": args.chunked_ce,
+        "chunked_attention": args.chunked_attention,
+    }
+    schedules = {} if args.no_compile else meshes_on_8_devices(size, lengths, variant)
     for length in lengths:
         if schedules:
             report_meshes(size, length, {name: rows[length] for name, rows in schedules.items()})

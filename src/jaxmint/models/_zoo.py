@@ -46,7 +46,7 @@ def chunked_attention(chunk: int = 256) -> AttentionFn:
     `jax.lax.map` whose body is rematerialized, so one chunk's scores (``chunk x
     length`` per head) exist at a time, forward and backward; the outputs and
     gradients are the default attention's (to float rounding). On a GPU, cuDNN's
-    fused attention (``implementation="cudnn"``) saves the same memory faster.
+    fused attention (``implementation="cudnn"``) does not hold the scores either.
     It exports to every target, ``onnx`` included (its causal mask compares
     positions, as `portable_attention`'s). Example::
 
