@@ -46,7 +46,9 @@ TARGET_RSS = 0.35
 TARGETS = ("xla", "onnx", "iree")
 
 
-def export_experiment(name: str, tmp: Path, steps: int, **overrides) -> Path:
+def export_experiment(
+    name: str, tmp: Path, steps: int, batch_sizes=(1, 8, 64), **overrides
+) -> Path:
     from jaxmint.experiment import fit_experiment, load_module
     from jaxmint.export import export_run
 
@@ -66,7 +68,7 @@ def export_experiment(name: str, tmp: Path, steps: int, **overrides) -> Path:
         tmp / f"run-{name}",
         tmp / f"artifact-{name}",
         targets=TARGETS,
-        batch_sizes=(1, 8, 64),
+        batch_sizes=batch_sizes,
         iree_hal_targets=["llvm-cpu"],
     )
 
@@ -123,12 +125,14 @@ def main(argv=None) -> dict:
     tmp = Path(tempfile.mkdtemp(prefix="jaxmint-backends-"))
     os.environ.setdefault("JAXMINT_CACHE_DIR", str(tmp / "xla-cache"))
     mlp = export_experiment("digits_mlp", tmp, 50 if args.quick else 500)
+    # --quick: a smaller transformer at the two batch sizes its table times
     transformer = export_experiment(
         "char_transformer",
         tmp,
         5 if args.quick else 100,
-        seq_len=64,
-        d_model=64,
+        (1, 8) if args.quick else (1, 8, 64),
+        seq_len=32 if args.quick else 64,
+        d_model=32 if args.quick else 64,
         num_layers=2,
         num_heads=4,
         batch_size=16,
