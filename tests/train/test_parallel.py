@@ -231,20 +231,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.slow
-def test_two_processes_match_one_process_with_as_many_devices(tmp_path):
+def two_processes(workdir, devices=2, mesh="data=2,fsdp=2"):
+    """multihost_worker.py in 2 processes of ``devices`` fake devices: process 0's RESULT."""
     port = _free_port()
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    worker = [sys.executable, str(HERE / "multihost_worker.py"), str(port), "2"]
     procs = [
         subprocess.Popen(
-            [
-                sys.executable,
-                str(HERE / "multihost_worker.py"),
-                str(port),
-                "2",
-                str(i),
-                str(tmp_path / "run"),
-            ],
+            [*worker, str(i), str(workdir), str(devices), mesh],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -252,11 +246,22 @@ def test_two_processes_match_one_process_with_as_many_devices(tmp_path):
         )
         for i in range(2)
     ]
-    outs = [p.communicate(timeout=300) for p in procs]
+    try:
+        outs = [p.communicate(timeout=300) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait(timeout=10)
     for p, (_, err) in zip(procs, outs, strict=True):
         assert p.returncode == 0, err[-3000:]
     line = next(x for x in outs[0][0].splitlines() if x.startswith("RESULT "))
-    multi = json.loads(line[len("RESULT ") :])
+    return json.loads(line[len("RESULT ") :])
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_process_with_as_many_devices(tmp_path):
+    multi = two_processes(tmp_path / "run")
     single = run(["mlp", "data"], devices=4)["data"]
     np.testing.assert_allclose(multi["loss"], single["loss"], rtol=2e-5)
     np.testing.assert_allclose(multi["params"], single["params"], rtol=2e-5)
@@ -271,21 +276,39 @@ def test_two_processes_match_one_process_with_as_many_devices(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_checkpoint_moves_between_meshes_and_to_one_device(tmp_path):
-    mesh = "mesh:data=2/fsdp=4"
+def test_a_checkpoint_moves_between_meshes_processes_and_to_one_device(tmp_path):
+    """Written under (2, 2, 2); continued there bit-identically, and under (8, 1, 1), under
+    2 processes of 4 devices, and on one device, each within float32's reordering."""
+    mesh = "mesh:data=2/fsdp=2/tensor=2"
     first = tmp_path / "first"
     assert len(run(["mlp", mesh, first, 3])[mesh]["loss"]) == 3  # checkpointed at step 3
     straight = run(["mlp", mesh, "-", 6])[mesh]
-    for target, devices in [(mesh, 8), ("single", 1)]:
+    for target, devices in [(mesh, 8), ("mesh:data=8", 8), ("single", 1), ("processes", 4)]:
         workdir = tmp_path / target.replace(":", "_").replace("/", "_")
         shutil.copytree(first, workdir)
-        resumed = run(["mlp", target, workdir, 6], devices=devices)[target]
-        assert len(resumed["loss"]) == 6  # history read back, then continued
+        _mark_logged_losses(workdir / "metrics.jsonl")
+        if target == "processes":  # data across the processes, fsdp and tensor inside
+            resumed = two_processes(workdir, devices, "data=2,fsdp=2,tensor=2")
+        else:
+            resumed = run(["mlp", target, workdir, 6], devices=devices)[target]
+        # Steps 1-3 are read back from the run directory (marked), not trained again.
+        assert resumed["loss"][:3] == [MARK + x for x in straight["loss"][:3]]
+        assert len(resumed["loss"]) == 6
         if target == mesh:  # the same mesh continues bit-identically
-            assert resumed["loss"] == straight["loss"] and resumed["params"] == straight["params"]
+            assert resumed["loss"][3:] == straight["loss"][3:]
+            assert resumed["params"] == straight["params"]
         else:  # another layout sums in another order
-            np.testing.assert_allclose(resumed["loss"], straight["loss"], rtol=2e-5)
+            np.testing.assert_allclose(resumed["loss"][3:], straight["loss"][3:], rtol=2e-5)
             np.testing.assert_allclose(resumed["params"], straight["params"], rtol=2e-5)
+
+
+MARK = 1000.0
+
+
+def _mark_logged_losses(path):
+    """Add MARK to each logged loss: a resumed run's history shows whether it read them."""
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    path.write_text("".join(json.dumps({**r, "loss": MARK + r["loss"]}) + "\n" for r in records))
 
 
 def test_show_sharding_plans_a_runs_parameter_layout_without_its_devices(tmp_path, capsys):
