@@ -65,7 +65,8 @@ def test_every_strategy_matches_single_device(case):
 
 @pytest.mark.slow
 def test_tensor_parallel_transformer_matches_one_device_and_splits_by_the_rules():
-    meshes = [f"mesh:data={d}/fsdp={f}/tensor={t}" for d, f, t in [(2, 2, 2), (1, 2, 4), (1, 1, 8)]]
+    sizes = [(8, 1, 1), (2, 4, 1), (2, 2, 2), (1, 2, 4), (1, 1, 8)]  # data, fsdp, tensor
+    meshes = [f"mesh:data={d}/fsdp={f}/tensor={t}" for d, f, t in sizes]
     sequence = ["mesh:sequence=8", "mesh:data=2/sequence=2/tensor=2"]  # positions split
     results = run(["transformer", ",".join(["single", *meshes, *sequence])])
     for mesh in meshes + sequence:
@@ -74,7 +75,8 @@ def test_tensor_parallel_transformer_matches_one_device_and_splits_by_the_rules(
     tensor = results[meshes[-1]]
     assert tensor["param_bytes_per_device"] < 0.2 * tensor["param_bytes"]
     assert '[null, "tensor"]' in tensor["sharded"] and '["tensor", null]' in tensor["sharded"]
-    assert '["fsdp", null, "tensor", null]' in results[meshes[0]]["sharded"]  # qkv, Megatron
+    assert '["fsdp", null, "tensor", null]' in results[meshes[2]]["sharded"]  # qkv, Megatron
+    assert results[meshes[0]]["sharded"] == ["[]"]  # data=8: every parameter whole
 
 
 @pytest.mark.slow
@@ -132,7 +134,8 @@ def test_constrain_names_each_dimension():
 
 @pytest.mark.slow
 def test_a_users_annotated_flax_module_is_split_by_the_rules_and_rules_can_change():
-    meshes = ["mesh:data=2/fsdp=2/tensor=2", "mesh:tensor=8"]
+    sizes = [(8, 1, 1), (2, 4, 1), (2, 2, 2), (1, 2, 4)]  # data, fsdp, tensor; and tensor=8
+    meshes = [f"mesh:data={d}/fsdp={f}/tensor={t}" for d, f, t in sizes] + ["mesh:tensor=8"]
     results = run(["annotated", ",".join(["single", *meshes])])
     for mesh in meshes:
         assert_same_curve(results[mesh], results["single"])
