@@ -9,7 +9,8 @@ bash scripts/setup.sh "[dev]"
 set +e
 # Two workers (JAXMINT_TEST_WORKERS): most tests wait on subprocesses, servers and
 # compiles, so two cores run the suite in about three quarters of the time.
-.venv/bin/python -m pytest -n "${JAXMINT_TEST_WORKERS:-2}" --dist worksteal "$@"
+# The 25 slowest tests are listed at the end: the suite's budget is 20 minutes on 2 cores.
+.venv/bin/python -m pytest -n "${JAXMINT_TEST_WORKERS:-2}" --dist worksteal --durations=25 "$@"
 status=$?
 set -e
 if [ "$status" -eq 5 ]; then
