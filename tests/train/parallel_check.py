@@ -18,6 +18,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 import optax
+from flax import nnx
 
 import jaxmint
 from jaxmint import losses
@@ -31,6 +32,19 @@ class Annotated(nn.Module):
         down = nn.with_logical_partitioning(nn.initializers.lecun_normal(), ("mlp", "vocab"))
         h = nn.relu(nn.Dense(64, kernel_init=up, name="up")(x))
         return nn.Dense(16, kernel_init=down, name="down")(h)[:, :10]
+
+
+class AnnotatedNnx(nnx.Module):
+    """`Annotated` written with nnx: flax's nnx.with_partitioning names the same axes."""
+
+    def __init__(self, rngs):
+        up = nnx.with_partitioning(nnx.initializers.lecun_normal(), ("embed", "mlp"))
+        down = nnx.with_partitioning(nnx.initializers.lecun_normal(), ("mlp", "vocab"))
+        self.up = nnx.Linear(64, 64, kernel_init=up, rngs=rngs)
+        self.down = nnx.Linear(64, 16, kernel_init=down, rngs=rngs)
+
+    def __call__(self, x):
+        return self.down(nnx.relu(self.up(x)))[:, :10]
 
 
 def _plain_init(key, x):
@@ -66,6 +80,8 @@ def setup(case: str, strategy: str):
             attention=jaxmint.models.chunked_attention(8),
         )
         return model, train, {"loss": losses.chunked_cross_entropy(chunk=8)}
+    if case == "annotated-nnx":
+        return jaxmint.models.from_nnx(AnnotatedNnx), train, {}
     if case.startswith("annotated"):  # a user's module with flax's logical partitioning
         rules = {**DEFAULT_RULES, "mlp": None} if case == "annotated-mlp-whole" else None
         return jaxmint.models.from_linen(Annotated()), train, {"rules": rules}

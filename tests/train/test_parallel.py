@@ -149,6 +149,20 @@ def test_a_users_annotated_flax_module_is_split_by_the_rules_and_rules_can_chang
 
 
 @pytest.mark.slow
+def test_a_users_nnx_module_with_partitioning_is_split_by_the_same_rules():
+    """nnx.with_partitioning names are logical axes too; the module is built outside a
+    mesh (flax >= 0.12 would otherwise want one at creation)."""
+    meshes = ["mesh:data=2/fsdp=2/tensor=2", "mesh:tensor=8"]
+    results = run(["annotated-nnx", ",".join(["single", *meshes])])
+    for mesh in meshes:
+        assert_same_curve(results[mesh], results["single"])
+    tensor = results["mesh:tensor=8"]
+    assert set(tensor["sharded"]) == {"[]", '[null, "tensor"]', '["tensor", null]'}
+    assert tensor["param_bytes_per_device"] < 0.3 * tensor["param_bytes"]
+    assert '["fsdp", "tensor"]' in results[meshes[0]]["sharded"]  # up: embed x mlp
+
+
+@pytest.mark.slow
 def test_a_plain_pytree_model_named_by_path_patterns_trains_split_on_a_mesh():
     results = run(["pathnamed", "single,mesh:tensor=8"])
     assert_same_curve(results["mesh:tensor=8"], results["single"])

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import flax
 import flax.linen as nn
 import jax
 from flax import nnx
@@ -103,6 +105,11 @@ def from_nnx(module_or_factory) -> Model:
     counters), so the train step stays a pure function of arrays. Values stored
     with ``self.sow(nnx.Intermediate, ...)`` come back as ``intermediates``.
 
+    Parameters annotated with ``nnx.with_partitioning(init, ("embed", "mlp"))`` carry
+    those names as logical axes: `fit` shards them by its rules, as it does linen's
+    ``nn.with_logical_partitioning``. A factory builds its module outside any mesh
+    (flax's eager sharding is off while it runs): the rules place the arrays.
+
     Example::
 
         model = jaxmint.models.from_nnx(lambda rngs: nnx.Linear(64, 10, rngs=rngs))
@@ -112,7 +119,12 @@ def from_nnx(module_or_factory) -> Model:
         template = module_or_factory
         factory = None
     else:
-        factory = module_or_factory
+        user_factory = module_or_factory
+
+        def factory(rngs):
+            with _lazy_sharding():
+                return user_factory(rngs)
+
         template = nnx.eval_shape(lambda: factory(nnx.Rngs(0)))
     graphdef, _, _, _ = nnx.split(template, nnx.Param, nnx.Intermediate, ...)
 
@@ -170,4 +182,30 @@ def from_nnx(module_or_factory) -> Model:
             updates["state"] = pure(rest)
         return outputs, updates
 
-    return Model(init, apply, apply_with_state)
+    axes = _nnx_axes(nnx.split(template, nnx.Param, ...)[1])
+    return Model(init, apply, apply_with_state, logical_axes=lambda key, inputs: axes)
+
+
+def _lazy_sharding():
+    """Build nnx variables without placing them (flax >= 0.12 places annotated ones at
+    creation, which needs a mesh): `fit` places them later by its rules."""
+    if hasattr(flax.config, "flax_always_shard_variable"):
+        return flax.config.temp_flip_flag("always_shard_variable", False)
+    return contextlib.nullcontext()
+
+
+def _nnx_axes(params) -> dict[str, tuple]:
+    """``{"['params'][...]": names}`` of the annotated ``nnx.Param``s (their sharding
+    metadata: ``out_sharding`` in flax >= 0.12, ``sharding_names`` or ``sharding`` before)."""
+    flat = nnx.to_flat_state(params) if hasattr(nnx, "to_flat_state") else params.flat_state()
+    axes = {}
+    for path, variable in flat:
+        meta = variable.get_metadata() if hasattr(variable, "get_metadata") else {}
+        names = next(
+            (meta[k] for k in ("out_sharding", "sharding_names", "sharding") if meta.get(k)),
+            None,
+        )
+        if names is not None:
+            keys = [jax.tree_util.DictKey(k) for k in ("params", *path)]
+            axes[jax.tree_util.keystr(tuple(keys))] = tuple(names)
+    return axes
