@@ -53,8 +53,15 @@ def wait_for_step(proc, step, timeout=120):
 
 
 def _children(pid: int) -> list[int]:
-    tasks = Path(f"/proc/{pid}/task")
-    return [int(c) for t in tasks.iterdir() for c in (t / "children").read_text().split()]
+    """The child processes of ``pid``, gathered over its threads (a thread may end
+    between listing and reading; its children then pass to another of the threads)."""
+    found = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            found += [int(c) for c in (task / "children").read_text().split()]
+        except FileNotFoundError:
+            continue
+    return found
 
 
 def _running(pid: int) -> bool:
