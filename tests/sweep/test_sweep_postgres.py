@@ -76,7 +76,7 @@ def test_four_workers_a_kill_and_two_restarts_account_for_every_trial_once(
 
     # The study lives in the server, not the workers: restart it, then continue the sweep.
     postgres.restart()
-    proc = _sweep(script, sweep_dir, postgres.url, trials=6)
+    proc = _sweep(script, sweep_dir, postgres.url, trials=6, workers=2)  # two trials more
     _, stderr = proc.communicate(timeout=240)
     assert proc.returncode == 0, stderr[-3000:]
     counted = [t for t in _study(sweep_dir).get_trials() if not t.user_attrs.get(REQUEUED)]
