@@ -58,6 +58,22 @@ class _Item:
     token: Any
     arrival: float = field(default_factory=time.monotonic)
 
+    @classmethod
+    def of(cls, arrays: dict[str, np.ndarray], n: int, token: Any) -> _Item:
+        """Keyed by what must match to share a batch: names, dtypes, non-batch shapes."""
+        key = tuple((k, a.dtype.str, a.shape[1:]) for k, a in sorted(arrays.items()))
+        return cls(arrays, n, key, token)
+
+
+def _check_room(predictor: Predictor, waiting: int, max_queue: int, closing: bool) -> None:
+    if closing:
+        raise QueueFull("the server is shutting down")
+    if waiting >= max_queue:
+        raise QueueFull(
+            f"model {predictor.name!r} has {waiting} requests waiting "
+            f"(--max-queue {max_queue}); retry later"
+        )
+
 
 # deliver(list of (token, outputs or None, error or None)), called once per batch.
 Deliver = Callable[[list[tuple[Any, dict | None, BaseException | None]]], None]
@@ -108,16 +124,9 @@ class Batcher:
 
     def submit(self, arrays: dict[str, np.ndarray], n: int, token: Any) -> None:
         """Queue validated ``arrays`` of ``n`` examples; ``token`` comes back in deliver."""
-        key = tuple((k, a.dtype.str, a.shape[1:]) for k, a in sorted(arrays.items()))
-        item = _Item(arrays, n, key, token)
+        item = _Item.of(arrays, n, token)
         with self._cond:
-            if self._closing:
-                raise QueueFull("the server is shutting down")
-            if len(self._queue) >= self.max_queue:
-                raise QueueFull(
-                    f"model {self.predictor.name!r} has {len(self._queue)} requests waiting "
-                    f"(--max-queue {self.max_queue}); retry later"
-                )
+            _check_room(self.predictor, len(self._queue), self.max_queue, self._closing)
             self._queue.append(item)
             self._queued += n
             # Wake the worker only when it can act: it waits for a first request or
@@ -178,39 +187,132 @@ class Batcher:
             return chosen
 
     def _select(self) -> tuple[list[_Item], int]:
-        """The oldest request and the compatible ones behind it that still fit, in order."""
-        first = self._queue[0]
-        chosen, total = [first], first.n
-        for item in itertools.islice(self._queue, 1, None):
-            if total >= self.max_batch_size:
-                break
-            if item.key != first.key:
-                continue
-            if total + item.n > self.max_batch_size:
-                break
-            chosen.append(item)
-            total += item.n
-        return chosen, total
+        return select(self._queue, self.max_batch_size)
 
     def _run(self, batch: list[_Item]) -> None:
-        total = sum(item.n for item in batch)
+        self._deliver(run_batch(self.predictor, batch, self._on_batch))
+
+
+class LoopBatcher:
+    """`Batcher`'s queue, with each batch run on the event loop's own thread.
+
+    For a model whose batch runs in microseconds, handing batches to a worker thread
+    costs more than running them: the loop and the worker pass the GIL back and forth
+    at every system call. Here `submit` (called on the loop) queues the request, and
+    one loop callback runs what queued meanwhile, the requests of one pass over the
+    sockets, as a batch (merged by shape as `Batcher` does). Nothing waits for a
+    batch to fill, and the loop serves no socket while a batch runs: for fast models
+    only (``--batch-on loop``).
+    """
+
+    def __init__(
+        self,
+        predictor: Predictor,
+        deliver: Deliver,
+        *,
+        loop,
+        max_batch_size: int,
+        max_queue: int,
+        on_batch: Callable[[int], None] | None = None,
+    ):
+        if max_batch_size < 1 or max_queue < 1:
+            raise ValueError(
+                f"need max_batch_size >= 1 and max_queue >= 1; got {max_batch_size}, {max_queue}"
+            )
+        self.predictor = predictor
+        self.max_batch_size = max_batch_size
+        self.max_delay_s = 0.0
+        self.max_queue = max_queue
+        self._deliver = deliver
+        self._on_batch = on_batch
+        self._loop = loop
+        self._loop_thread = threading.get_ident()  # made on the loop, as the server does
+        self._queue: deque[_Item] = deque()
+        self._scheduled = False
+        self._closing = False
+        self._drained = threading.Event()
+
+    @property
+    def depth(self) -> int:
+        return len(self._queue)
+
+    def submit(self, arrays: dict[str, np.ndarray], n: int, token: Any) -> None:
+        """On the loop: queue validated ``arrays``; they run in this loop pass's batch."""
+        _check_room(self.predictor, len(self._queue), self.max_queue, self._closing)
+        self._queue.append(_Item.of(arrays, n, token))
+        if not self._scheduled:
+            self._scheduled = True
+            self._loop.call_soon(self._run_one)
+
+    def _run_one(self) -> None:
+        """One batch; another pass of the loop (sockets served between) for the rest."""
+        self._scheduled = False
+        if self._queue:
+            batch = self._take()
+            if self._queue:
+                self._scheduled = True
+                self._loop.call_soon(self._run_one)
+            self._deliver(run_batch(self.predictor, batch, self._on_batch))
+        if self._closing and not self._queue:
+            self._drained.set()
+
+    def _take(self) -> list[_Item]:
+        chosen, _ = select(self._queue, self.max_batch_size)
+        taken = {id(item) for item in chosen}
+        self._queue = deque(it for it in self._queue if id(it) not in taken)
+        return chosen
+
+    def flush(self) -> None:
+        """Nothing waits to fill here."""
+
+    def close(self, timeout: float | None = None) -> bool:
+        """Answer everything queued, refuse new requests; False if not done in time."""
+        self._closing = True
+        if threading.get_ident() == self._loop_thread:
+            while self._queue:
+                self._deliver(run_batch(self.predictor, self._take(), self._on_batch))
+            return True
         try:
-            if len(batch) == 1:
-                arrays = batch[0].arrays
-            else:
-                arrays = {
-                    k: np.concatenate([it.arrays[k] for it in batch]) for k in batch[0].arrays
-                }
-            outputs = self.predictor.run(arrays)
-        except Exception as e:  # answer every request of the batch, keep serving
-            log.exception("model %r failed on a batch of %d", self.predictor.name, total)
-            results = [(item.token, None, e) for item in batch]
+            self._loop.call_soon_threadsafe(self._run_one)
+        except RuntimeError:  # the loop is closed: nothing can answer what is left
+            return not self._queue
+        return self._drained.wait(timeout)
+
+
+def select(queue: deque[_Item], max_batch_size: int) -> tuple[list[_Item], int]:
+    """The oldest request and the compatible ones behind it that still fit, in order."""
+    first = queue[0]
+    chosen, total = [first], first.n
+    for item in itertools.islice(queue, 1, None):
+        if total >= max_batch_size:
+            break
+        if item.key != first.key:
+            continue
+        if total + item.n > max_batch_size:
+            break
+        chosen.append(item)
+        total += item.n
+    return chosen, total
+
+
+def run_batch(predictor: Predictor, batch: list[_Item], on_batch) -> list[tuple]:
+    """Run the merged batch once; ``(token, outputs, error)`` per request, in order."""
+    total = sum(item.n for item in batch)
+    try:
+        if len(batch) == 1:
+            arrays = batch[0].arrays
         else:
-            results, start = [], 0
-            for item in batch:
-                stop = start + item.n
-                results.append((item.token, {k: v[start:stop] for k, v in outputs.items()}, None))
-                start = stop
-        if self._on_batch is not None:
-            self._on_batch(total)
-        self._deliver(results)
+            arrays = {k: np.concatenate([it.arrays[k] for it in batch]) for k in batch[0].arrays}
+        outputs = predictor.run(arrays)
+    except Exception as e:  # answer every request of the batch, keep serving
+        log.exception("model %r failed on a batch of %d", predictor.name, total)
+        results = [(item.token, None, e) for item in batch]
+    else:
+        results, start = [], 0
+        for item in batch:
+            stop = start + item.n
+            results.append((item.token, {k: v[start:stop] for k, v in outputs.items()}, None))
+            start = stop
+    if on_batch is not None:
+        on_batch(total)
+    return results

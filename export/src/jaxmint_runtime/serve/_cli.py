@@ -53,6 +53,14 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--no-grpc", action="store_true", help="serve REST only")
     p.add_argument(
+        "--batch-on",
+        choices=["thread", "loop"],
+        default=_D.batch_on,
+        help="run batches on a worker thread per model (the default), or on the event "
+        "loop itself: for models whose batch takes microseconds, where the hand-off to "
+        "a thread costs more than the run",
+    )
+    p.add_argument(
         "--max-batch-size",
         type=int,
         default=None,
@@ -203,6 +211,7 @@ def main(argv: list[str] | None = None) -> int:
         poll_interval_s=args.poll_interval,
         backend=args.backend,
         allow_expired=args.allow_expired,
+        batch_on=args.batch_on,
     )
     try:
         server = Server(args.artifacts, config)

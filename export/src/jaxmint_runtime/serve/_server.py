@@ -26,7 +26,7 @@ from urllib.parse import unquote
 from jaxmint_runtime import __version__
 from jaxmint_runtime._predictor import Predictor, load
 from jaxmint_runtime.serve import _protocol
-from jaxmint_runtime.serve._batcher import Batcher, QueueFull
+from jaxmint_runtime.serve._batcher import Batcher, LoopBatcher, QueueFull
 from jaxmint_runtime.serve._http import Connections, Limits, Request, Response, error
 from jaxmint_runtime.serve._metrics import Metrics
 from jaxmint_runtime.serve._repository import RepositoryError, VersionPolicy, is_artifact, scan
@@ -63,6 +63,7 @@ class ServeConfig:
     poll_interval_s: float = 0.0  # rescan repositories this often (0: only on load requests)
     backend: str = "auto"  # for artifacts the server loads itself
     allow_expired: bool = False
+    batch_on: str = "thread"  # or "loop": batches run on the event loop (fast models)
 
 
 @dataclass(eq=False)
@@ -105,6 +106,8 @@ class Server:
         **overrides,
     ):
         self.config = replace(config or ServeConfig(), **overrides)
+        if self.config.batch_on not in ("thread", "loop"):
+            raise ValueError(f"batch_on is {self.config.batch_on!r}; it is 'thread' or 'loop'")
         if self.config.batch_window not in ("adaptive", "fixed"):
             raise ValueError(
                 f"batch_window is {self.config.batch_window!r}; it is 'adaptive' or 'fixed'"
@@ -222,6 +225,17 @@ class Server:
         loop = self._loop
         predictor = served.predictor
         self.metrics.declare(served.model, served.version)
+        on_batch = lambda n: self.metrics.batch(served.model, served.version, n)
+        if self.config.batch_on == "loop":
+            served.batcher = LoopBatcher(
+                predictor,
+                self._resolve,
+                loop=loop,
+                max_batch_size=self.max_batch_size(predictor),
+                max_queue=self.config.max_queue,
+                on_batch=on_batch,
+            )
+            return
         served.batcher = Batcher(
             predictor,
             lambda results: loop.call_soon_threadsafe(self._resolve, results),
@@ -229,7 +243,7 @@ class Server:
             max_delay_s=self.config.max_delay_ms / 1000 if self.config.batching else 0.0,
             max_queue=self.config.max_queue,
             adaptive=self.config.batch_window == "adaptive",
-            on_batch=lambda n: self.metrics.batch(served.model, served.version, n),
+            on_batch=on_batch,
         )
 
     @property

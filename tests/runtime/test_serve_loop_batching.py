@@ -1,0 +1,97 @@
+"""``batch_on="loop"``: batches run on the event loop's thread, without a worker."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import json
+import threading
+import time
+
+import numpy as np
+import pytest
+from runtime_helpers import json_body, output_of, request
+
+from jaxmint_runtime import Predictor
+from jaxmint_runtime.serve import Server
+from jaxmint_runtime.serve._batcher import LoopBatcher
+
+INFER = "/v2/models/digits/infer"
+
+
+def slowed(predictor, seconds):
+    """The predictor, taking ``seconds`` more per batch: requests pile up meanwhile."""
+    slow = copy.copy(predictor)
+    slow.run = lambda arrays: (time.sleep(seconds), Predictor.run(predictor, arrays))[1]
+    return slow
+
+
+def concurrently(port, n, body_of):
+    results, barrier = {}, threading.Barrier(n)
+
+    def client(i):
+        barrier.wait(timeout=10)
+        results[i] = request(port, "POST", INFER, body_of(i), timeout=30)
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert len(results) == n
+    return results
+
+
+def test_requests_that_arrive_while_a_batch_runs_merge_into_the_next(predictor, inputs):
+    with Server([slowed(predictor, 0.1)], port=0, batch_on="loop") as server:
+        results = concurrently(server.port, 16, lambda i: json_body(inputs[i : i + 1]))
+        for i, response in results.items():
+            assert response[0] == 200
+            want = predictor.run({"x": inputs[i : i + 1]})["output"]
+            np.testing.assert_allclose(output_of(*response), want, rtol=1e-5, atol=1e-6)
+        counts = server.metrics.batch_counts("digits")
+        batches = counts[float("inf")]
+        assert batches < 16, f"16 concurrent requests ran as {batches} batches: nothing merged"
+        assert counts[1.0] < batches  # some batch held more than one example
+
+
+def test_a_full_queue_answers_503_and_a_failing_model_500(predictor, inputs):
+    with Server([slowed(predictor, 0.3)], port=0, batch_on="loop", max_queue=2) as server:
+        results = concurrently(server.port, 12, lambda i: json_body(inputs[i : i + 1]))
+        statuses = [status for status, _, _ in results.values()]
+        assert set(statuses) == {200, 503}, statuses
+        refused = next(body for status, _, body in results.values() if status == 503)
+        assert "--max-queue 2" in json.loads(refused)["error"]
+
+    def broken_run(arrays):
+        raise RuntimeError("the accelerator caught fire")
+
+    broken = copy.copy(predictor)
+    broken.run = broken_run
+    with Server([broken], port=0, batch_on="loop") as server:
+        status, _, body = request(server.port, "POST", INFER, json_body(inputs[:1]))
+        assert status == 500 and "caught fire" in json.loads(body)["error"]
+        assert request(server.port, "GET", "/v2/health/live")[0] == 200
+
+
+def test_close_from_another_thread_answers_what_is_queued(predictor, inputs):
+    answered = []
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        batcher = LoopBatcher(predictor, answered.extend, loop=loop, max_batch_size=2, max_queue=8)
+        for i in range(5):
+            batcher.submit({"x": inputs[i : i + 1]}, 1, i)
+        closed = await loop.run_in_executor(None, batcher.close, 10)
+        with pytest.raises(Exception, match="shutting down"):
+            batcher.submit({"x": inputs[:1]}, 1, 99)
+        return closed
+
+    assert asyncio.run(main()) is True
+    assert [token for token, _, _ in answered] == [0, 1, 2, 3, 4]
+    assert all(error is None for _, _, error in answered)
+
+
+def test_an_unknown_batch_on_is_refused(predictor):
+    with pytest.raises(ValueError, match="'thread' or 'loop'"):
+        Server([predictor], port=0, batch_on="gpu")
