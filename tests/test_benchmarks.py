@@ -123,6 +123,15 @@ def test_grpc_rest_quick(tmp_path):
     assert result["connections"]["8"]["grpc"]["requests_per_s"] > 0
 
 
+@pytest.mark.skipif(shutil.which("wrk") is None, reason="needs wrk (apt-get install -y wrk)")
+def test_batching_quick(tmp_path):
+    out = run("benchmarks/batching.py", "--quick", "--out", tmp_path / "b.json")
+    assert "vs no batching" in out
+    onnx = json.loads((tmp_path / "b.json").read_text())["summary"]["onnx"]
+    assert set(onnx) == {"no batching", "worker thread", "loop"}
+    assert all(row["requests_per_s"] > 0 and row["cpu_us_per_request"] > 0 for row in onnx.values())
+
+
 PEER = Path.home() / ".cache/jaxmint-bench/mlserver-1.7.1/bin/mlserver"
 
 

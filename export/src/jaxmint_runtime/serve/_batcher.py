@@ -176,12 +176,7 @@ class Batcher:
                 if full or self._closing or self._no_wait or remaining <= 0:
                     break
                 self._cond.wait(remaining)
-            if all(a is b for a, b in zip(chosen, self._queue, strict=False)):
-                for _ in chosen:
-                    self._queue.popleft()
-            else:
-                taken = {id(item) for item in chosen}
-                self._queue = deque(it for it in self._queue if id(it) not in taken)
+            self._queue = take(self._queue, chosen)
             self._queued -= total
             self._last_batch = len(chosen)
             return chosen
@@ -258,8 +253,7 @@ class LoopBatcher:
 
     def _take(self) -> list[_Item]:
         chosen, _ = select(self._queue, self.max_batch_size)
-        taken = {id(item) for item in chosen}
-        self._queue = deque(it for it in self._queue if id(it) not in taken)
+        self._queue = take(self._queue, chosen)
         return chosen
 
     def flush(self) -> None:
@@ -293,6 +287,17 @@ def select(queue: deque[_Item], max_batch_size: int) -> tuple[list[_Item], int]:
         chosen.append(item)
         total += item.n
     return chosen, total
+
+
+def take(queue: deque[_Item], chosen: list[_Item]) -> deque[_Item]:
+    """``queue`` without ``chosen``: popped from the front when they lead it (the usual
+    case), else a new queue of the rest, in order."""
+    if all(a is b for a, b in zip(chosen, queue, strict=False)):
+        for _ in chosen:
+            queue.popleft()
+        return queue
+    taken = {id(item) for item in chosen}
+    return deque(it for it in queue if id(it) not in taken)
 
 
 def run_batch(predictor: Predictor, batch: list[_Item], on_batch) -> list[tuple]:
