@@ -6,10 +6,11 @@ Run (about a minute on 2 CPU cores; needs ``wrk``, ``apt-get install -y wrk``)::
     python benchmarks/batching.py --quick    # 1 round of 1 s, onnx only
 
 Setup: the digits MLP, served three ways side by side per backend (``onnx``,
-``xla``): ``--no-batching``, batching on the model's worker thread (the default),
-and ``--batch-on loop``. Load: ``wrk`` in its own process, batch-1 JSON requests
-back to back from 64 connections, the servers in interleaved order each round;
-then 1 connection. Reported per variant: requests/s (median of rounds), server
+``xla``): ``--no-batching``, batching on the model's worker thread (``--batch-on
+thread``), and ``--batch-on loop`` (which the default, ``auto``, picks for this
+model). Load: ``wrk`` in its own process, batch-1 JSON requests back to back
+from 64 connections, the servers in interleaved order each round; then 1
+connection. Reported per variant: requests/s (median of rounds), server
 CPU per request (user + system from /proc), and p50 at 1 connection; the ratios
 are each batching variant over ``--no-batching`` at 64 connections (issue target:
 >= 2 per backend). Written to ``benchmarks/results/batching.json``.
@@ -32,7 +33,11 @@ from serving import ServerProcess, payload
 from serving_peers import _BUILD, cpu_seconds  # the digits MLP with its onnx target
 
 RESULTS = Path(__file__).resolve().parent / "results"
-VARIANTS = {"no batching": ["--no-batching"], "worker thread": [], "loop": ["--batch-on", "loop"]}
+VARIANTS = {
+    "no batching": ["--no-batching"],
+    "worker thread": ["--batch-on", "thread"],
+    "loop": ["--batch-on", "loop"],  # what the default, --batch-on auto, picks here
+}
 
 
 def measure(artifact: Path, backend: str, files: dict, rounds: int, seconds: float) -> dict:

@@ -256,7 +256,7 @@ def test_metrics_in_openmetrics_when_asked(server):
 
 
 def test_concurrent_requests_are_merged_into_batches(make_server, predictor, inputs):
-    server = make_server(max_delay_ms=100)
+    server = make_server(max_delay_ms=100, batch_on="thread")  # the worker's window
     n, results = 16, {}
     barrier = threading.Barrier(n)
 

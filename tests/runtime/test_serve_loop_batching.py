@@ -1,10 +1,12 @@
-"""``batch_on="loop"``: batches run on the event loop's thread, without a worker."""
+"""``batch_on="loop"``: batches run on the event loop's thread, without a worker;
+``batch_on="auto"`` (the default) chooses per model by timing a full batch."""
 
 from __future__ import annotations
 
 import asyncio
 import copy
 import json
+import logging
 import threading
 import time
 
@@ -14,7 +16,8 @@ from runtime_helpers import json_body, output_of, request
 
 from jaxmint_runtime import Predictor
 from jaxmint_runtime.serve import Server
-from jaxmint_runtime.serve._batcher import LoopBatcher
+from jaxmint_runtime.serve._batcher import Batcher, LoopBatcher
+from jaxmint_runtime.serve._server import LOOP_BATCH_S
 
 INFER = "/v2/models/digits/infer"
 
@@ -93,5 +96,72 @@ def test_close_from_another_thread_answers_what_is_queued(predictor, inputs):
 
 
 def test_an_unknown_batch_on_is_refused(predictor):
-    with pytest.raises(ValueError, match="'thread' or 'loop'"):
+    with pytest.raises(ValueError, match="'auto', 'thread' or 'loop'"):
         Server([predictor], port=0, batch_on="gpu")
+
+
+def counted(predictor, seconds):
+    """`slowed`, counting its runs."""
+    slow, runs = slowed(predictor, seconds), []
+    run = slow.run
+    slow.run = lambda arrays: (runs.append(len(arrays["x"])), run(arrays))[1]
+    return slow, runs
+
+
+def test_auto_runs_a_fast_models_batches_on_the_loop_and_a_slow_ones_on_a_thread(
+    predictor, inputs, caplog
+):
+    caplog.set_level(logging.INFO, logger="jaxmint_runtime.serve")
+    assert predictor.time_batch(32) < LOOP_BATCH_S  # the digits MLP: microseconds
+    with Server([predictor], port=0) as server:
+        assert server.config.batch_on == "auto"
+        assert isinstance(server.served["digits"]["1"].batcher, LoopBatcher)
+        status, _, body = request(server.port, "GET", "/v2/models/digits/config")
+        assert status == 200 and json.loads(body)["batch_on"] == "loop"
+        response = request(server.port, "POST", INFER, json_body(inputs[:1]))
+        want = predictor.run({"x": inputs[:1]})["output"]
+        np.testing.assert_allclose(output_of(*response), want, rtol=1e-5, atol=1e-6)
+    assert "a batch of 32 takes" in caplog.text and "event loop (--batch-on auto)" in caplog.text
+
+    # 20 ms a batch: a worker thread, and the timing stopped after one slow run
+    slow, runs = counted(predictor, 0.02)
+    with Server([slow], port=0) as server:
+        assert runs == [32]
+        assert isinstance(server.served["digits"]["1"].batcher, Batcher)
+        status, _, body = request(server.port, "GET", "/v2/models/digits/config")
+        assert json.loads(body)["batch_on"] == "thread"
+        assert request(server.port, "POST", INFER, json_body(inputs[:1]))[0] == 200
+    assert "worker thread (--batch-on auto)" in caplog.text
+
+
+@pytest.mark.parametrize(
+    "overrides, where",
+    [
+        ({"batching": False}, "thread"),  # nothing to batch: as --no-batching always ran
+        ({"batch_window": "fixed"}, "thread"),  # a window that waits needs the thread
+        ({"batch_on": "thread"}, "thread"),
+        ({"batch_on": "loop"}, "loop"),  # said explicitly: not timed
+    ],
+)
+def test_auto_leaves_the_thread_where_batches_wait_and_obeys_an_explicit_choice(
+    predictor, overrides, where
+):
+    model, runs = counted(predictor, 0.0)
+    with Server([model], port=0, **overrides) as server:
+        assert server.served["digits"]["1"].batch_on == where
+        assert runs == []  # nothing was timed
+
+
+def test_auto_gives_a_model_whose_batch_fails_the_thread_and_serves_its_errors(
+    predictor, inputs, caplog
+):
+    def broken_run(arrays):
+        raise RuntimeError("the accelerator caught fire")
+
+    broken = copy.copy(predictor)
+    broken.run = broken_run
+    with Server([broken], port=0) as server:
+        assert server.served["digits"]["1"].batch_on == "thread"
+        status, _, body = request(server.port, "POST", INFER, json_body(inputs[:1]))
+        assert status == 500 and "caught fire" in json.loads(body)["error"]
+    assert "timing a batch of 32 failed (the accelerator caught fire)" in caplog.text

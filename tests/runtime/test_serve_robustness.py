@@ -24,7 +24,7 @@ def test_overload_answers_503_quickly_and_every_request_exactly_once(
 ):
     # The batch waits 1.5 s to fill, so the queue (2 requests) overflows at once, even
     # when a loaded machine spreads the clients' arrivals over a second.
-    server = make_server(max_queue=2, max_delay_ms=1500)
+    server = make_server(max_queue=2, max_delay_ms=1500, batch_on="thread")
     n = 24
     responses: dict[int, list] = {}
     barrier = threading.Barrier(n)

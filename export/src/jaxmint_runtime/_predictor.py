@@ -6,6 +6,7 @@ import copy
 import datetime as dt
 import logging
 import os
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -308,6 +309,24 @@ class Predictor:
             _, key, size = self._plan(b)
             self.executables[b] = self.backend.warm(key, _zeros(self.inputs, size))
         return dict(self.executables)
+
+    def time_batch(self, n: int, repeats: int = 5, enough: float = float("inf")) -> float:
+        """Seconds the fastest of ``repeats`` runs of ``n`` examples took: validation,
+        padding and the backend, as `run` does. It stops at a run slower than
+        ``enough`` seconds (a slow model is not run over and over to say it is slow)."""
+        arrays = _zeros(self.inputs, n)
+        for spec in self.inputs:  # zeros, or the lowest id a ranged input accepts
+            if spec.range is not None:
+                arrays[spec.name] += spec.range[0]
+        best = float("inf")
+        for _ in range(repeats):
+            start = time.perf_counter()
+            self.run(arrays)
+            took = time.perf_counter() - start
+            best = min(best, took)
+            if took > enough:
+                break
+        return best
 
     def analyze(self, batch_size: int) -> dict:
         """The backend's cost and memory analysis of the executable for ``batch_size``

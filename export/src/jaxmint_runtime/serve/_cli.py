@@ -54,11 +54,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--no-grpc", action="store_true", help="serve REST only")
     p.add_argument(
         "--batch-on",
-        choices=["thread", "loop"],
+        choices=["auto", "thread", "loop"],
         default=_D.batch_on,
-        help="run batches on a worker thread per model (the default), or on the event "
-        "loop itself: for models whose batch takes microseconds, where the hand-off to "
-        "a thread costs more than the run",
+        help="where a model's batches run: on a worker thread per model, or on the event "
+        "loop itself (no hand-off, for models whose batch takes microseconds); auto (the "
+        "default) times a full batch at load and picks the loop when it takes under "
+        "0.5 ms, else the thread (always the thread with --no-batching or a fixed window)",
     )
     p.add_argument(
         "--max-batch-size",

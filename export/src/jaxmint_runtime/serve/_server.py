@@ -36,6 +36,11 @@ log = logging.getLogger("jaxmint_runtime.serve")
 TOKEN_ENV = "JAXMINT_SERVE_TOKEN"
 OPEN_PATHS = ("/v2/health/live", "/v2/health/ready")  # answered without a token
 DEFAULT_MAX_BATCH = 32  # when an artifact declares no batch sizes
+# --batch-on auto: a full batch this fast runs on the event loop. On 2 cores the loop
+# spends ~60-90 us per request (benchmarks/batching.py), so a batch of 32 at 0.5 ms is
+# well under what the loop spends reading its requests; a worker thread only pays
+# once the model's time is a large share of the loop's.
+LOOP_BATCH_S = 0.0005
 
 
 @dataclass(frozen=True)
@@ -63,7 +68,7 @@ class ServeConfig:
     poll_interval_s: float = 0.0  # rescan repositories this often (0: only on load requests)
     backend: str = "auto"  # for artifacts the server loads itself
     allow_expired: bool = False
-    batch_on: str = "thread"  # or "loop": batches run on the event loop (fast models)
+    batch_on: str = "auto"  # "thread", "loop" (on the event loop), or auto: see _where
 
 
 @dataclass(eq=False)
@@ -73,6 +78,7 @@ class Served:
     model: str
     version: str
     predictor: Predictor
+    batch_on: str = "thread"  # where its batches run: "thread" or "loop"
     batcher: Batcher | None = None
     stamp: tuple | None = None  # its manifest's identity when loaded (None: not from disk)
 
@@ -106,8 +112,10 @@ class Server:
         **overrides,
     ):
         self.config = replace(config or ServeConfig(), **overrides)
-        if self.config.batch_on not in ("thread", "loop"):
-            raise ValueError(f"batch_on is {self.config.batch_on!r}; it is 'thread' or 'loop'")
+        if self.config.batch_on not in ("auto", "thread", "loop"):
+            raise ValueError(
+                f"batch_on is {self.config.batch_on!r}; it is 'auto', 'thread' or 'loop'"
+            )
         if self.config.batch_window not in ("adaptive", "fixed"):
             raise ValueError(
                 f"batch_window is {self.config.batch_window!r}; it is 'adaptive' or 'fixed'"
@@ -127,7 +135,7 @@ class Server:
                     predictor = self._prepare(m, check=False)
                 else:
                     predictor = self._prepare(self._load(Path(m)))
-                self._add(Served(predictor.name, "1", predictor))
+                self._add(self._served(predictor.name, "1", predictor))
                 self._fixed.add(predictor.name)
             else:
                 root = Path(m)
@@ -211,6 +219,37 @@ class Server:
             bucketed.self_check()  # a version that answers wrongly is never served
         return bucketed
 
+    def _served(
+        self, model: str, version: str, predictor: Predictor, stamp: tuple | None = None
+    ) -> Served:
+        return Served(model, version, predictor, self._where(predictor), stamp=stamp)
+
+    def _where(self, predictor: Predictor) -> str:
+        """Where the model's batches run. ``auto`` times a full batch (off the loop, at
+        load): one that takes at most `LOOP_BATCH_S` runs on the event loop, where the
+        hand-off to a worker thread would cost more than the run; a slower one, or any
+        model without batching or with a fixed window (which waits), gets the thread."""
+        c = self.config
+        if c.batch_on != "auto":
+            return c.batch_on
+        if not c.batching or c.batch_window == "fixed":
+            return "thread"
+        n = self.max_batch_size(predictor)
+        try:
+            seconds = predictor.time_batch(n, enough=10 * LOOP_BATCH_S)
+        except Exception as e:  # its requests will say what fails; the thread is safe
+            log.warning("model %r: timing a batch of %d failed (%s)", predictor.name, n, e)
+            return "thread"
+        where = "loop" if seconds <= LOOP_BATCH_S else "thread"
+        log.info(
+            "model %r: a batch of %d takes %.3f ms; batches run on the %s (--batch-on auto)",
+            predictor.name,
+            n,
+            seconds * 1e3,
+            "event loop" if where == "loop" else "worker thread",
+        )
+        return where
+
     def _add(self, served: Served) -> None:
         versions = self.served.setdefault(served.model, {})
         if served.version in versions or (served.model in self._fixed):
@@ -226,7 +265,7 @@ class Server:
         predictor = served.predictor
         self.metrics.declare(served.model, served.version)
         on_batch = lambda n: self.metrics.batch(served.model, served.version, n)
-        if self.config.batch_on == "loop":
+        if served.batch_on == "loop":
             served.batcher = LoopBatcher(
                 predictor,
                 self._resolve,
@@ -506,6 +545,7 @@ class Server:
             "name": predictor.name,
             "platform": f"jaxmint/{predictor.backend_name}",
             "max_batch_size": batcher.max_batch_size,
+            "batch_on": served.batch_on,
             "dynamic_batching": {
                 "max_queue_delay_microseconds": int(batcher.max_delay_s * 1e6),
                 "max_queue_size": batcher.max_queue,
@@ -678,7 +718,7 @@ class Server:
             self._refuse(name, version, path, e, stamp)
             return None
         self._failed.pop(path, None)
-        return Served(name, str(version), predictor, stamp=stamp)
+        return self._served(name, str(version), predictor, stamp)
 
     async def _retire(self, name: str, versions: list[str], *, replaced: int = 0) -> None:
         """Stop routing to ``versions``, then answer what they queued and let them go;
