@@ -362,7 +362,7 @@ def main(argv=None) -> dict:
             f"{backend}: {r['over_peer_requests_per_s']:.1f}x the peer's req/s at {top} "
             f"connections (target >= 5), p99 {r['p99_ms']:.1f} ms vs {r['peer_p99_ms']:.1f} ms; "
             f"batching / no batching {r['batching_over_no_batching']:.2f}x (target >= 2); "
-            f"p50 at 1 connection +{r['p50_1conn_batching_minus_no_batching_ms']:.3f} ms "
+            f"p50 at 1 connection {r['p50_1conn_batching_minus_no_batching_ms']:+.3f} ms "
             f"(target <= 0.1); server CPU per request {r['cpu_per_request_over_peer']:.2f}x "
             "the peer's"
         )
