@@ -151,10 +151,13 @@ def test_repository_index_unload_and_load(repo, inputs):
         assert get(server.port, "/v2/repository/index", token)[0] == 405
 
 
-def test_a_reload_under_load_answers_every_request_once(repo, artifact, predictor, inputs):
+@pytest.mark.parametrize("batch_on", ["loop", "thread"])  # loop: auto's choice here
+def test_a_reload_under_load_answers_every_request_once(
+    repo, artifact, predictor, inputs, batch_on
+):
     """16 clients send requests while version 3 appears and version 2 is retired: each
     request is answered once, by the version it was routed to, and none fails."""
-    with Server([repo], port=0, poll_interval_s=0.1, max_delay_ms=5) as server:
+    with Server([repo], port=0, poll_interval_s=0.1, max_delay_ms=5, batch_on=batch_on) as server:
         stop = threading.Event()
         answers: dict[int, list] = {}
         failures: list = []
