@@ -158,10 +158,14 @@ class Checkpointer(Hook):
 
     Records each step's ``best_metric`` for the keep policy, and installs the
     SIGTERM/SIGINT handlers that make the loop save and stop at the next step.
-    Saves are asynchronous; the part the loop waits for (the copy of the state, and
-    with several processes also a previous save still in flight, pruning and orbax's
-    start of the save) is measured, and a warning names it once when it takes more
-    than ``warn_fraction`` of the time between saves.
+
+    Saves are asynchronous; what they cost is measured, and a warning names it once
+    when it exceeds ``warn_fraction``: the part the loop waits for (the copy of the
+    state, and with several processes also a previous save still in flight, pruning
+    and orbax's start of the save) against the time between saves; and on a CPU
+    backend, where orbax's writer threads take cores from the training itself, the
+    CPU time of one save against that of the steps between saves (`SaveCpuShare`;
+    in a run of one process).
     """
 
     def __init__(self, checkpoints: RunCheckpoints, best_metric: str, warn_fraction=0.1):
@@ -171,10 +175,15 @@ class Checkpointer(Hook):
         self.warn_fraction = warn_fraction
         self.warned = False
         self._last_save: float | None = None  # when the previous periodic save returned
+        self.cpu_share: SaveCpuShare | None = None  # on a CPU backend
 
     def on_start(self, loop, state):
         self.preemption.install()
         loop.preemption = self.preemption
+        leaf = next(iter(jax.tree_util.tree_leaves(state.params)), None)
+        on_cpu = isinstance(leaf, jax.Array) and {d.platform for d in leaf.devices()} == {"cpu"}
+        if on_cpu and jax.process_count() == 1:
+            self.cpu_share = SaveCpuShare()
 
     def on_log(self, loop, step, state, batch, record):
         if isinstance(record.get(self.best_metric), int | float):
@@ -182,12 +191,22 @@ class Checkpointer(Hook):
 
     def on_checkpoint(self, loop, step, state):
         meta = {"data_position": loop.data.position(step), "loss_terms": loop.steps.term_names}
+        cpu = None if loop.final else self.cpu_share
+        if cpu is not None:
+            self._judge_cpu(loop, cpu.share(state))
+        timed = cpu is not None and cpu.times_next()
+        if timed:  # this save alone: nothing else in flight
+            self.checkpoints.wait()
+            jax.block_until_ready(state)
+            cpu_start = time.process_time()
         start = time.perf_counter()
         data_state = loop.data.iterator_state(step)
         self.checkpoints.save(step, state, meta=meta, final=loop.final, data_state=data_state)
         end = time.perf_counter()
-        if self.preemption.signal:
+        if self.preemption.signal or timed:
             self.checkpoints.wait()
+        if timed:
+            cpu.timed(time.process_time() - cpu_start)
         if not loop.final:
             self._measure(loop, start, end)
 
@@ -209,9 +228,61 @@ class Checkpointer(Hook):
                 1000 * interval,
             )
 
+    def _judge_cpu(self, loop, found: tuple[float, float, float] | None) -> None:
+        if found is None or self.warned:
+            return
+        share, per_save, between = found
+        if share > self.warn_fraction:
+            self.warned = True
+            log.warning(
+                "checkpointing takes %.0f%% of the CPU time: a save costs %.0f ms of CPU "
+                "(timed once, alone), and the %s steps between saves %.0f ms; on a CPU "
+                "backend orbax's writer threads share the cores with the training. Save "
+                "less often (--checkpoint-every)",
+                100 * share,
+                1000 * per_save,
+                loop.settings.checkpoint_every,
+                1000 * between,
+            )
+
     def on_end(self, loop, result):
         self.preemption.uninstall()
         self.checkpoints.close()
+
+
+class SaveCpuShare:
+    """What periodic saves cost in CPU time on a CPU backend, measured once.
+
+    There orbax's writer threads take cores from the training, and what the loop
+    waits for says nothing of it. So the second periodic save (the first holds
+    one-time setup) runs alone: the loop waits for the save before it and for the
+    state, then times the save's process CPU time until it is written. The steps to
+    the next save, with no save in flight, time the training's own CPU (logging and
+    evaluation included). `share` gives the saves' part of the two.
+    """
+
+    def __init__(self):
+        self.saves = 0
+        self.save_cpu: float | None = None  # CPU seconds of the timed save
+        self.since: float | None = None  # the CPU clock when it was written
+
+    def times_next(self) -> bool:
+        """Called before each periodic save: whether to time this one."""
+        self.saves += 1
+        return self.saves == 2
+
+    def timed(self, seconds: float) -> None:
+        self.save_cpu, self.since = seconds, time.process_time()
+
+    def share(self, state) -> tuple[float, float, float] | None:
+        """Before the save after the timed one: ``(share of the CPU time, CPU s per
+        save, CPU s of the steps between saves)``; None at any other save."""
+        if self.saves != 2 or self.since is None:
+            return None
+        jax.block_until_ready(state)  # the steps of the interval, all done
+        train = time.process_time() - self.since
+        self.since = None  # judged once
+        return self.save_cpu / (self.save_cpu + train), self.save_cpu, train
 
 
 class Writers(Hook):
