@@ -128,7 +128,9 @@ def test_batching_quick(tmp_path):
     out = run("benchmarks/batching.py", "--quick", "--out", tmp_path / "b.json")
     assert "vs no batching" in out
     onnx = json.loads((tmp_path / "b.json").read_text())["summary"]["onnx"]
-    assert set(onnx) == {"no batching", "worker thread", "loop"}
+    assert set(onnx) == {"no batching", "worker thread", "default"}
+    # --batch-on auto times the digits MLP's batch (microseconds) and picks the loop
+    assert [onnx[v]["batch_on"] for v in onnx] == ["thread", "thread", "loop"]
     assert all(row["requests_per_s"] > 0 and row["cpu_us_per_request"] > 0 for row in onnx.values())
 
 
