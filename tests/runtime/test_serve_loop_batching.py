@@ -165,3 +165,16 @@ def test_auto_gives_a_model_whose_batch_fails_the_thread_and_serves_its_errors(
         status, _, body = request(server.port, "POST", INFER, json_body(inputs[:1]))
         assert status == 500 and "caught fire" in json.loads(body)["error"]
     assert "timing a batch of 32 failed (the accelerator caught fire)" in caplog.text
+
+
+def test_time_batch_feeds_a_ranged_input_ids_it_accepts(predictor):
+    """An input declared as ids in [5, 10) is timed with 5s, not zeros it would refuse."""
+    from jaxmint_runtime._predictor import TensorSpec
+
+    ids = copy.copy(predictor)
+    ids.inputs = [TensorSpec("x", "int32", ("batch", 64), range=(5, 10))]
+    seen = []
+    ids.run = lambda arrays: seen.append(arrays["x"]) or {}
+    assert ids.time_batch(4, repeats=2) >= 0
+    assert len(seen) == 2 and seen[0].shape == (4, 64) and seen[0].dtype == np.int32
+    assert (seen[0] == 5).all()
