@@ -20,8 +20,6 @@ per backend). Written to ``benchmarks/results/batching.json``.
 from __future__ import annotations
 
 import argparse
-import http.client
-import json
 import os
 import shutil
 import subprocess
@@ -51,8 +49,8 @@ def measure(artifact: Path, backend: str, files: dict, rounds: int, seconds: flo
     rows = {name: {"requests_per_s": [], "cpu_us_per_request": []} for name in servers}
     try:
         ports = {name: s.wait_ready().port for name, s in servers.items()}
-        for name, port in ports.items():  # where each server runs its batches
-            rows[name]["batch_on"] = config(port)["batch_on"]
+        for name, server in servers.items():  # where each server runs its batches
+            rows[name]["batch_on"] = server.config()["batch_on"]
         for port in ports.values():
             rest_load(port, 8, 1, files)  # warm-up: buckets, caches
         for r in range(rounds):
@@ -81,14 +79,6 @@ def measure(artifact: Path, backend: str, files: dict, rounds: int, seconds: flo
     for row in summary.values():
         row["over_no_batching"] = row["requests_per_s"] / base
     return summary
-
-
-def config(port: int) -> dict:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-    conn.request("GET", "/v2/models/digits/config")
-    body = json.loads(conn.getresponse().read())
-    conn.close()
-    return body
 
 
 def main(argv=None) -> dict:

@@ -202,6 +202,14 @@ class ServerProcess:
         self.port = int(line.rsplit(":", 1)[1])
         return self
 
+    def config(self, model: str = "digits") -> dict:
+        """The model's ``/config``: its batch sizes, window and where batches run."""
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
+        conn.request("GET", f"/v2/models/{model}/config")
+        body = json.loads(conn.getresponse().read())
+        conn.close()
+        return body
+
     def metrics(self) -> dict[str, float]:
         conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
         conn.request("GET", "/metrics")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import http.client
 import json
 import socket
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -51,6 +52,24 @@ def request(port: int, method: str, path: str, body: bytes = b"", headers=None, 
         return response.status, dict(response.getheaders()), response.read()
     finally:
         conn.close()
+
+
+def concurrently(port: int, path: str, n: int, body_of) -> dict[int, tuple]:
+    """``n`` clients POST ``body_of(i)`` to ``path`` at once (released by a barrier);
+    ``{i: (status, headers, body)}``, every client answered."""
+    results, barrier = {}, threading.Barrier(n)
+
+    def client(i):
+        barrier.wait(timeout=10)
+        results[i] = request(port, "POST", path, body_of(i), timeout=30)
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert len(results) == n
+    return results
 
 
 def raw_exchange(port: int, data: bytes, timeout: float = 10) -> bytes:

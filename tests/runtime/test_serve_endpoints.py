@@ -13,6 +13,7 @@ from prometheus_client.openmetrics.parser import (
 from prometheus_client.parser import text_string_to_metric_families
 from runtime_helpers import (
     binary_body,
+    concurrently,
     http_post,
     json_body,
     output_of,
@@ -257,18 +258,8 @@ def test_metrics_in_openmetrics_when_asked(server):
 
 def test_concurrent_requests_are_merged_into_batches(make_server, predictor, inputs):
     server = make_server(max_delay_ms=100, batch_on="thread")  # the worker's window
-    n, results = 16, {}
-    barrier = threading.Barrier(n)
-
-    def client(i):
-        barrier.wait(timeout=10)
-        results[i] = request(server.port, "POST", INFER, json_body(inputs[i : i + 1]))
-
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(n)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=30)
+    n = 16
+    results = concurrently(server.port, INFER, n, lambda i: json_body(inputs[i : i + 1]))
     assert len(results) == n
     for i, response in results.items():
         np.testing.assert_allclose(

@@ -7,12 +7,11 @@ import asyncio
 import copy
 import json
 import logging
-import threading
 import time
 
 import numpy as np
 import pytest
-from runtime_helpers import json_body, output_of, request
+from runtime_helpers import concurrently, json_body, output_of, request
 
 from jaxmint_runtime import Predictor
 from jaxmint_runtime.serve import Server
@@ -29,25 +28,9 @@ def slowed(predictor, seconds):
     return slow
 
 
-def concurrently(port, n, body_of):
-    results, barrier = {}, threading.Barrier(n)
-
-    def client(i):
-        barrier.wait(timeout=10)
-        results[i] = request(port, "POST", INFER, body_of(i), timeout=30)
-
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(n)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=60)
-    assert len(results) == n
-    return results
-
-
 def test_requests_that_arrive_while_a_batch_runs_merge_into_the_next(predictor, inputs):
     with Server([slowed(predictor, 0.1)], port=0, batch_on="loop") as server:
-        results = concurrently(server.port, 16, lambda i: json_body(inputs[i : i + 1]))
+        results = concurrently(server.port, INFER, 16, lambda i: json_body(inputs[i : i + 1]))
         for i, response in results.items():
             assert response[0] == 200
             want = predictor.run({"x": inputs[i : i + 1]})["output"]
@@ -60,7 +43,7 @@ def test_requests_that_arrive_while_a_batch_runs_merge_into_the_next(predictor, 
 
 def test_a_full_queue_answers_503_and_a_failing_model_500(predictor, inputs):
     with Server([slowed(predictor, 0.3)], port=0, batch_on="loop", max_queue=2) as server:
-        results = concurrently(server.port, 12, lambda i: json_body(inputs[i : i + 1]))
+        results = concurrently(server.port, INFER, 12, lambda i: json_body(inputs[i : i + 1]))
         statuses = [status for status, _, _ in results.values()]
         assert set(statuses) == {200, 503}, statuses
         refused = next(body for status, _, body in results.values() if status == 503)

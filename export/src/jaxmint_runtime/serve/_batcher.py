@@ -170,7 +170,7 @@ class Batcher:
             # requests worth waiting for (fixed window: as many as fit)
             self._expected = max(self._last_batch, 2) if self.adaptive else self.max_queue + 1
             while True:
-                chosen, total = self._select()
+                chosen, total = select(self._queue, self.max_batch_size)
                 remaining = deadline - time.monotonic()
                 full = total >= self.max_batch_size or len(chosen) >= self._expected
                 if full or self._closing or self._no_wait or remaining <= 0:
@@ -180,9 +180,6 @@ class Batcher:
             self._queued -= total
             self._last_batch = len(chosen)
             return chosen
-
-    def _select(self) -> tuple[list[_Item], int]:
-        return select(self._queue, self.max_batch_size)
 
     def _run(self, batch: list[_Item]) -> None:
         self._deliver(run_batch(self.predictor, batch, self._on_batch))
@@ -197,7 +194,7 @@ class LoopBatcher:
     one loop callback runs what queued meanwhile, the requests of one pass over the
     sockets, as a batch (merged by shape as `Batcher` does). Nothing waits for a
     batch to fill, and the loop serves no socket while a batch runs: for fast models
-    only (``--batch-on loop``).
+    only (``--batch-on loop``, or what ``auto`` picks for them).
     """
 
     def __init__(

@@ -36,10 +36,10 @@ log = logging.getLogger("jaxmint_runtime.serve")
 TOKEN_ENV = "JAXMINT_SERVE_TOKEN"
 OPEN_PATHS = ("/v2/health/live", "/v2/health/ready")  # answered without a token
 DEFAULT_MAX_BATCH = 32  # when an artifact declares no batch sizes
-# --batch-on auto: a full batch this fast runs on the event loop. On 2 cores the loop
-# spends ~60-90 us per request (benchmarks/batching.py), so a batch of 32 at 0.5 ms is
-# well under what the loop spends reading its requests; a worker thread only pays
-# once the model's time is a large share of the loop's.
+# --batch-on auto: a full batch this fast runs on the event loop. On 2 cores the server
+# spends 60-115 us of CPU per batched request (benchmarks/batching.py), so a batch of
+# 32 at 0.5 ms is well under what the loop spends reading its requests; a worker
+# thread only pays once the model's time is a large share of the loop's.
 LOOP_BATCH_S = 0.0005
 
 
