@@ -37,6 +37,7 @@ def test_overhead_quick(tmp_path, model):
     result = json.loads((tmp_path / "o.json").read_text())
     assert result["config"]["model"].startswith(model)
     assert result["a_fit_vs_hand"]["ratio"] > 0 and result["c_bare_steps"]["ratio"] > 0
+    assert result["c_bare_steps"]["hand_with_guard_ratio"] > 0
     assert result["a_fit_vs_hand"]["fit_fixed_seconds_per_call"] > 0
 
 
