@@ -293,9 +293,10 @@ def main(argv=None) -> dict:
             raw[name].append(rate)
             intervals[name] += interval_rates(history)
             fixed[name].append(seconds - n_steps / rate)
-        for i in range(bare_repeats):  # each of the three first, second and last in turn
-            k = (r * bare_repeats + i) % 3
-            for name in (*bare, *bare)[k : k + 3]:
+        for i in range(bare_repeats):  # each bare step first, in the middle and last in turn
+            names = list(bare)
+            k = (r * bare_repeats + i) % len(names)
+            for name in names[k:] + names[:k]:
                 raw[f"bare_{name}"].append(bare[name]())
         raw["matmul_gflops"].append(matmul_rate() / 1e9)
         print(
