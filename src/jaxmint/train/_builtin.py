@@ -180,9 +180,7 @@ class Checkpointer(Hook):
     def on_start(self, loop, state):
         self.preemption.install()
         loop.preemption = self.preemption
-        leaf = next(iter(jax.tree_util.tree_leaves(state.params)), None)
-        on_cpu = isinstance(leaf, jax.Array) and {d.platform for d in leaf.devices()} == {"cpu"}
-        if on_cpu and jax.process_count() == 1:
+        if loop.on_cpu and jax.process_count() == 1:
             self.cpu_share = SaveCpuShare()
 
     def on_log(self, loop, step, state, batch, record):

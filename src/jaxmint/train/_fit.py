@@ -100,8 +100,9 @@ class FitLoop:
 
     Hooks receive it: ``settings`` (the `FitConfig`), ``run_dir`` (a `RunDir` or
     None), ``steps`` (the pure `Steps`), ``start_step``, ``history``, ``lead``
-    (this process writes files), ``final`` (the last checkpoint), ``stop`` (the
-    signal that asked the run to stop), `evaluate`, `request_log` and `request_stop`.
+    (this process writes files), ``on_cpu`` (the run's devices are CPUs), ``final``
+    (the last checkpoint), ``stop`` (the signal that asked the run to stop),
+    `evaluate`, `request_log` and `request_stop`.
     """
 
     def __init__(
@@ -159,7 +160,7 @@ class FitLoop:
         # On a CPU the jitted step takes numpy as is: an explicit device_put (and a
         # prefetch thread to hide it) would only add host work. Accelerators
         # prefetch: the host-to-device copy overlaps the running step.
-        return batch if self._on_cpu else jax.device_put(batch)
+        return batch if self.on_cpu else jax.device_put(batch)
 
     def evaluate(self, state: TrainState, eval_data=None) -> dict:
         """``eval/<name>`` means over all of ``eval_data`` (default: fit's), for ``state``."""
@@ -168,12 +169,12 @@ class FitLoop:
     # -- the loop ----------------------------------------------------------------
     def run(self) -> FitResult:
         s = self.settings
-        no_prefetch = s.debug or s.check or (self._on_cpu and self.data_sharding is None)
+        no_prefetch = s.debug or s.check or (self.on_cpu and self.data_sharding is None)
         prefetch = 0 if no_prefetch else s.prefetch
         batches = prefetch_to_device(self.data.batches(self.start_step), prefetch, put=self.put)
         # XLA's CPU client can deadlock in a collective when several steps are in flight on
         # many fake devices sharing few cores; there, wait for each step (GPUs/TPUs never do).
-        sync_each_step = self.strategy != "single" and self._on_cpu
+        sync_each_step = self.strategy != "single" and self.on_cpu
         on_step = [h for h in self.hooks if overrides(h, "on_step")]
         state, result, out, batch = self.state, None, None, None
         self._t_last, self._s_last = time.perf_counter(), self.start_step

@@ -51,7 +51,7 @@ def prepare(loop: FitLoop, data, metrics) -> None:
         compute_dtype=s.compute_dtype,
         axis_name=parallel.AXIS if loop.strategy == "pmap" else None,
     )
-    loop._on_cpu = jax.devices()[0].platform == "cpu"
+    loop.on_cpu = jax.devices()[0].platform == "cpu"
 
 
 def evaluate(loop: FitLoop, state: TrainState, eval_data) -> dict:
