@@ -136,6 +136,7 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="jaxmint-bench-"))
     run_dir, art = train_and_export(tmp, args.quick)
     env = {**os.environ, "JAXMINT_CACHE_DIR": str(tmp / "cache"), "JAX_PLATFORMS": "cpu"}
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)  # cold: not a JAX cache the shell turned on
     cold = {"a_artifact_precompiled": [], "b_training_code": [], "c_artifact_compiled": []}
     for _ in range(repeats):  # interleaved
         cold["a_artifact_precompiled"].append(spawn(CHILD_ARTIFACT, str(art), "1", env=env))

@@ -1,6 +1,8 @@
 """Test configuration: CPU only, tiny shared fixtures."""
 
+import atexit
 import os
+import shutil
 import tempfile
 
 import numpy as np
@@ -8,11 +10,19 @@ import pytest
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Loading an artifact turns on JAX's persistent compilation cache; keep it out of $HOME,
-# one per xdist worker (the cache tests tamper with entries another worker also uses).
+# one per xdist worker (the cache tests tamper with entries another worker also uses),
+# removed at the end. Every process a test starts inherits it, and the training side
+# uses it too: the suite compiles the same programs many times over (the digits MLP in
+# each experiment, CLI and docs run), and a hit loads the executable XLA built the first
+# time, with the same numbers. Every compile is kept, however short: most of the suite's
+# CPU time is XLA compiling. Tests of a cold start drop it from their processes' env.
 _WORKER = os.environ.get("PYTEST_XDIST_WORKER")
 if _WORKER or "JAXMINT_CACHE_DIR" not in os.environ:
-    prefix = f"jaxmint-test-cache-{_WORKER or 'main'}-"
-    os.environ["JAXMINT_CACHE_DIR"] = tempfile.mkdtemp(prefix=prefix)
+    _CACHE = tempfile.mkdtemp(prefix=f"jaxmint-test-cache-{_WORKER or 'main'}-")
+    os.environ["JAXMINT_CACHE_DIR"] = os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE
+    atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.environ["JAXMINT_CACHE_DIR"])
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

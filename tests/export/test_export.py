@@ -154,6 +154,7 @@ def test_precompiled_executables_hit_the_cache_in_a_fresh_process(artifact, tmp_
         "print(sorted(set(p.warmup().values())))"
     )
     env = {**os.environ, "JAXMINT_CACHE_DIR": str(tmp_path / "cache"), "JAX_PLATFORMS": "cpu"}
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)  # a fresh process: nothing compiled before
     out = subprocess.run(
         [sys.executable, "-c", code, str(artifact)],
         capture_output=True,
