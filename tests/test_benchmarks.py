@@ -59,6 +59,13 @@ def test_cold_start_quick():
 
 
 @pytest.mark.slow
+def test_restart_quick(tmp_path):
+    run("benchmarks/restart.py", "--quick", "--out", tmp_path / "r.json")
+    result = json.loads((tmp_path / "r.json").read_text())["digits_mlp"]
+    assert result["a_median"] > 0 and result["b_median"] > 0 and result["ratio_b_over_a"] > 0
+
+
+@pytest.mark.slow
 def test_scaling_quick():
     out = run("benchmarks/scaling.py", "--quick", "--devices", "4")
     assert "pmap" in out and "fsdp" in out

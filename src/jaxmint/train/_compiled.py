@@ -15,11 +15,19 @@ compiled. Values are identical either way: it is the same executable.
 from __future__ import annotations
 
 import hashlib
+import logging
+import os
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
 import jax
+
+log = logging.getLogger("jaxmint")
+
+# JAX keeps only programs that took this long to compile; its own default (1 s)
+# leaves out most CPU programs, among them a small model's train step.
+_CACHE_MIN_COMPILE_SECONDS = 0.1
 
 _MAX_ENTRIES = 16
 _compiled: OrderedDict[tuple, Any] = OrderedDict()
@@ -56,3 +64,37 @@ def call_compiled(fn: Callable, *args, out_shardings=None):
 def clear() -> None:
     """Forget every executable (tests use it to measure a cold compile)."""
     _compiled.clear()
+
+
+def use_persistent_cache(directory: str | os.PathLike) -> str | None:
+    """Turn JAX's persistent compilation cache on in ``directory``; return the folder used.
+
+    For the rest of the process, every program that takes over 0.1 s to compile
+    (unless ``jax_persistent_cache_min_compile_time_secs`` was set) is kept there,
+    and a program compiled before, in this process or another, is loaded instead:
+    a rerun, a resumed run or a replayed step starts without compiling. The entry
+    is keyed by the program, the compile options, the devices and jaxlib, so the
+    executable (and every number it computes) is the one a compile would build.
+    JAX reads its cache folder once: if the process already uses another one, that
+    one stays, with a warning; a folder that cannot be created is warned about, and
+    the run compiles as it would without one.
+    """
+    path = os.path.abspath(os.path.expanduser(os.fspath(directory)))
+    current = jax.config.jax_compilation_cache_dir
+    if current and os.path.abspath(current) != path:
+        log.warning(
+            "compile_cache=%s is not used: this process already keeps compiled programs in %s "
+            "(JAX reads its cache folder once)",
+            path,
+            current,
+        )
+        return current
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:  # (a file there is refused earlier, by FitConfig.check_values)
+        log.warning("compile_cache=%s is not used: %s; every program compiles", path, e.strerror)
+        return None
+    jax.config.update("jax_compilation_cache_dir", path)
+    if jax.config.jax_persistent_cache_min_compile_time_secs == 1.0:  # JAX's default
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", _CACHE_MIN_COMPILE_SECONDS)
+    return path

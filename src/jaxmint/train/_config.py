@@ -7,6 +7,7 @@ are command-line flags and reach `fit` as they are, with nothing copied by hand.
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any
 
 import jax.numpy as jnp
@@ -42,6 +43,12 @@ class TrainingSettings:
     data_workers: int = field(
         0,
         "worker processes that read a record source (0: threads of this process)",
+        run_control=True,
+    )
+    compile_cache: str | None = field(
+        None,
+        "a folder for JAX's persistent compilation cache: a rerun, a resume or a replay of the "
+        "same program loads its executables instead of compiling them",
         run_control=True,
     )
 
@@ -171,6 +178,12 @@ class FitConfig(
                 f"batch_size={self.batch_size} is not divisible by grad_accum={self.grad_accum}; "
                 f"choose grad_accum among {divisors}"
             )
+        if self.compile_cache is not None:
+            path = os.path.abspath(os.path.expanduser(os.fspath(self.compile_cache)))
+            if os.path.exists(path) and not os.path.isdir(path):
+                raise ValueError(
+                    f"compile_cache={path} is a file: give a folder for compiled programs"
+                )
         if self.debug and self.check:
             raise ValueError(
                 "debug=True and check=True are exclusive: check first to find the failing step, "

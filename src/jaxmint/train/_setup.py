@@ -19,7 +19,7 @@ from jaxmint.state import TrainState
 from jaxmint.steps import build_steps
 from jaxmint.train import _modes
 from jaxmint.train import _parallel as parallel
-from jaxmint.train._compiled import call_compiled
+from jaxmint.train._compiled import call_compiled, use_persistent_cache
 from jaxmint.train._config import FIT_FIELDS, FitConfig
 from jaxmint.train._resume import resume
 
@@ -30,6 +30,8 @@ if TYPE_CHECKING:
 def prepare(loop: FitLoop, data, metrics) -> None:
     """The strategy and mesh, the training data (checked), and the pure steps."""
     s = loop.settings
+    if s.compile_cache is not None:
+        use_persistent_cache(s.compile_cache)
     loop.strategy = "mesh" if s.mesh is not None else parallel.resolve(s.strategy)
     if s.debug or s.check:
         loop.strategy = _modes.single_device(loop.strategy, "debug" if s.debug else "check")
