@@ -10,6 +10,9 @@ constant and sharding), the types and tree structures of its arguments and
 results, and the devices, so a program that differs in any
 value or layout compiles anew; the same program runs the executable already
 compiled. Values are identical either way: it is the same executable.
+
+Across processes, `use_persistent_cache` (``fit(..., compile_cache=...)``) turns on
+JAX's persistent compilation cache, so that a rerun loads what a run compiled.
 """
 
 from __future__ import annotations
