@@ -280,8 +280,7 @@ def main(argv=None) -> dict:
     # each whole run and the median of the per-round paired ratios are kept as checks.
     # What does not scale with the step count is reported apart as the fixed cost per
     # call: wall time minus steps / steady rate (compile, init, setup, teardown).
-    raw = {k: [] for k in ("fit", "hand", "bare_fit", "bare_hand", "bare_guarded")}
-    raw["matmul_gflops"] = []
+    raw = {k: [] for k in ("fit", "hand", *(f"bare_{b}" for b in bare), "matmul_gflops")}
     intervals = {"fit": [], "hand": []}
     fixed = {"fit": [], "hand": []}
     for r in range(rounds):
@@ -293,8 +292,8 @@ def main(argv=None) -> dict:
             raw[name].append(rate)
             intervals[name] += interval_rates(history)
             fixed[name].append(seconds - n_steps / rate)
+        names = list(bare)
         for i in range(bare_repeats):  # each bare step first, in the middle and last in turn
-            names = list(bare)
             k = (r * bare_repeats + i) % len(names)
             for name in names[k:] + names[:k]:
                 raw[f"bare_{name}"].append(bare[name]())

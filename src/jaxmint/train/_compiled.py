@@ -69,6 +69,11 @@ def clear() -> None:
     _compiled.clear()
 
 
+def cache_folder(directory: str | os.PathLike) -> str:
+    """``compile_cache`` as an absolute path (``~`` expanded)."""
+    return os.path.abspath(os.path.expanduser(os.fspath(directory)))
+
+
 def use_persistent_cache(directory: str | os.PathLike) -> str | None:
     """Turn JAX's persistent compilation cache on in ``directory``; return the folder used.
 
@@ -82,7 +87,7 @@ def use_persistent_cache(directory: str | os.PathLike) -> str | None:
     one stays, with a warning; a folder that cannot be created is warned about, and
     the run compiles as it would without one.
     """
-    path = os.path.abspath(os.path.expanduser(os.fspath(directory)))
+    path = cache_folder(directory)
     current = jax.config.jax_compilation_cache_dir
     if current and os.path.abspath(current) != path:
         log.warning(

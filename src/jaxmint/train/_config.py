@@ -7,13 +7,14 @@ are command-line flags and reach `fit` as they are, with nothing copied by hand.
 from __future__ import annotations
 
 import dataclasses
-import os
+import os.path
 from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
 
 from jaxmint.config import field
+from jaxmint.train._compiled import cache_folder
 from jaxmint.train._parallel import mesh_text, parse_mesh
 
 STRATEGIES = ("auto", "single", "data", "fsdp", "pmap")
@@ -179,7 +180,7 @@ class FitConfig(
                 f"choose grad_accum among {divisors}"
             )
         if self.compile_cache is not None:
-            path = os.path.abspath(os.path.expanduser(os.fspath(self.compile_cache)))
+            path = cache_folder(self.compile_cache)
             if os.path.exists(path) and not os.path.isdir(path):
                 raise ValueError(
                     f"compile_cache={path} is a file: give a folder for compiled programs"
